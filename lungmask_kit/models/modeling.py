@@ -1,0 +1,178 @@
+"""Model config (data), a small factory, and weights as safetensors + JSON config (never pickles)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lungmask_kit import defaults
+from lungmask_kit.errors import LungkitError, WeightsError
+from lungmask_kit.fileio import atomic_write_bytes
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "default" / "model.safetensors"
+CONFIG_FORMAT = "lungkit-model/1"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model and prepare its input; stored next to the weights."""
+
+    name: str = "lungkit-segmenter"
+    task: str = "segmentation"  # or "classification"
+    arch: str = defaults.SEGMENTER["arch"]
+    encoder: str = defaults.SEGMENTER["encoder"]
+    in_channels: int = defaults.SEGMENTER["in_channels"]
+    classes: int = defaults.SEGMENTER["classes"]
+    input_size: int = defaults.SEGMENTER["input_size"]
+    # Normalisation applied to pixel values scaled to [0, 1] by the image's bit depth.
+    mean: list[float] = dataclasses.field(default_factory=lambda: [0.5])
+    std: list[float] = dataclasses.field(default_factory=lambda: [0.25])
+    threshold: float = defaults.THRESHOLD
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format: str = CONFIG_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise WeightsError(f"model config has unknown keys {sorted(unknown)}")
+        cfg = cls(**data)
+        if len(cfg.mean) not in (1, cfg.in_channels) or len(cfg.std) != len(cfg.mean):
+            raise WeightsError(
+                f"model config mean/std ({cfg.mean}, {cfg.std}) do not match in_channels={cfg.in_channels}"
+            )
+        return cfg
+
+
+def build_model(config: ModelConfig, encoder_weights: str | None = None) -> torch.nn.Module:
+    """Build the network a config describes. `encoder_weights="imagenet"` needs the network."""
+    if config.task == "classification":
+        import timm
+
+        try:
+            return timm.create_model(
+                config.arch,
+                pretrained=encoder_weights == "imagenet",
+                in_chans=config.in_channels,
+                num_classes=config.classes,
+            )
+        except RuntimeError as err:
+            raise LungkitError(f"cannot build classifier {config.arch!r}: {err}") from err
+        except OSError as err:
+            raise LungkitError(_offline_message(config.arch, err)) from err
+
+    import segmentation_models_pytorch as smp
+
+    try:
+        return smp.create_model(
+            config.arch,
+            encoder_name=config.encoder,
+            encoder_weights=encoder_weights,
+            in_channels=config.in_channels,
+            classes=config.classes,
+        )
+    except (KeyError, ValueError) as err:
+        raise LungkitError(f"cannot build {config.arch} with encoder {config.encoder!r}: {err}") from err
+    except OSError as err:  # urllib / requests / huggingface_hub connection errors are OSErrors
+        raise LungkitError(_offline_message(config.encoder, err)) from err
+
+
+def _offline_message(name: str, err: Exception) -> str:
+    return (
+        f"could not download pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+        "Pretrained weights need the network; offline, train from scratch with --encoder-weights none "
+        "(or --no-pretrained for classify)."
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _config_path(weights: Path) -> Path:
+    return weights.with_suffix(".json") if weights.name != "model.safetensors" else weights.parent / "config.json"
+
+
+def resolve_weights(path: str | Path | None) -> Path:
+    """A weights file: the default, a .safetensors file, or a folder holding model.safetensors."""
+    weights = DEFAULT_WEIGHTS if path is None else Path(path)
+    if weights.is_dir():
+        weights = weights / "model.safetensors"
+    if not weights.is_file():
+        hint = " (the packaged default model is missing: reinstall lungkit)" if path is None else ""
+        raise WeightsError(f"weights file not found: {weights}{hint}")
+    if weights.suffix != ".safetensors":
+        raise WeightsError(f"weights must be a .safetensors file (no pickles are loaded): {weights}")
+    return weights
+
+
+def save_model(
+    model: torch.nn.Module, config: ModelConfig, weights: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write `weights` (.safetensors) and its JSON config atomically. Returns the weights path."""
+    from safetensors.torch import save
+
+    weights = Path(weights)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    payload = save(state, metadata={"format": CONFIG_FORMAT, "name": config.name})
+    atomic_write_bytes(weights, payload)
+    cfg = dataclasses.replace(config, provenance={**config.provenance, "sha256": hashlib.sha256(payload).hexdigest()})
+    atomic_write_bytes(_config_path(weights), cfg.to_json().encode())
+    return weights
+
+
+def load_config(weights: str | Path | None = None) -> tuple[ModelConfig, Path]:
+    weights = resolve_weights(weights)
+    cfg_path = _config_path(weights)
+    if not cfg_path.is_file():
+        raise WeightsError(f"model config not found next to the weights: {cfg_path}")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"model config {cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != CONFIG_FORMAT:
+        raise WeightsError(f"{cfg_path} is not a lungkit model config (format {CONFIG_FORMAT!r} expected)")
+    return ModelConfig.from_dict(data), weights
+
+
+def load_model(weights: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig, str]:
+    """Load (model in eval mode, config, weights sha256). Verifies the checksum the config records."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    config, weights = load_config(weights)
+    payload = weights.read_bytes()
+    sha = hashlib.sha256(payload).hexdigest()
+    expected = config.provenance.get("sha256")
+    if expected and expected != sha:
+        raise WeightsError(f"{weights} does not match the sha256 its config records (tampered or mismatched files)")
+    try:
+        state = load(payload)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"{weights} is not a valid safetensors file: {err}") from err
+    model = build_model(config)
+    reference = model.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise WeightsError(f"{weights} does not fit a {config.arch}/{config.encoder} model: {' '.join(first)}") from err
+    return model.to(device).eval(), config, sha

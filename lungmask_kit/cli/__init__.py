@@ -1,0 +1,1 @@
+"""The `lungkit` command-line interface (Typer). Library modules never import typer."""

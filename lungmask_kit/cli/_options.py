@@ -1,0 +1,38 @@
+"""Option aliases shared by every command, so flags read the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model batch.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table; errors still go to stderr.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, shuffling, augmentation).")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW, warmup then cosine).")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--weights", "-w", help="A .safetensors file (config JSON beside it) or a folder; default: the bundled model."),
+]
+MinLungFractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-lung-fraction",
+        min=0.0,
+        max=1.0,
+        help="QC: flag images whose lung area is under this fraction of the image (the study's code used 1/15).",
+    ),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo every image instead of resuming.")]
+LabelsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--labels",
+        help="Label file(s): COVIDx txt (patient_id filename label source) or CSV with a path/filename column. "
+        "Repeat for several; a COVIDx train.txt/test.txt name sets the split.",
+    ),
+]

@@ -1,0 +1,85 @@
+"""`lungkit segment`: lung masks, lungs-only and lungs-removed images and a manifest for a folder of CXRs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lungmask_kit import defaults
+from lungmask_kit.cli._options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    LabelsOpt,
+    MinLungFractionOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    WeightsOpt,
+)
+from lungmask_kit.cli._report import echo_errors, table
+
+
+def segment(
+    input_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for png/jpg/jpeg/bmp/tif/tiff images.", metavar="DIR")],
+    out: OutOpt,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = defaults.BATCH_SIZE,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Decode threads and writer threads (each).")] = 2,
+    glob: Annotated[str | None, typer.Option("--glob", help="Only relative paths (or file names) matching this pattern, e.g. 'train/*.png'.")] = None,
+    labels: LabelsOpt = None,
+    min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Lung probability cut-off [default: the model's, 0.5].")] = None,
+    min_object_fraction: Annotated[float, typer.Option("--min-object-fraction", min=0.0, max=1.0, help="Remove components under this fraction of the image.")] = defaults.MIN_OBJECT_FRACTION,
+    max_hole_fraction: Annotated[float, typer.Option("--max-hole-fraction", min=0.0, max=1.0, help="Fill holes under this fraction of the image.")] = defaults.MAX_HOLE_FRACTION,
+    keep_largest: Annotated[int, typer.Option("--keep-largest", min=0, help="Keep the N largest components (2 = both lungs; 0 = all).")] = defaults.KEEP_LARGEST,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Segment every image under DIR into OUT/masks, OUT/lungs, OUT/nolungs and OUT/manifest.parquet.
+
+    Re-running the same command resumes: images already done with the same content and settings are skipped.
+
+    Exit status: 0 every image ok (QC-flagged images included); 1 some images failed (see the manifest);
+    2 bad arguments or unusable input/output folder; 3 no images found; 4 unusable weights.
+
+    Examples:
+
+      lungkit segment examples/cxr-sample/images -o out/sample
+
+      lungkit segment covidx/ -o out/covidx --labels covidx/train.txt --labels covidx/test.txt --batch-size 32
+    """
+    from lungmask_kit.runtime import cpu_load_warning
+    from lungmask_kit.segment import SegmentOptions, run_segment
+
+    if not quiet and (warning := cpu_load_warning()):
+        typer.echo(f"lungkit: warning: {warning}", err=True)
+    options = SegmentOptions(
+        weights=weights, device=device, batch_size=batch_size, workers=workers, glob=glob,
+        labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
+        min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
+        keep_largest=keep_largest, overwrite=overwrite, progress=not quiet,
+    )
+    s = run_segment(input_dir, out, options)
+    if not quiet:
+        typer.echo(table([
+            ("found", s.found),
+            ("skipped (already done)", s.skipped),
+            ("ok", s.ok),
+            ("flagged by QC", f"{s.flagged} (lung area < {min_lung_fraction:g})"),
+            ("failed", s.failed),
+            ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
+            ("manifest", s.manifest),
+        ], title="lungkit segment summary"))
+    if s.unmatched_labels:
+        typer.echo(f"lungkit: warning: {s.unmatched_labels} label row(s) match no image (listed in {out / 'unmatched_labels.csv'})", err=True)
+    if s.failed:
+        echo_errors(s.errors)
+        typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {s.manifest}", err=True)
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment)

@@ -1,0 +1,56 @@
+"""`lungkit train`: train a lung segmenter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lungmask_kit import defaults
+from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
+
+
+def train(
+    data: Annotated[Path, typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split]).")],
+    out: OutOpt,
+    arch: Annotated[str, typer.Option(help="segmentation_models_pytorch architecture.")] = defaults.SEGMENTER["arch"],
+    encoder: Annotated[str, typer.Option(help="Encoder name.")] = defaults.SEGMENTER["encoder"],
+    in_channels: Annotated[int, typer.Option("--in-channels", min=1, max=3, help="1 (grayscale) or 3.")] = 1,
+    encoder_weights: Annotated[str, typer.Option("--encoder-weights", help="imagenet (needs the network) or none.")] = "none",
+    epochs: EpochsOpt = defaults.TRAIN["epochs"],
+    batch_size: BatchSizeOpt = defaults.TRAIN["batch_size"],
+    lr: LrOpt = defaults.TRAIN["lr"],
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Share of images (whole patients) held out.")] = defaults.TRAIN["val_fraction"],
+    seed: SeedOpt = defaults.TRAIN["seed"],
+    name: Annotated[str, typer.Option(help="Model name recorded in its config.")] = "lungkit-segmenter",
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a segmenter (FPN + DenseNet121 by default) with Dice + BCE + Focal loss.
+
+    Example: lungkit train data/cxr-seg -o runs/seg --epochs 40
+    """
+    from lungmask_kit.errors import LungkitError
+    from lungmask_kit.runtime import configure_threads, resolve_device
+    from lungmask_kit.training.trainer import TrainSettings
+    from lungmask_kit.training.trainer import train as run_train
+
+    if in_channels not in (1, 3):
+        raise LungkitError("--in-channels must be 1 or 3")
+    if encoder_weights not in ("imagenet", "none"):
+        raise LungkitError("--encoder-weights must be imagenet or none")
+    configure_threads()
+    settings = TrainSettings(
+        data=str(data), out=str(out), arch=arch, encoder=encoder, in_channels=in_channels,
+        encoder_weights=None if encoder_weights == "none" else encoder_weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed, name=name,
+    )
+    summary = run_train(settings, resolve_device(device), resume=resume, progress=not quiet,
+                        log=(lambda s: None) if quiet else typer.echo)
+    typer.echo(f"best validation Dice (256 px) {summary['best_val_dice']:.4f}; weights: {out / 'best.safetensors'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

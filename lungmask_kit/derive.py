@@ -1,0 +1,65 @@
+"""The derive step shared by `segment` and `variants`: lungs-only and lungs-removed images.
+
+Shape contract: image (H, W) uint8/uint16, mask (H, W) bool of the same shape. Outputs keep the image's
+dtype; inputs are never mutated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VARIANTS = ("lungs", "nolungs")
+
+
+def derive_variants(image: np.ndarray, mask: np.ndarray, only: tuple[str, ...] = VARIANTS) -> dict[str, np.ndarray]:
+    """lungs = image AND mask; nolungs = image AND NOT mask (pixels outside set to 0)."""
+    if image.shape != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    mask = mask.astype(bool, copy=False)
+    zero = np.zeros((), dtype=image.dtype)
+    out = {}
+    if "lungs" in only:
+        out["lungs"] = np.where(mask, image, zero)
+    if "nolungs" in only:
+        out["nolungs"] = np.where(mask, zero, image)
+    return out
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), half-open, of the mask's pixels grown by `margin` and clipped; None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (
+        max(int(rows[0]) - margin, 0),
+        min(int(rows[-1]) + 1 + margin, h),
+        max(int(cols[0]) - margin, 0),
+        min(int(cols[-1]) + 1 + margin, w),
+    )
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """Any mask file's pixels -> bool, by one documented rule.
+
+    - 2-D 0/1 or 0/255 (or 0/65535): non-zero is lung.
+    - anti-aliased grayscale (many levels): lung where value >= half the maximum value present.
+    - colour / colormapped (the original code saved masks with a colormap): decoded to luminance first by
+      the reader; then the background is the most common value on the image border, and lung is every
+      pixel that differs from it by more than a quarter of the value range.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    values = np.unique(mask)
+    if values.size <= 2 and values[0] == 0:
+        return mask != 0
+    border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    bg_vals, counts = np.unique(border, return_counts=True)
+    background = bg_vals[np.argmax(counts)]
+    if values.size <= 2:  # two values, neither zero (e.g. colormapped): background from the border
+        return mask != background
+    if background == values[0]:  # anti-aliased dark background
+        return mask >= (int(values[0]) + int(values[-1]) + 1) // 2
+    span = int(values[-1]) - int(values[0])
+    return np.abs(mask.astype(np.int64) - int(background)) > span / 4

@@ -1,0 +1,125 @@
+"""Image decoding, model-input preparation and PNG encoding.
+
+Shape contract: a decoded image is a 2-D array (H, W) of uint8 or uint16 -- grayscale at the file's native
+bit depth. Colour (RGB, RGBA, palette, CMYK) is converted to luminance; EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from lungmask_kit import defaults
+
+# OpenCV refuses images above this many pixels itself; keep it at our limit (read on first decode).
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(defaults.MAX_IMAGE_PIXELS))
+import cv2  # noqa: E402
+
+
+class ImageDecodeError(ValueError):
+    """The file is not a usable image; the message says why."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (H, W) uint8 or uint16
+    source_channels: int  # channels in the file (1, 3 or 4)
+
+    @property
+    def bit_depth(self) -> int:
+        return 16 if self.pixels.dtype == np.uint16 else 8
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header without decoding, to refuse decompression bombs early."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return None
+
+
+def _check_complete(data: bytes) -> None:
+    # libpng/libjpeg decode truncated files into half-grey images with only a warning: refuse them.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-12:]:
+        raise ImageDecodeError("truncated PNG (no IEND chunk)")
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
+
+
+def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> DecodedImage:
+    """Decode file bytes to grayscale at native bit depth. Raises ImageDecodeError with a clear reason."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    size = _declared_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels")
+    _check_complete(data)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        # ANYDEPTH|ANYCOLOR keeps 16-bit and applies EXIF orientation (IMREAD_UNCHANGED would not).
+        img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as err:
+        raise ImageDecodeError(f"cannot decode image: {str(err).strip().splitlines()[-1]}") from err
+    if img is None:
+        raise ImageDecodeError("not a decodable image (unknown format or corrupt data)")
+    if img.size == 0:
+        raise ImageDecodeError("image has no pixels")
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise ImageDecodeError(f"image too large: {img.shape[1]}x{img.shape[0]} exceeds {max_pixels} pixels")
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ImageDecodeError(f"unsupported pixel type {img.dtype} (8- or 16-bit integer images only)")
+    if channels == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+    elif channels == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    elif channels != 1:
+        raise ImageDecodeError(f"unsupported channel count {channels}")
+    return DecodedImage(np.ascontiguousarray(img), channels)
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    with open(path, "rb") as fh:
+        return decode_image(fh.read()).pixels
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) uint8/uint16 -> float32 in [0, 1].
+
+    8-bit divides by 255. 16-bit CXRs rarely use all 16 bits (10-14 bit detectors), so they are stretched
+    by their own min/max to resemble the 8-bit images the model saw in training.
+    """
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) * (1.0 / 255.0)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    return (pixels.astype(np.float32) - lo) * (1.0 / max(hi - lo, 1.0))
+
+
+def prepare_input(pixels: np.ndarray, size: int, mean, std, in_channels: int) -> np.ndarray:
+    """(H, W) image -> (C, size, size) float32 normalised model input."""
+    small = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
+    x = to_unit_range(small)
+    mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    x = np.broadcast_to(x, (in_channels, size, size))
+    return ((x - mean) / std).astype(np.float32, copy=False)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    # opencv's default PNG parameters encode fastest here (explicit levels were ~3x slower, no smaller).
+    ok, buf = cv2.imencode(".png", pixels)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

@@ -1,0 +1,115 @@
+"""Label files: COVIDx txt (`patient_id filename label source`, space-separated) or CSV.
+
+A CSV needs a path or filename column (also accepted: image, file); optional label / class / finding,
+patient_id / patient, split columns. COVIDx files take their split from the file name (train.txt ->
+train, test.txt -> test, val.txt -> val). Labels are matched to images by relative path, then by file
+name when the name is unique among the images.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from lungmask_kit.errors import LungkitError
+
+_PATH_COLS = ("path", "filename", "image", "file", "relative_path")
+_LABEL_COLS = ("label", "class", "finding")
+_PATIENT_COLS = ("patient_id", "patient", "patientid")
+_SPLITS = ("train", "val", "valid", "validation", "test")
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    path: str  # as written in the label file (POSIX)
+    label: str | None
+    patient_id: str | None
+    split: str | None
+    source_file: str
+
+
+def _split_from_name(path: Path) -> str | None:
+    stem = path.stem.lower()
+    for s in _SPLITS:
+        if stem == s or stem.endswith(("_" + s, "-" + s)) or stem.startswith((s + "_", s + "-")):
+            return {"valid": "val", "validation": "val"}.get(s, s)
+    return None
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
+    lowered = {h.strip().lower(): h for h in header}
+    return next((lowered[n] for n in names if n in lowered), None)
+
+
+def read_label_file(path: str | Path) -> list[LabelRow]:
+    path = Path(path)
+    if not path.is_file():
+        raise LungkitError(f"label file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    first = text.splitlines()[0] if text.strip() else ""
+    if path.suffix.lower() == ".csv" or ("," in first and " " not in first.split(",")[0]):
+        return _read_csv(path, text)
+    return _read_covidx(path, text)
+
+
+def _read_covidx(path: Path, text: str) -> list[LabelRow]:
+    split = _split_from_name(path)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 3:
+            raise LungkitError(f"{path}:{n}: expected 'patient_id filename label [source]', got {line!r}")
+        rows.append(LabelRow(parts[1], parts[2], parts[0], split, str(path)))
+    return rows
+
+
+def _read_csv(path: Path, text: str) -> list[LabelRow]:
+    reader = csv.DictReader(text.splitlines())
+    header = reader.fieldnames or []
+    path_col = _pick(header, _PATH_COLS)
+    if path_col is None:
+        raise LungkitError(f"{path}: a label CSV needs one of the columns {', '.join(_PATH_COLS)}")
+    label_col, patient_col, split_col = _pick(header, _LABEL_COLS), _pick(header, _PATIENT_COLS), _pick(header, ("split",))
+    file_split = _split_from_name(path)
+    return [
+        LabelRow(
+            r[path_col].strip().replace("\\", "/"),
+            (r.get(label_col) or None) if label_col else None,
+            (r.get(patient_col) or None) if patient_col else None,
+            ((r.get(split_col) or None) if split_col else None) or file_split,
+            str(path),
+        )
+        for r in reader
+        if (r.get(path_col) or "").strip()
+    ]
+
+
+def read_labels(files: list[str | Path]) -> list[LabelRow]:
+    rows: list[LabelRow] = []
+    for f in files:
+        rows += read_label_file(f)
+    return rows
+
+
+def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str, LabelRow], list[LabelRow]]:
+    """-> ({image relative path: label row}, label rows that match no image)."""
+    by_path = set(rel_paths)
+    by_name: dict[str, list[str]] = {}
+    for rel in rel_paths:
+        by_name.setdefault(PurePosixPath(rel).name, []).append(rel)
+    matched: dict[str, LabelRow] = {}
+    unmatched: list[LabelRow] = []
+    for row in labels:
+        key = str(PurePosixPath(row.path))
+        if key in by_path:
+            matched[key] = row
+            continue
+        candidates = by_name.get(PurePosixPath(key).name, [])
+        if len(candidates) == 1:
+            matched[candidates[0]] = row
+        else:
+            unmatched.append(row)
+    return matched, unmatched

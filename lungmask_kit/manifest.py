@@ -1,0 +1,140 @@
+"""The Parquet manifest: one row per input image, written in atomic parts and merged at the end.
+
+An interrupted run leaves `OUT/.manifest-parts/part-*.parquet` behind; the next run reads them (and any
+merged manifest) to resume, so at most the batch in flight is lost. Column meanings: manifests/SCHEMA.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lungmask_kit.fileio import TMP_PREFIX, atomic_write_bytes
+
+PARTS_DIR = ".manifest-parts"
+SCHEMA_VERSION = "lungkit-manifest/1"
+
+SEGMENT_FIELDS = [
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("sha256", pa.string()),
+    pa.field("file_bytes", pa.int64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("bit_depth", pa.int8()),
+    pa.field("source_channels", pa.int8()),
+    pa.field("mask_path", pa.string()),
+    pa.field("lungs_path", pa.string()),
+    pa.field("nolungs_path", pa.string()),
+    pa.field("lung_area_fraction", pa.float64()),
+    pa.field("n_components", pa.int32()),
+    pa.field("qc_pass", pa.bool_()),
+    pa.field("qc_reason", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("settings_key", pa.string()),
+    pa.field("label", pa.string()),
+    pa.field("patient_id", pa.string()),
+    pa.field("split", pa.string()),
+]
+
+VARIANTS_EXTRA_FIELDS = [
+    pa.field("source_mask", pa.string()),
+    pa.field("crop_box", pa.list_(pa.int32())),
+]
+
+
+def schema(fields: list[pa.Field], metadata: dict | None = None) -> pa.Schema:
+    meta = {"lungkit": json.dumps({"schema": SCHEMA_VERSION, **(metadata or {})}, sort_keys=True)}
+    return pa.schema(fields, metadata=meta)
+
+
+def to_table(rows: list[dict], fields: list[pa.Field], metadata: dict | None = None) -> pa.Table:
+    names = [f.name for f in fields]
+    columns = {n: [r.get(n) for r in rows] for n in names}
+    return pa.Table.from_pydict(columns, schema=schema(fields, metadata))
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Atomic Parquet write (zstd): readers never see a half-written manifest."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class PartWriter:
+    """Appends batches of rows as numbered Parquet parts under OUT/.manifest-parts/."""
+
+    def __init__(self, out: Path, fields: list[pa.Field]):
+        self.dir = out / PARTS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fields = fields
+        existing = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
+        self.next_index = max(existing, default=-1) + 1
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            write_table(to_table(rows, self.fields), self.dir / f"part-{self.next_index:06d}.parquet")
+            self.next_index += 1
+
+
+def read_metadata(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(b"lungkit")
+    return json.loads(raw) if raw else {}
+
+
+def _previous_tables(out: Path, manifest_name: str, fields: list[pa.Field]) -> list[pa.Table]:
+    names = [f.name for f in fields]
+    tables = []
+    manifest = out / manifest_name
+    candidates = ([manifest] if manifest.is_file() else []) + sorted((out / PARTS_DIR).glob("part-*.parquet"))
+    for p in candidates:
+        t = pq.read_table(p)
+        if set(names) <= set(t.column_names):
+            tables.append(t.select(names).cast(pa.schema(fields)))
+    return tables
+
+
+def previous_table(out: Path, manifest_name: str, fields: list[pa.Field]) -> pa.Table | None:
+    """Rows of earlier (possibly interrupted) runs: the merged manifest then its parts; last write wins."""
+    tables = _previous_tables(out, manifest_name, fields)
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    table = table.append_column("_order", pa.array(range(len(table)), pa.int64()))
+    last = table.group_by("path").aggregate([("_order", "max")])["_order_max"]
+    keep = pc.take(last, pc.sort_indices(last))  # row numbers of each path's last write, in write order
+    return table.take(keep).drop_columns(["_order"])
+
+
+def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Field], metadata: dict,
+             update=None) -> pa.Table:
+    """Merge the manifest and its parts into one atomic Parquet file with a row for each of `paths`
+    (in that order), apply `update(table) -> table` (e.g. QC re-flagging), then drop the parts."""
+    table = previous_table(out, manifest_name, fields)
+    if table is None:
+        table = to_table([], fields)
+    index = {p: i for i, p in enumerate(table.column("path").to_pylist())}
+    missing = [p for p in paths if p not in index]
+    if missing:
+        raise RuntimeError(f"internal error: no manifest row for {len(missing)} image(s), e.g. {missing[0]}")
+    table = table.take(pa.array([index[p] for p in paths], pa.int64()))
+    if update is not None:
+        table = update(table)
+    table = table.replace_schema_metadata(schema(fields, metadata).metadata)
+    write_table(table, out / manifest_name)
+    parts = out / PARTS_DIR
+    if parts.is_dir():
+        for p in parts.iterdir():
+            if p.name.startswith(("part-", TMP_PREFIX)):
+                os.unlink(p)
+        try:
+            parts.rmdir()
+        except OSError:
+            pass
+    return table

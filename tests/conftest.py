@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "cxr-sample"
+SHARED = Path(os.environ.get("LUNGKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared(name: str) -> Path:
+    """A folder of the shared real data, or skip (a user's fresh clone has only what the repo bundles)."""
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"shared data {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_images() -> Path:
+    return EXAMPLE / "images"
+
+
+@pytest.fixture(scope="session")
+def example_masks() -> Path:
+    return EXAMPLE / "masks"
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """An FPN-DenseNet121 with random weights in the shipped format (safetensors + JSON config)."""
+    import torch
+
+    from lungmask_kit.models import ModelConfig, build_model, save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="random-test-model", mean=[0.5], std=[0.25])
+    return save_model(build_model(cfg), cfg, tmp_path_factory.mktemp("weights") / "random.safetensors")
+
+
+def cxr_like(h: int = 320, w: int = 288, seed: int = 0, dtype=np.uint8) -> np.ndarray:
+    """A synthetic chest-X-ray-like image: bright body, two dark lung fields, noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 0.75, np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for cx in (0.3 * w, 0.7 * w):
+        img[((xx - cx) / (0.16 * w)) ** 2 + ((yy - 0.5 * h) / (0.32 * h)) ** 2 < 1] = 0.25
+    img += rng.normal(0, 0.03, img.shape).astype(np.float32)
+    scale = 65535 if dtype == np.uint16 else 255
+    return (np.clip(img, 0, 1) * scale).astype(dtype)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels)
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path, example_images) -> Path:
+    """Three real example images (the smaller ones) copied into a scratch input folder."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("ieee_thnov10p5641g006-c.png", "ieee_41182_2020_203_Fig3_HTML.png", "ieee_b39f5cf9.png"):
+        shutil.copy(example_images / name, src / name)
+    return src

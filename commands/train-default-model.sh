@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduce the bundled default segmenter from the shared real data (337 image + V7 lung-mask pairs).
+# Usage: commands/train-default-model.sh [SHARED_DATA_DIR] [RUN_DIR]
+# Takes about 1-2 hours on 2 CPU cores; a few minutes on one GPU.
+set -euo pipefail
+data=${1:-../shared/data/cxr-seg}
+run=${2:-runs/default-model}
+mkdir -p "$run"
+# image,mask,patient_id CSV from pairs.csv so the validation split is by patient
+python - "$data" "$run/pairs.csv" <<'PY'
+import csv, os, sys
+data, out = sys.argv[1], sys.argv[2]
+rows = list(csv.DictReader(open(os.path.join(data, "pairs.csv"))))
+with open(out, "w", newline="") as fh:
+    w = csv.writer(fh)
+    w.writerow(["image", "mask", "patient_id"])
+    for r in rows:
+        name = r["name"] + ".png"
+        w.writerow([os.path.abspath(os.path.join(data, "images", name)), os.path.abspath(os.path.join(data, "masks", name)), r["patient_id"]])
+PY
+lungkit train "$run/pairs.csv" -o "$run" --arch FPN --encoder densenet121 --in-channels 1 \
+  --encoder-weights none --epochs 40 --batch-size 8 --lr 1e-3 --val-fraction 0.2 --seed 0 \
+  --name lungkit-fpn-densenet121-v7 "${@:3}"

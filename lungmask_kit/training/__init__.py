@@ -1,0 +1,1 @@
+"""Segmenter training: data, augmentation, loss and the training loop."""

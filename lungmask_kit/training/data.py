@@ -1,0 +1,132 @@
+"""Segmentation training data: image/mask pairs from folders or a CSV, patient-level splits, a cached dataset."""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lungmask_kit.discovery import find_images, stem_key
+from lungmask_kit.errors import LungkitError
+from lungmask_kit.imaging import read_gray, to_unit_range
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    mask: Path
+    patient_id: str | None = None
+    split: str | None = None  # "train" | "val" | "test" when the data says so
+
+
+def _match_folder(images: Path, masks: Path, split: str | None = None) -> list[Pair]:
+    mask_by_stem = {stem_key(m): m for m in find_images(masks)}
+    pairs, missing = [], []
+    for rel in find_images(images):
+        m = mask_by_stem.get(stem_key(rel))
+        if m is None:
+            missing.append(rel)
+        else:
+            pairs.append(Pair(images / rel, masks / m, None, split))
+    if missing:
+        raise LungkitError(f"{len(missing)} image(s) under {images} have no mask in {masks}, e.g. {missing[0]}")
+    return pairs
+
+
+def _read_csv(path: Path) -> list[Pair]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"image", "mask"} <= set(rows[0]):
+        raise LungkitError(f"{path}: a training CSV needs 'image' and 'mask' columns (optional: patient_id, split)")
+    base = path.parent
+    return [
+        Pair(base / r["image"], base / r["mask"], r.get("patient_id") or None, r.get("split") or None) for r in rows
+    ]
+
+
+_QU_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+def find_pairs(data: str | Path) -> list[Pair]:
+    """Pairs from `images/` + `masks/`, the COVID-QU-Ex layout, or a CSV of image,mask[,patient_id,split]."""
+    data = Path(data)
+    if data.is_file():
+        return _read_csv(data)
+    if not data.is_dir():
+        raise LungkitError(f"training data not found: {data}")
+    if (data / "images").is_dir() and (data / "masks").is_dir():
+        return _match_folder(data / "images", data / "masks")
+    # COVID-QU-Ex: <root>/{Train,Val,Test}/<class>/{images,lung masks}
+    pairs: list[Pair] = []
+    for split_dir in sorted(p for p in data.iterdir() if p.is_dir() and p.name.lower() in _QU_SPLITS):
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            if (class_dir / "images").is_dir() and (class_dir / "lung masks").is_dir():
+                pairs += _match_folder(class_dir / "images", class_dir / "lung masks", _QU_SPLITS[split_dir.name.lower()])
+    if not pairs:
+        raise LungkitError(
+            f"{data}: expected images/ and masks/, the COVID-QU-Ex layout (Train|Val|Test/<class>/images|lung masks) "
+            "or a CSV file with image and mask columns"
+        )
+    return pairs
+
+
+def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair], bool]:
+    """(train, val, by_patient). A split given by the data wins; otherwise whole patients go to validation."""
+    if any(p.split for p in pairs):
+        return [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "val"], True
+    by_patient = all(p.patient_id for p in pairs)
+    groups: dict[str, list[Pair]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.patient_id if by_patient else f"#{i}", []).append(p)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    target = round(val_fraction * len(pairs))
+    val: list[Pair] = []
+    val_keys = set()
+    for k in keys:
+        if len(val) >= target:
+            break
+        val += groups[k]
+        val_keys.add(k)
+    train = [p for k in sorted(groups) if k not in val_keys for p in groups[k]]
+    return train, val, by_patient
+
+
+def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> image (size, size) float32 in [0, 1], mask (size, size) uint8 in {0, 1}."""
+    image = read_gray(pair.image)
+    mask = read_gray(pair.mask)
+    if image.shape != mask.shape:
+        raise LungkitError(f"{pair.mask}: mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}")
+    small = to_unit_range(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
+    # area-average the binary mask, then threshold at half: the same boundary a 0.5 probability gives
+    m = cv2.resize((mask > mask.max() / 2).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return small, (m >= 0.5).astype(np.uint8)
+
+
+class PairDataset(Dataset):
+    """All pairs resized once and cached in memory (337 pairs at 256 px is ~40 MB)."""
+
+    def __init__(self, pairs: list[Pair], size: int, in_channels: int, transform):
+        self.pairs = pairs
+        self.in_channels = in_channels
+        self.transform = transform
+        loaded = [load_pair(p, size) for p in pairs]
+        self.images = torch.from_numpy(np.stack([x for x, _ in loaded]))[:, None] if loaded else torch.empty(0)
+        self.masks = torch.from_numpy(np.stack([m for _, m in loaded]))[:, None] if loaded else torch.empty(0)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        from lungmask_kit.training.augment import apply_pair
+
+        image = self.images[i].expand(self.in_channels, -1, -1)
+        image, mask = apply_pair(self.transform, image, self.masks[i])
+        return image, mask.float()

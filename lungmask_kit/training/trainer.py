@@ -1,0 +1,238 @@
+"""The segmenter training loop: AdamW, warmup + cosine schedule, best-Dice checkpoints, resumable."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lungmask_kit import __version__, defaults
+from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import atomic_write_bytes
+from lungmask_kit.models.modeling import ModelConfig, build_model, save_model
+from lungmask_kit.runtime import tune_malloc
+from lungmask_kit.stats import pixel_mean_std
+from lungmask_kit.training.augment import eval_transform, train_transform
+from lungmask_kit.training.data import PairDataset, find_pairs, split_pairs
+from lungmask_kit.training.losses import ComboLoss
+
+
+@dataclass
+class TrainSettings:
+    data: str
+    out: str
+    arch: str = defaults.SEGMENTER["arch"]
+    encoder: str = defaults.SEGMENTER["encoder"]
+    in_channels: int = defaults.SEGMENTER["in_channels"]
+    input_size: int = defaults.INPUT_SIZE
+    encoder_weights: str | None = None
+    epochs: int = defaults.TRAIN["epochs"]
+    batch_size: int = defaults.TRAIN["batch_size"]
+    lr: float = defaults.TRAIN["lr"]
+    weight_decay: float = defaults.TRAIN["weight_decay"]
+    warmup_epochs: int = defaults.TRAIN["warmup_epochs"]
+    val_fraction: float = defaults.TRAIN["val_fraction"]
+    seed: int = defaults.TRAIN["seed"]
+    name: str = "lungkit-segmenter"
+    extra: dict = field(default_factory=dict)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def per_image_dice(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Binary (N, 1, H, W) -> (N,) Dice; two empty masks agree perfectly."""
+    pred, target = pred.flatten(1).float(), target.flatten(1).float()
+    inter = (pred * target).sum(1)
+    denom = pred.sum(1) + target.sum(1)
+    return torch.where(denom > 0, 2 * inter / (denom + eps), torch.ones_like(denom))
+
+
+def _save_state(path: Path, model, optimizer, meta: dict) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    atomic_write_bytes(path.with_suffix(".safetensors"), save(tensors))
+    meta = {**meta, "param_groups": opt["param_groups"]}
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+
+
+def _load_state(path: Path, model, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+def train(
+    settings: TrainSettings,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train a segmenter; writes best.safetensors/.json, last training state and a per-epoch log. Returns a summary."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state"
+    if resume and not state_path.with_suffix(".json").exists():
+        raise LungkitError(f"--resume: no training state in {out}")
+    if device.type == "cpu":
+        tune_malloc()
+    _seed_all(settings.seed)
+
+    pairs = find_pairs(settings.data)
+    train_pairs, val_pairs, by_patient = split_pairs(pairs, settings.val_fraction, settings.seed)
+    if not train_pairs or not val_pairs:
+        raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
+    if not by_patient:
+        log("warning: no patient_id in the data; validation is split by image and may leak patients")
+
+    # dataset statistics from the training images only, stored in the model config
+    from lungmask_kit.training.data import load_pair
+
+    size = settings.input_size
+    mean, std, _ = pixel_mean_std(load_pair(p, size)[0] for p in train_pairs)
+    config = ModelConfig(
+        name=settings.name,
+        arch=settings.arch,
+        encoder=settings.encoder,
+        in_channels=settings.in_channels,
+        input_size=size,
+        mean=[round(mean, 6)] * settings.in_channels,
+        std=[round(std, 6)] * settings.in_channels,
+        provenance={
+            "lungkit_version": __version__,
+            "training": {k: v for k, v in dataclasses.asdict(settings).items() if k != "extra"} | settings.extra,
+            "n_train": len(train_pairs),
+            "n_val": len(val_pairs),
+            "val_split": "patient" if by_patient else "image",
+        },
+    )
+    train_ds = PairDataset(train_pairs, size, settings.in_channels, train_transform(config.mean, config.std))
+    val_ds = PairDataset(val_pairs, size, settings.in_channels, eval_transform(config.mean, config.std))
+    atomic_write_bytes(
+        out / "split.json",
+        json.dumps({"train": [str(p.image) for p in train_pairs], "val": [str(p.image) for p in val_pairs]}, indent=1).encode(),
+    )
+
+    model = build_model(config, settings.encoder_weights).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loss_fn = ComboLoss()
+    use_amp = device.type == "cuda"
+
+    steps_per_epoch = math.ceil(len(train_ds) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    warmup = steps_per_epoch * settings.warmup_epochs
+    start_epoch, best_dice, history = 0, -1.0, []
+    if resume:
+        meta = _load_state(state_path, model, optimizer)
+        start_epoch, best_dice, history = meta["epoch"] + 1, meta["best_dice"], meta["history"]
+        log(f"resuming after epoch {meta['epoch'] + 1} (best val Dice {best_dice:.4f})")
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, settings.epochs):
+        _seed_all(settings.seed + epoch)  # epoch-level seeding makes --resume reproduce the same batches
+        loader = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, drop_last=len(train_ds) > settings.batch_size)
+        model.train()
+        running, n_seen, t_epoch = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = _lr_at(step, total_steps, warmup, settings.lr)
+            x = x.to(device, memory_format=torch.channels_last)
+            y = y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * len(x)
+            n_seen += len(x)
+            bar.set_postfix(loss=f"{running / n_seen:.4f}")
+        val_loss, dices = _validate(model, val_ds, loss_fn, device, settings.batch_size, use_amp)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(running / max(n_seen, 1), 5),
+            "val_loss": round(val_loss, 5),
+            "val_dice_mean": round(float(dices.mean()), 5),
+            "val_dice_min": round(float(dices.min()), 5),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
+        }
+        history.append(row)
+        if row["val_dice_mean"] > best_dice:
+            best_dice = row["val_dice_mean"]
+            best_cfg = dataclasses.replace(
+                config, provenance={**config.provenance, "best_epoch": epoch + 1, "val_dice_256px": best_dice}
+            )
+            save_model(model, best_cfg, out / "best.safetensors")
+        _save_state(state_path, model, optimizer, {"epoch": epoch, "best_dice": best_dice, "history": history})
+        _write_log(out, history)
+        log(
+            f"epoch {epoch + 1}/{settings.epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"val Dice {row['val_dice_mean']:.4f} (min {row['val_dice_min']:.4f})  {row['epoch_seconds']}s"
+        )
+    return {"best_val_dice": best_dice, "epochs": settings.epochs, "seconds": round(time.perf_counter() - t0, 1),
+            "n_train": len(train_ds), "n_val": len(val_ds), "out": str(out)}
+
+
+@torch.inference_mode()
+def _validate(model, ds: PairDataset, loss_fn, device, batch_size: int, use_amp: bool):
+    model.eval()
+    total, dices = 0.0, []
+    for x, y in DataLoader(ds, batch_size=batch_size):
+        x = x.to(device, memory_format=torch.channels_last)
+        y = y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x).float()
+        total += loss_fn(logits, y).item() * len(x)
+        dices.append(per_image_dice(logits > 0, y > 0.5).cpu())
+    return total / len(ds), torch.cat(dices)
+
+
+def _write_log(out: Path, history: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(out / "log.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "log.json", json.dumps(history, indent=1).encode())

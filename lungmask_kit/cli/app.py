@@ -39,9 +39,9 @@ def _root(
 
 
 def _register() -> None:
-    from lungmask_kit.cli import segment, train
+    from lungmask_kit.cli import evaluate, segment, stats, train
 
-    for module in (segment, train):
+    for module in (segment, train, evaluate, stats):
         module.register(app)
 
 

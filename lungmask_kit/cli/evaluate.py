@@ -1,0 +1,41 @@
+"""`lungkit evaluate`: segmentation quality against ground-truth masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lungmask_kit.cli._options import OutOpt, QuietOpt
+from lungmask_kit.cli._report import table
+
+
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="A segment manifest.parquet or a folder of predicted masks.")],
+    truth: Annotated[Path, typer.Option("--truth", "-t", help="Folder of ground-truth masks, matched by relative path / stem.")],
+    out: OutOpt,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-image Dice, IoU and HD95 (pixels, native resolution), with mean / median / min.
+
+    Writes OUT/metrics.parquet (one row per image) and OUT/summary.json.
+
+    Example: lungkit evaluate out/sample/manifest.parquet --truth examples/cxr-sample/masks -o out/eval
+    """
+    from lungmask_kit.evaluate import evaluate_masks
+
+    s = evaluate_masks(predictions, truth, out, progress=not quiet)
+    if not quiet:
+        rows = [("images", s["n"]), ("errors", s["n_error"])]
+        for metric in ("dice", "iou", "hd95_px"):
+            v = s[metric]
+            rows.append((metric, "n/a" if v is None else f"mean {v['mean']:.4f}  median {v['median']:.4f}  min {v['min']:.4f}  max {v['max']:.4f}"))
+        rows.append(("unmatched predictions / truths", f"{s['unmatched_predictions']} / {s['unmatched_truths']}"))
+        typer.echo(table(rows, title="lungkit evaluate summary"))
+    if s["n_error"]:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)

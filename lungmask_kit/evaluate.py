@@ -1,0 +1,76 @@
+"""`lungkit evaluate`: per-image Dice, IoU and HD95 of predicted masks against ground truth."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lungmask_kit.derive import binarize_mask
+from lungmask_kit.discovery import find_images, stem_key
+from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import atomic_write_bytes
+from lungmask_kit.imaging import ImageDecodeError, read_gray
+from lungmask_kit.manifest import write_table
+from lungmask_kit.metrics import dice, hd95, iou
+
+FIELDS = [
+    pa.field("path", pa.string()),
+    pa.field("pred_mask", pa.string()),
+    pa.field("truth_mask", pa.string()),
+    pa.field("dice", pa.float64()),
+    pa.field("iou", pa.float64()),
+    pa.field("hd95_px", pa.float64()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+]
+
+
+def _predictions(pred: Path) -> dict[str, Path]:
+    """{relative image path without extension: predicted mask file} from a manifest or a folder."""
+    if pred.is_file() and pred.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pred, columns=["path", "status", "mask_path"]).to_pylist()
+        return {stem_key(r["path"]): pred.parent / r["mask_path"] for r in table if r["status"] == "ok" and r["mask_path"]}
+    if pred.is_dir():
+        return {stem_key(rel): pred / rel for rel in find_images(pred)}
+    raise LungkitError(f"predictions must be a manifest.parquet or a folder of masks: {pred}")
+
+
+def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progress: bool = True) -> dict:
+    """Score every prediction that has a truth mask; writes OUT/metrics.parquet and OUT/summary.json."""
+    from tqdm.auto import tqdm
+
+    preds = _predictions(Path(pred))
+    truth = Path(truth)
+    truths = {stem_key(rel): truth / rel for rel in find_images(truth)}
+    common = sorted(set(preds) & set(truths))
+    if not common:
+        raise LungkitError(f"no prediction matches a truth mask by relative path ({len(preds)} predictions, {len(truths)} truths)")
+    rows = []
+    for key in tqdm(common, disable=not progress, unit="img"):
+        row = {"path": key, "pred_mask": str(preds[key]), "truth_mask": str(truths[key]), "status": "ok"}
+        try:
+            p, t = binarize_mask(read_gray(preds[key])), binarize_mask(read_gray(truths[key]))
+            if p.shape != t.shape:
+                raise ValueError(f"prediction {p.shape[::-1]} and truth {t.shape[::-1]} differ in size")
+            row.update(dice=dice(p, t), iou=iou(p, t), hd95_px=hd95(p, t))
+        except (OSError, ImageDecodeError, ValueError) as err:
+            row.update(status="error", error=str(err))
+        rows.append(row)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_table(pa.Table.from_pylist(rows, schema=pa.schema(FIELDS)), Path(out) / "metrics.parquet")
+    summary = {"n": len(rows), "n_error": sum(r["status"] == "error" for r in rows),
+               "unmatched_predictions": len(set(preds) - set(truths)), "unmatched_truths": len(set(truths) - set(preds))}
+    for metric in ("dice", "iou", "hd95_px"):
+        values = np.array([r[metric] for r in rows if r["status"] == "ok" and r[metric] is not None and not math.isnan(r[metric])])
+        summary[metric] = (
+            {"mean": float(values.mean()), "median": float(np.median(values)), "min": float(values.min()), "max": float(values.max())}
+            if values.size else None
+        )
+    atomic_write_bytes(Path(out) / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary

@@ -1,0 +1,43 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lungmask_kit.cli.app import main
+from lungmask_kit.metrics import dice, hd95, iou
+
+from conftest import write_png
+
+
+def test_metrics_on_hand_made_masks():
+    a = np.zeros((50, 50), bool)
+    b = np.zeros((50, 50), bool)
+    a[10:20, 10:20] = True  # 100 px
+    b[10:20, 15:25] = True  # 100 px, overlap 50
+    assert dice(a, b) == pytest.approx(0.5)
+    assert iou(a, b) == pytest.approx(50 / 150)
+    assert hd95(a, b) == pytest.approx(5.0)  # a pure 5-pixel shift
+    assert dice(a, a) == 1.0 and hd95(a, a) == 0.0
+    empty = np.zeros_like(a)
+    assert dice(empty, empty) == 1.0 and dice(a, empty) == 0.0 and math.isnan(hd95(a, empty))
+
+
+def test_evaluate_cli_per_image_not_pooled(tmp_path):
+    truth = np.zeros((40, 40), np.uint8)
+    truth[5:35, 5:35] = 255
+    write_png(tmp_path / "truth" / "good.png", truth)
+    write_png(tmp_path / "truth" / "bad.png", truth)
+    write_png(tmp_path / "pred" / "good.png", truth)
+    half = truth.copy()
+    half[:, 20:] = 0
+    write_png(tmp_path / "pred" / "bad.png", half)
+    assert main(["evaluate", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "-o", str(tmp_path / "ev"), "-q"]) == 0
+    m = pd.read_parquet(tmp_path / "ev" / "metrics.parquet").set_index("path")
+    assert m.loc["good", "dice"] == 1.0
+    assert m.loc["bad", "dice"] == pytest.approx(2 * 450 / (450 + 900))
+    import json
+
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["dice"]["mean"] == pytest.approx((1 + 2 * 450 / 1350) / 2)  # per-image mean, not pooled
+    assert s["dice"]["min"] == pytest.approx(2 * 450 / 1350)

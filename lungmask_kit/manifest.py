@@ -43,7 +43,7 @@ SEGMENT_FIELDS = [
 ]
 
 VARIANTS_EXTRA_FIELDS = [
-    pa.field("source_mask", pa.string()),
+    pa.field("mask_sha256", pa.string()),
     pa.field("crop_box", pa.list_(pa.int32())),
 ]
 

@@ -1,0 +1,63 @@
+"""`lungkit variants`: lungs-only and lungs-removed images from existing masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lungmask_kit import defaults
+from lungmask_kit.cli._options import MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt
+from lungmask_kit.cli._report import echo_errors, table
+
+
+def variants(
+    out: OutOpt,
+    manifest: Annotated[Path | None, typer.Argument(help="A segment manifest.parquet (or use --images and --masks).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of images.")] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="Folder of masks matched to images by relative path / stem (COVID-QU-Ex 'lung masks' folders work as they are).")] = None,
+    crop: Annotated[bool, typer.Option("--crop", help="Crop outputs to the lungs' bounding box.")] = False,
+    margin: Annotated[int, typer.Option("--margin", min=0, help="Pixels added around the crop box.")] = 0,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Variant(s) to write: lungs, nolungs (repeat or comma-separate).")] = None,
+    resize_masks: Annotated[bool, typer.Option("--resize-masks", help="Resize masks of another size than their image (nearest neighbour) instead of failing the row.")] = False,
+    min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes (0 = every core).")] = 0,
+    glob: Annotated[str | None, typer.Option("--glob", help="Only image paths matching this pattern.")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow --out to be the folder of the input manifest (replaces it).")] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write OUT/lungs (image AND mask), OUT/nolungs (image AND NOT mask) and OUT/manifest.parquet.
+
+    Masks are binarised by one rule: 0/1 and 0/255 masks as they are; anti-aliased masks at half their
+    range; two-level or colour-mapped masks against the background value found on the border.
+
+    Examples:
+
+      lungkit variants out/sample/manifest.parquet -o out/variants --crop --margin 16
+
+      lungkit variants --images COVID-QU-Ex/Train/COVID-19/images --masks "COVID-QU-Ex/Train/COVID-19/lung masks" -o out/qu
+    """
+    from lungmask_kit.variants import VariantsOptions, run_variants
+
+    chosen = tuple(v.strip() for item in (only or ["lungs,nolungs"]) for v in item.split(",") if v.strip())
+    options = VariantsOptions(crop=crop, margin=margin, min_lung_fraction=min_lung_fraction, only=chosen,
+                              resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
+                              in_place=in_place, progress=not quiet)
+    s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
+    if not quiet:
+        typer.echo(table([
+            ("found", s.found), ("skipped (already done)", s.skipped), ("ok", s.ok),
+            ("flagged by QC", f"{s.flagged} (lung area < {min_lung_fraction:g})"), ("failed", s.failed),
+            ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
+            ("manifest", s.manifest),
+        ], title="lungkit variants summary"))
+    if s.failed:
+        echo_errors(s.errors)
+        typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {s.manifest}", err=True)
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("variants")(variants)

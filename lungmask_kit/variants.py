@@ -1,0 +1,276 @@
+"""`lungkit variants`: lungs-only / lungs-removed images from existing masks, without a model.
+
+Image-mask pairs come from a segment manifest or from two folders matched by relative path. Work is
+spread over processes with joblib; each finished chunk becomes a manifest part, so runs resume like
+`segment`. The derive step is `lungmask_kit.derive.derive_variants`, the same one `segment` uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+
+from lungmask_kit import __version__, defaults
+from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
+from lungmask_kit.discovery import find_images, output_names, stem_key
+from lungmask_kit.errors import LungkitError, NoImagesError
+from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
+from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
+from lungmask_kit.manifest import SEGMENT_FIELDS, VARIANTS_EXTRA_FIELDS, PartWriter, finalize, previous_table, read_metadata
+
+FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
+MANIFEST_NAME = "manifest.parquet"
+OUTPUT_FORMAT = 1
+_CHUNK = 64  # rows per manifest part
+
+
+@dataclass
+class VariantsOptions:
+    crop: bool = False
+    margin: int = 0
+    min_lung_fraction: float = defaults.MIN_LUNG_FRACTION
+    only: tuple[str, ...] = VARIANTS
+    resize_masks: bool = False
+    jobs: int = 0  # 0: every core
+    glob: str | None = None
+    overwrite: bool = False
+    in_place: bool = False
+    progress: bool = True
+
+
+@dataclass
+class VariantsSummary:
+    found: int = 0
+    skipped: int = 0
+    processed: int = 0
+    ok: int = 0
+    flagged: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    manifest: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Task:
+    rel: str  # image path relative to images_root (manifest key)
+    image: str  # absolute image path
+    mask: str | None  # absolute mask path, None when no mask matched
+    mask_rel: str | None
+    out_rel: str  # output relative path (.png)
+    extra: dict  # label / patient_id / split carried over
+
+
+def _settings_key(options: VariantsOptions) -> str:
+    payload = {"crop": options.crop, "margin": options.margin if options.crop else 0, "only": sorted(options.only),
+               "resize_masks": options.resize_masks, "format": OUTPUT_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pairs_from_folders(images: Path, masks: Path, glob: str | None = None) -> list[tuple[str, str | None]]:
+    """(image rel, mask rel or None) matched by relative path without extension, then by unique file stem."""
+    mask_rels = find_images(masks)
+    by_key = {stem_key(m): m for m in mask_rels}
+    by_stem: dict[str, list[str]] = {}
+    for m in mask_rels:
+        by_stem.setdefault(PurePosixPath(m).stem, []).append(m)
+    pairs = []
+    for rel in find_images(images, glob):
+        m = by_key.get(stem_key(rel))
+        if m is None:
+            cands = by_stem.get(PurePosixPath(rel).stem, [])
+            m = cands[0] if len(cands) == 1 else None
+        pairs.append((rel, m))
+    return pairs
+
+
+def _tasks_from_manifest(manifest: Path, glob: str | None) -> tuple[list[_Task], Path, Path]:
+    import fnmatch
+
+    import pyarrow.parquet as pq
+
+    meta = read_metadata(manifest)
+    if "input_root" not in meta:
+        raise LungkitError(f"{manifest} is not a lungkit manifest (no input_root in its metadata)")
+    images_root = Path(meta["input_root"])
+    rows = pq.read_table(manifest).to_pylist()
+    rows = [r for r in rows if not glob or fnmatch.fnmatch(r["path"], glob)]
+    masks_root = manifest.parent
+    names = output_names([r["path"] for r in rows])
+    tasks = []
+    for r in rows:
+        mask_rel = r.get("mask_path") if r["status"] == "ok" else None
+        extra = {k: r.get(k) for k in ("label", "patient_id", "split")}
+        tasks.append(_Task(r["path"], str(images_root / r["path"]), str(masks_root / mask_rel) if mask_rel else None,
+                           mask_rel, names[r["path"]], extra))
+    return tasks, images_root, masks_root
+
+
+def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None) -> dict:
+    """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input)."""
+    row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra}
+    out_dir = Path(out)
+    try:
+        data = Path(task.image).read_bytes()
+    except OSError as err:
+        row["error"] = f"cannot read image: {err.strerror or err}"
+        return row
+    row.update(sha256=hashlib.sha256(data).hexdigest(), file_bytes=len(data))
+    if task.mask is None:
+        row["error"] = "no mask for this image"
+        return row
+    try:
+        mask_bytes = Path(task.mask).read_bytes()
+    except OSError as err:
+        row["error"] = f"cannot read mask: {err.strerror or err}"
+        return row
+    mask_sha = hashlib.sha256(mask_bytes).hexdigest()
+    row["mask_sha256"] = mask_sha
+    paths = {v: f"{v}/{task.out_rel}" for v in options.only}
+    if done == (row["sha256"], mask_sha) and all((out_dir / p).is_file() for p in paths.values()):
+        return {**row, "status": "skipped"}
+    try:
+        image = decode_image(data)
+    except ImageDecodeError as err:
+        row["error"] = f"image: {err}"
+        return row
+    try:
+        mask_pixels = decode_image(mask_bytes).pixels
+    except ImageDecodeError as err:
+        row["error"] = f"mask: {err}"
+        return row
+    pixels = image.pixels
+    h, w = pixels.shape
+    row.update(width=w, height=h, bit_depth=image.bit_depth, source_channels=image.source_channels)
+    if mask_pixels.shape != pixels.shape:
+        if not options.resize_masks:
+            row["error"] = (f"mask size {mask_pixels.shape[1]}x{mask_pixels.shape[0]} differs from image size {w}x{h} "
+                            "(use --resize-masks to resize with nearest neighbour)")
+            return row
+        import cv2
+
+        mask_pixels = cv2.resize(mask_pixels, (w, h), interpolation=cv2.INTER_NEAREST)
+    mask = binarize_mask(mask_pixels)
+    from lungmask_kit.postprocess import count_components, lung_area_fraction
+
+    box = bounding_box(mask, options.margin) if options.crop else None
+    derived = derive_variants(pixels, mask, options.only)
+    for variant, arr in derived.items():
+        if box is not None:
+            arr = arr[box[0] : box[1], box[2] : box[3]]
+        try:
+            atomic_write_bytes(out_dir / paths[variant], encode_png(arr))
+        except OSError as err:
+            raise LungkitError(f"cannot write outputs to {out}: {err.strerror or err}") from err
+    row.update(
+        lungs_path=paths.get("lungs"), nolungs_path=paths.get("nolungs"), crop_box=list(box) if box else None,
+        lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(mask),
+        status="ok", error=None,
+    )
+    return row
+
+
+def run_variants(
+    out: str | Path,
+    options: VariantsOptions,
+    manifest: str | Path | None = None,
+    images: str | Path | None = None,
+    masks: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> VariantsSummary:
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    from lungmask_kit.runtime import available_cores
+    from lungmask_kit.segment import _check_writable, qc_update
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    bad = set(options.only) - set(VARIANTS)
+    if bad or not options.only:
+        raise LungkitError(f"--only takes {', '.join(VARIANTS)} (got {', '.join(options.only) or 'nothing'})")
+    if manifest is not None:
+        manifest = Path(manifest)
+        if not manifest.is_file():
+            raise LungkitError(f"manifest not found: {manifest}")
+        if (out / MANIFEST_NAME).resolve() == manifest.resolve() and not options.in_place:
+            raise LungkitError(f"{out} holds the input manifest; choose another --out or pass --in-place to replace it")
+        tasks, images_root, masks_root = _tasks_from_manifest(manifest, options.glob)
+    else:
+        if images is None or masks is None:
+            raise LungkitError("give a manifest, or both --images and --masks")
+        images_root, masks_root = Path(images), Path(masks)
+        for p, what in ((images_root, "images"), (masks_root, "masks")):
+            if not p.is_dir():
+                raise LungkitError(f"{what} folder not found: {p}")
+        pairs = pairs_from_folders(images_root, masks_root, options.glob)
+        names = output_names([r for r, _ in pairs])
+        tasks = [_Task(r, str(images_root / r), str(masks_root / m) if m else None, m, names[r], {}) for r, m in pairs]
+    if not tasks:
+        raise NoImagesError("no images to process")
+    _check_writable(out)
+    remove_stale_temps(out)
+
+    key = _settings_key(options)
+    done: dict[str, tuple] = {}
+    prev = None if options.overwrite else previous_table(out, MANIFEST_NAME, FIELDS)
+    if options.overwrite:
+        from lungmask_kit.manifest import PARTS_DIR
+
+        for p in (out / PARTS_DIR).glob("part-*.parquet"):
+            p.unlink()
+    if prev is not None:
+        cols = prev.select(["path", "sha256", "mask_sha256", "status", "settings_key"]).to_pydict()
+        for p, sha, msha, status, k in zip(cols["path"], cols["sha256"], cols["mask_sha256"], cols["status"], cols["settings_key"]):
+            if status == "ok" and k == key:
+                done[p] = (sha, msha)
+
+    summary = VariantsSummary(found=len(tasks))
+    parts = PartWriter(out, FIELDS)
+    jobs = options.jobs or available_cores()
+    buffer: list[dict] = []
+
+    def flush() -> None:
+        parts.write(buffer)
+        buffer.clear()
+
+    results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
+        delayed(_process)(t, str(out), options, key, done.get(t.rel)) for t in tasks
+    ) if jobs > 1 else (_process(t, str(out), options, key, done.get(t.rel)) for t in tasks)
+    for row in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
+        if row["status"] == "skipped":
+            summary.skipped += 1
+            continue
+        summary.processed += 1
+        if row["status"] == "error":
+            summary.errors.append((row["path"], row["error"]))
+        buffer.append(row)
+        if len(buffer) >= _CHUNK:
+            flush()
+    flush()
+
+    metadata = {
+        "command": "variants", "lungkit_version": __version__, "input_root": str(images_root.resolve()),
+        "masks_root": str(masks_root.resolve()), "source_manifest": str(manifest) if manifest else None,
+        "crop": options.crop, "margin": options.margin, "only": list(options.only), "resize_masks": options.resize_masks,
+        "min_lung_fraction": options.min_lung_fraction, "settings_key": key,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    table = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(options.min_lung_fraction))
+    status, qc = table.column("status").to_pylist(), table.column("qc_pass").to_pylist()
+    summary.ok = sum(s == "ok" for s in status)
+    summary.failed = sum(s == "error" for s in status)
+    summary.flagged = sum(q is False for q in qc)
+    summary.manifest = str(out / MANIFEST_NAME)
+    summary.seconds = time.perf_counter() - t0
+    return summary

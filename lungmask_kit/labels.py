@@ -95,7 +95,7 @@ def read_labels(files: list[str | Path]) -> list[LabelRow]:
 
 
 def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str, LabelRow], list[LabelRow]]:
-    """-> ({image relative path: label row}, label rows that match no image)."""
+    """-> ({image relative path: label row}, label rows that match no image or repeat an earlier match)."""
     by_path = set(rel_paths)
     by_name: dict[str, list[str]] = {}
     for rel in rel_paths:
@@ -104,12 +104,11 @@ def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str
     unmatched: list[LabelRow] = []
     for row in labels:
         key = str(PurePosixPath(row.path))
-        if key in by_path:
-            matched[key] = row
-            continue
-        candidates = by_name.get(PurePosixPath(key).name, [])
-        if len(candidates) == 1:
-            matched[candidates[0]] = row
-        else:
+        if key not in by_path:
+            candidates = by_name.get(PurePosixPath(key).name, [])
+            key = candidates[0] if len(candidates) == 1 else None
+        if key is None or key in matched:  # no image, or a second label row for one image: first wins
             unmatched.append(row)
+        else:
+            matched[key] = row
     return matched, unmatched

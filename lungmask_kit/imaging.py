@@ -26,7 +26,7 @@ class ImageDecodeError(ValueError):
 @dataclass(frozen=True)
 class DecodedImage:
     pixels: np.ndarray  # (H, W) uint8 or uint16
-    source_channels: int  # channels in the file (1, 3 or 4)
+    source_channels: int  # colour channels decoded: 1 gray or 3 colour (alpha is dropped)
 
     @property
     def bit_depth(self) -> int:
@@ -81,9 +81,7 @@ def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> De
     channels = 1 if img.ndim == 2 else img.shape[2]
     if img.dtype not in (np.uint8, np.uint16):
         raise ImageDecodeError(f"unsupported pixel type {img.dtype} (8- or 16-bit integer images only)")
-    if channels == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
-    elif channels == 3:
+    if channels == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     elif channels != 1:
         raise ImageDecodeError(f"unsupported channel count {channels}")

@@ -62,7 +62,8 @@ class SegmentSummary:
     ok: int = 0
     flagged: int = 0
     failed: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole command, model loading included
+    pipeline_seconds: float = 0.0  # from the first image read to the merged manifest
     manifest: str = ""
     processed: int = 0  # images decoded (and, if readable, segmented) by this run
     unmatched_labels: int = 0
@@ -264,6 +265,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
 
     from tqdm.auto import tqdm
 
+    t_pipeline = time.perf_counter()
     bar = tqdm(total=len(rels), unit="img", disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     workers = max(1, options.workers)
     batch_size = options.batch_size
@@ -365,6 +367,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         summary.unmatched_labels = len(unmatched)
         _write_unmatched(out, unmatched)
     summary.seconds = time.perf_counter() - t_start
+    summary.pipeline_seconds = time.perf_counter() - t_pipeline
     return summary
 
 

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Throughput and memory benchmark of `lungkit segment` against its own limits, measured in one run.
+
+Reports (JSON + table):
+  (a) model-only img/s      pre-made input tensors, same batch size and device, best settings
+                            (channels_last, tuned allocator) -- the model's ceiling
+  (b) I/O-only img/s        the segment pipeline with the model replaced by a fixed probability map:
+                            read, hash, decode, resize, post-process, derive, encode and write 3 PNGs
+  (c) end-to-end img/s      `lungkit segment` (run_segment) as users run it
+  (d) naive loop img/s      the published code's shape: one image at a time, batch of one, eager model,
+                            skimage post-processing at full size, sequential writes
+  (e) peak RSS              of `lungkit segment` subprocesses on N and 10N images
+
+Targets (issue 6): CPU e2e >= 85% of 1/(1/a + 1/b) and >= 1.5x naive; GPU e2e >= 80% of min(a, b) and >= 10x
+naive; RSS(10N) <= 1.1 x RSS(N) and < 3 GB.
+
+Usage: python benchmarks/bench_segment.py [--n 48] [--source example|synthetic] [--size 1024]
+       [--format png|jpg] [--batch-size 16] [--device auto] [--weights PATH] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lungmask_kit.imaging import read_gray  # noqa: E402
+from lungmask_kit.inference import Segmenter  # noqa: E402
+from lungmask_kit.runtime import configure_threads, resolve_device, tune_malloc  # noqa: E402
+
+
+def make_inputs(root: Path, n: int, source: str, size: int, fmt: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if source == "example":
+        bases = [read_gray(p) for p in sorted((REPO / "examples" / "cxr-sample" / "images").glob("*.png"))]
+    else:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import cxr_like
+
+        bases = [cxr_like(size, int(size * 0.9), seed=i) for i in range(8)]
+    for i in range(n):
+        img = bases[i % len(bases)]
+        ext = ".jpg" if fmt == "jpg" else ".png"
+        # a one-pixel change per copy keeps every file's sha256 distinct
+        img = img.copy()
+        img.flat[i % img.size] ^= 1
+        cv2.imwrite(str(root / f"img{i:05d}{ext}"), img, [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == ".jpg" else [])
+    return root
+
+
+def model_only(seg: Segmenter, n: int, batch: int) -> float:
+    c = seg.config
+    x = np.random.default_rng(0).standard_normal((batch, c.in_channels, c.input_size, c.input_size)).astype(np.float32)
+    seg.predict(x)  # warm-up
+    if seg.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    done = 0
+    while done < n:
+        seg.predict(x)
+        done += batch
+    if seg.device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - t)
+
+
+def pipeline(src: Path, out: Path, args, fixed_probability: bool) -> float:
+    import lungmask_kit.segment as seg_mod
+    from lungmask_kit.inference import Segmenter as RealSegmenter
+
+    shutil.rmtree(out, ignore_errors=True)
+    opts = seg_mod.SegmentOptions(weights=args.weights, device=args.device, batch_size=args.batch_size,
+                                  workers=args.workers, progress=False, min_lung_fraction=0.0)
+    if fixed_probability:
+        size = 256
+        yy, xx = np.mgrid[0:size, 0:size]
+        prob = np.zeros((size, size), np.float32)
+        for cx in (0.3 * size, 0.7 * size):
+            prob[((xx - cx) / (0.16 * size)) ** 2 + ((yy - 0.5 * size) / (0.32 * size)) ** 2 < 1] = 0.9
+
+        class NoModel(RealSegmenter):
+            def predict(self, batch, pad_to=None):
+                return np.broadcast_to(prob, (len(batch), size, size))
+
+        seg_mod_segmenter = NoModel
+    else:
+        seg_mod_segmenter = RealSegmenter
+    import lungmask_kit.inference as inf
+
+    saved = inf.Segmenter
+    inf.Segmenter = seg_mod_segmenter
+    try:
+        s = seg_mod.run_segment(src, out, opts)
+    finally:
+        inf.Segmenter = saved
+    assert s.failed == 0, s.errors[:3]
+    return s.processed / s.pipeline_seconds  # model loading excluded: it is paid once per run
+
+
+def naive_loop(src: Path, out: Path, seg: Segmenter) -> float:
+    """The published code's shape: per image read -> resize -> model(batch 1) -> skimage at full size -> 3 writes."""
+    from skimage import morphology
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model = seg.model.to(memory_format=torch.contiguous_format)
+    c = seg.config
+    files = sorted(src.iterdir())
+    t = time.perf_counter()
+    for f in files:
+        img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        x = (cv2.resize(img, (c.input_size, c.input_size)).astype(np.float32) / 255 - c.mean[0]) / c.std[0]
+        with torch.no_grad():
+            prob = torch.sigmoid(model(torch.from_numpy(x)[None, None].to(seg.device)))[0, 0].cpu().numpy()
+        mask = cv2.resize(prob, (img.shape[1], img.shape[0])) > 0.5
+        area = mask.size
+        mask = morphology.remove_small_objects(mask, max_size=int(0.005 * area))
+        mask = morphology.remove_small_holes(mask, max_size=int(0.005 * area))
+        cv2.imwrite(str(out / f"{f.stem}_mask.png"), mask.astype(np.uint8) * 255)
+        cv2.imwrite(str(out / f"{f.stem}_lungs.png"), np.where(mask, img, 0))
+        cv2.imwrite(str(out / f"{f.stem}_nolungs.png"), np.where(mask, 0, img))
+    rate = len(files) / (time.perf_counter() - t)
+    seg.model.to(memory_format=torch.channels_last)
+    return rate
+
+
+def peak_rss(src: Path, out: Path, args) -> tuple[float, float]:
+    """(peak RSS MiB, img/s) of `lungkit segment` in a fresh process."""
+    shutil.rmtree(out, ignore_errors=True)
+    code = (
+        "import resource, sys, time; from lungmask_kit.cli.app import main; t = time.perf_counter(); "
+        f"rc = main(sys.argv[1:]); dt = time.perf_counter() - t; "
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt); sys.exit(rc)"
+    )
+    cmd = [sys.executable, "-c", code, "segment", str(src), "-o", str(out), "-b", str(args.batch_size),
+           "--device", args.device, "-j", str(args.workers), "-q", "--min-lung-fraction", "0"]
+    if args.weights:
+        cmd += ["-w", str(args.weights)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RSS")][-1].split()
+    n = len(os.listdir(src))
+    return float(line[1]), n / float(line[2])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--source", choices=["example", "synthetic"], default="example")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--format", choices=["png", "jpg"], default="png")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    args.device = str(device)
+    tune_malloc()
+    threads = configure_threads()
+    work = Path(tempfile.mkdtemp(prefix="lungkit-bench-"))
+    try:
+        src = make_inputs(work / "in", args.n, args.source, args.size, args.format)
+        seg = Segmenter(args.weights, device)
+        r = {"device": str(device), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+             "cores": os.cpu_count(), "torch_threads": threads, "n": args.n, "source": args.source, "format": args.format,
+             "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__}
+        r["model_only"] = model_only(seg, max(args.n, 4 * args.batch_size), args.batch_size)
+        r["io_only"] = pipeline(src, work / "io", args, fixed_probability=True)
+        r["end_to_end"] = pipeline(src, work / "e2e", args, fixed_probability=False)
+        r["naive"] = naive_loop(src, work / "naive", seg)
+        r["bound_cpu"] = 1 / (1 / r["model_only"] + 1 / r["io_only"])
+        r["bound_gpu"] = min(r["model_only"], r["io_only"])
+        bound = r["bound_gpu"] if device.type == "cuda" else r["bound_cpu"]
+        r["e2e_vs_bound"] = r["end_to_end"] / bound
+        r["e2e_vs_naive"] = r["end_to_end"] / r["naive"]
+        if not args.skip_rss:
+            src10 = make_inputs(work / "in10", 10 * args.n, args.source, args.size, args.format)
+            r["rss_n_mib"], _ = peak_rss(src, work / "rss1", args)
+            r["rss_10n_mib"], r["e2e_10n_img_s"] = peak_rss(src10, work / "rss10", args)
+            r["rss_ratio"] = r["rss_10n_mib"] / r["rss_n_mib"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"bench-{device.type}-{stamp}.json").write_text(json.dumps(r, indent=2))
+    rows = [("device", f"{r['device']} ({r['card']}, {r['cores']} cores, {threads} torch threads)"),
+            ("images", f"{args.n} x {args.source} {args.format} (10N = {10 * args.n})"),
+            ("(a) model-only", f"{r['model_only']:.2f} img/s (batch {args.batch_size})"),
+            ("(b) I/O-only", f"{r['io_only']:.2f} img/s"),
+            ("(c) end-to-end", f"{r['end_to_end']:.2f} img/s"),
+            ("(d) naive loop", f"{r['naive']:.2f} img/s"),
+            ("bound", f"{bound:.2f} img/s ({'min(a, b)' if device.type == 'cuda' else '1/(1/a + 1/b)'})"),
+            ("e2e / bound", f"{r['e2e_vs_bound']:.1%} (target {'80' if device.type == 'cuda' else '85'}%)"),
+            ("e2e / naive", f"{r['e2e_vs_naive']:.2f}x (target {'10' if device.type == 'cuda' else '1.5'}x)")]
+    if "rss_ratio" in r:
+        rows += [("peak RSS N / 10N", f"{r['rss_n_mib']:.0f} / {r['rss_10n_mib']:.0f} MiB (ratio {r['rss_ratio']:.3f}, target <= 1.1, < 3 GB)")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+if __name__ == "__main__":
+    main()

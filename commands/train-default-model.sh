@@ -21,3 +21,29 @@ PY
 lungkit train "$run/pairs.csv" -o "$run" --arch FPN --encoder densenet121 --in-channels 1 \
   --encoder-weights none --epochs 40 --batch-size 8 --lr 1e-3 --val-fraction 0.2 --seed 0 \
   --name lungkit-fpn-densenet121-v7 "${@:3}"
+
+# Validation at native resolution, after post-processing, on the patient-level validation split
+python - "$run" <<'PY'
+import json, os, sys
+run = sys.argv[1]
+split = json.load(open(os.path.join(run, "split.json")))
+for kind in ("images", "masks"):
+    os.makedirs(os.path.join(run, "val", kind), exist_ok=True)
+for image in split["val"]:
+    name = os.path.basename(image)
+    mask = os.path.join(os.path.dirname(os.path.dirname(image)), "masks", name)
+    for src, kind in ((image, "images"), (mask, "masks")):
+        dst = os.path.join(run, "val", kind, name)
+        if not os.path.lexists(dst):
+            os.symlink(os.path.abspath(src), dst)
+PY
+# fp16 copy for shipping (about 19 MB), then segment + evaluate the validation patients with it
+python -c "
+import sys, torch
+from lungmask_kit.models.modeling import load_model, save_model
+model, cfg, _ = load_model('$run/best.safetensors')
+save_model(model, cfg, '$run/export/model.safetensors', dtype=torch.float16)
+"
+lungkit segment "$run/val/images" -o "$run/val-segment" -w "$run/export" --overwrite -q
+lungkit evaluate "$run/val-segment/manifest.parquet" --truth "$run/val/masks" -o "$run/val-evaluate"
+echo "To ship: cp $run/export/model.safetensors $run/export/config.json lungmask_kit/models/default/"

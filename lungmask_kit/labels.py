@@ -3,7 +3,7 @@
 A CSV needs a path or filename column (also accepted: image, file); optional label / class / finding,
 patient_id / patient, split columns. COVIDx files take their split from the file name (train.txt ->
 train, test.txt -> test, val.txt -> val). Labels are matched to images by relative path, then by file
-name when the name is unique among the images.
+name when the name is unique among the images (or unique within a folder named after the row's split).
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str
         key = str(PurePosixPath(row.path))
         if key not in by_path:
             candidates = by_name.get(PurePosixPath(key).name, [])
+            if len(candidates) > 1 and row.split:  # COVIDx: train.txt names files under train/
+                candidates = [c for c in candidates if row.split in PurePosixPath(c).parts[:-1]]
             key = candidates[0] if len(candidates) == 1 else None
         if key is None or key in matched:  # no image, or a second label row for one image: first wins
             unmatched.append(row)

@@ -95,3 +95,13 @@ def test_patient_on_both_sides_is_refused(class_manifest, tmp_path, capsys):
     rc = main(["classify", str(class_manifest), "-o", str(tmp_path / "x"), "--labels", str(labels), "--variant", "lungs",
                "--image-size", "32", "--epochs", "1", "-q"])
     assert rc == 2 and "both the training and the test split" in capsys.readouterr().err
+
+
+def test_covidx_names_resolve_by_split_folder(tmp_path):
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    train.write_text("p1 same.png positive cohen\n")
+    test.write_text("p2 same.png negative rsna\n")
+    rows = read_label_file(train) + read_label_file(test)
+    matched, unmatched = match_labels(["test/same.png", "train/same.png"], rows)
+    assert matched["train/same.png"].label == "positive" and matched["test/same.png"].label == "negative"
+    assert not unmatched

@@ -143,7 +143,7 @@ def peak_rss(src: Path, out: Path, args) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)
     code = (
         "import resource, sys, time; from lungmask_kit.cli.app import main; t = time.perf_counter(); "
-        f"rc = main(sys.argv[1:]); dt = time.perf_counter() - t; "
+        "rc = main(sys.argv[1:]); dt = time.perf_counter() - t; "
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt); sys.exit(rc)"
     )
     cmd = [sys.executable, "-c", code, "segment", str(src), "-o", str(out), "-b", str(args.batch_size),

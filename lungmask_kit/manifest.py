@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -138,3 +139,39 @@ def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Fi
         except OSError:
             pass
     return table
+
+
+def clear_parts(out: Path) -> None:
+    """Forget the parts of an interrupted run (for --overwrite)."""
+    parts = out / PARTS_DIR
+    if parts.is_dir():
+        for p in parts.glob("part-*.parquet"):
+            p.unlink()
+
+
+@dataclass
+class RunSummary:
+    """What a segment or variants run did; printed by the CLI as its summary table."""
+
+    found: int = 0
+    skipped: int = 0  # already done with the same content and settings
+    processed: int = 0  # decoded (and written, if readable) by this run
+    ok: int = 0
+    flagged: int = 0
+    failed: int = 0
+    seconds: float = 0.0  # wall time of the whole command, model loading included
+    pipeline_seconds: float = 0.0  # from the first image read to the merged manifest
+    manifest: str = ""
+    unmatched_labels: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, table) -> None:
+        """ok / failed / flagged from the final manifest table."""
+        status, qc = table.column("status").to_pylist(), table.column("qc_pass").to_pylist()
+        self.ok = sum(s == "ok" for s in status)
+        self.failed = sum(s == "error" for s in status)
+        self.flagged = sum(q is False for q in qc)

@@ -28,7 +28,7 @@ from lungmask_kit.discovery import find_images, output_names
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
-from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, finalize, previous_table
+from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, clear_parts, finalize, previous_table
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
 
 MANIFEST_NAME = "manifest.parquet"
@@ -53,25 +53,6 @@ class SegmentOptions:
     keep_largest: int = defaults.KEEP_LARGEST
     overwrite: bool = False
     progress: bool = True
-
-
-@dataclass
-class SegmentSummary:
-    found: int = 0
-    skipped: int = 0
-    ok: int = 0
-    flagged: int = 0
-    failed: int = 0
-    seconds: float = 0.0  # wall time of the whole command, model loading included
-    pipeline_seconds: float = 0.0  # from the first image read to the merged manifest
-    manifest: str = ""
-    processed: int = 0  # images decoded (and, if readable, segmented) by this run
-    unmatched_labels: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -154,7 +135,7 @@ class _OutputWriteError(LungkitError):
     pass
 
 
-def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> SegmentSummary:
+def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> RunSummary:
     from lungmask_kit.inference import Segmenter
     from lungmask_kit.labels import match_labels, read_labels
     from lungmask_kit.runtime import configure_threads, resolve_device
@@ -190,10 +171,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
 
     done: dict[str, str] = {}  # manifest path -> sha256 of images finished with these settings
     if options.overwrite:
-        from lungmask_kit.manifest import PARTS_DIR
-
-        for p in (out / PARTS_DIR).glob("part-*.parquet") if (out / PARTS_DIR).is_dir() else []:
-            p.unlink()
+        clear_parts(out)
     else:
         prev = previous_table(out, MANIFEST_NAME, SEGMENT_FIELDS)
         if prev is not None:
@@ -203,7 +181,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
                     done[p] = sha
 
     matched, unmatched = match_labels(list(keys.values()), label_rows)
-    summary = SegmentSummary(found=len(rels))
+    summary = RunSummary(found=len(rels))
     parts = PartWriter(out, SEGMENT_FIELDS)
 
     def output_rel(kind: str, rel: str) -> str:
@@ -248,7 +226,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(item.pixels, mask)}
         try:
             for kind, pixels in images.items():
-                atomic_write_bytes(out / output_rel(kind, item.rel), encode_png(pixels))
+                atomic_write_bytes(out / output_rel(kind, item.rel), encode_png(pixels), fsync=False)
         except OSError as err:
             raise _OutputWriteError(f"cannot write outputs to {out}: {err.strerror or err}"
                                     + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
@@ -357,11 +335,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     table = finalize(out, MANIFEST_NAME, list(keys.values()), SEGMENT_FIELDS, metadata, update=count_update)
-    status = table.column("status").to_pylist()
-    qc = table.column("qc_pass").to_pylist()
-    summary.ok = sum(s == "ok" for s in status)
-    summary.failed = sum(s == "error" for s in status)
-    summary.flagged = sum(q is False for q in qc)
+    summary.count(table)
     summary.manifest = str(out / MANIFEST_NAME)
     if unmatched:
         summary.unmatched_labels = len(unmatched)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
@@ -22,7 +21,16 @@ from lungmask_kit.discovery import find_images, output_names, stem_key
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
-from lungmask_kit.manifest import SEGMENT_FIELDS, VARIANTS_EXTRA_FIELDS, PartWriter, finalize, previous_table, read_metadata
+from lungmask_kit.manifest import (
+    SEGMENT_FIELDS,
+    VARIANTS_EXTRA_FIELDS,
+    PartWriter,
+    RunSummary,
+    clear_parts,
+    finalize,
+    previous_table,
+    read_metadata,
+)
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
@@ -42,23 +50,6 @@ class VariantsOptions:
     overwrite: bool = False
     in_place: bool = False
     progress: bool = True
-
-
-@dataclass
-class VariantsSummary:
-    found: int = 0
-    skipped: int = 0
-    processed: int = 0
-    ok: int = 0
-    flagged: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    manifest: str = ""
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -169,7 +160,7 @@ def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tu
         if box is not None:
             arr = arr[box[0] : box[1], box[2] : box[3]]
         try:
-            atomic_write_bytes(out_dir / paths[variant], encode_png(arr))
+            atomic_write_bytes(out_dir / paths[variant], encode_png(arr), fsync=False)
         except OSError as err:
             raise LungkitError(f"cannot write outputs to {out}: {err.strerror or err}") from err
     row.update(
@@ -187,7 +178,7 @@ def run_variants(
     images: str | Path | None = None,
     masks: str | Path | None = None,
     log: Callable[[str], None] = print,
-) -> VariantsSummary:
+) -> RunSummary:
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
@@ -225,17 +216,14 @@ def run_variants(
     done: dict[str, tuple] = {}
     prev = None if options.overwrite else previous_table(out, MANIFEST_NAME, FIELDS)
     if options.overwrite:
-        from lungmask_kit.manifest import PARTS_DIR
-
-        for p in (out / PARTS_DIR).glob("part-*.parquet"):
-            p.unlink()
+        clear_parts(out)
     if prev is not None:
         cols = prev.select(["path", "sha256", "mask_sha256", "status", "settings_key"]).to_pydict()
         for p, sha, msha, status, k in zip(cols["path"], cols["sha256"], cols["mask_sha256"], cols["status"], cols["settings_key"]):
             if status == "ok" and k == key:
                 done[p] = (sha, msha)
 
-    summary = VariantsSummary(found=len(tasks))
+    summary = RunSummary(found=len(tasks))
     parts = PartWriter(out, FIELDS)
     jobs = options.jobs or available_cores()
     buffer: list[dict] = []
@@ -267,10 +255,7 @@ def run_variants(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     table = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(options.min_lung_fraction))
-    status, qc = table.column("status").to_pylist(), table.column("qc_pass").to_pylist()
-    summary.ok = sum(s == "ok" for s in status)
-    summary.failed = sum(s == "error" for s in status)
-    summary.flagged = sum(q is False for q in qc)
+    summary.count(table)
     summary.manifest = str(out / MANIFEST_NAME)
-    summary.seconds = time.perf_counter() - t0
+    summary.seconds = summary.pipeline_seconds = time.perf_counter() - t0
     return summary

@@ -172,7 +172,7 @@ def test_full_disk_mid_run_gives_clear_error_and_keeps_manifest(tmp_path, small_
     manifest_before = (out / "manifest.parquet").read_bytes()
     import lungmask_kit.segment as seg
 
-    def full(path, data):
+    def full(path, data, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(seg, "atomic_write_bytes", full)
@@ -190,7 +190,7 @@ def test_read_only_output_is_a_clear_error(tmp_path, small_corpus, random_weight
     if os.geteuid() == 0:  # root ignores permission bits: simulate the read-only file system
         import lungmask_kit.segment as seg
 
-        def read_only(path, data):
+        def read_only(path, data, **kw):
             raise OSError(errno.EROFS, "Read-only file system")
 
         monkeypatch.setattr(seg, "atomic_write_bytes", read_only)

@@ -1,6 +1,5 @@
 """End-to-end tests of `lungkit segment` through the CLI entry point."""
 
-import shutil
 
 import cv2
 import numpy as np

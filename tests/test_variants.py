@@ -1,7 +1,6 @@
 """`lungkit variants` on real masks and on bad pairs."""
 
 import os
-import shutil
 
 import cv2
 import numpy as np

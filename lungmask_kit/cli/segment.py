@@ -18,7 +18,7 @@ from lungmask_kit.cli._options import (
     QuietOpt,
     WeightsOpt,
 )
-from lungmask_kit.cli._report import echo_errors, table
+from lungmask_kit.cli._report import finish_run
 
 
 def segment(
@@ -63,22 +63,7 @@ def segment(
         keep_largest=keep_largest, overwrite=overwrite, progress=not quiet,
     )
     s = run_segment(input_dir, out, options)
-    if not quiet:
-        typer.echo(table([
-            ("found", s.found),
-            ("skipped (already done)", s.skipped),
-            ("ok", s.ok),
-            ("flagged by QC", f"{s.flagged} (lung area < {min_lung_fraction:g})"),
-            ("failed", s.failed),
-            ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
-            ("manifest", s.manifest),
-        ], title="lungkit segment summary"))
-    if s.unmatched_labels:
-        typer.echo(f"lungkit: warning: {s.unmatched_labels} label row(s) match no image (listed in {out / 'unmatched_labels.csv'})", err=True)
-    if s.failed:
-        echo_errors(s.errors)
-        typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {s.manifest}", err=True)
-        raise typer.Exit(1)
+    finish_run(s, quiet, "lungkit segment summary", min_lung_fraction, out)
 
 
 def register(app: typer.Typer) -> None:

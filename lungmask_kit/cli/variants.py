@@ -9,7 +9,7 @@ import typer
 
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt
-from lungmask_kit.cli._report import echo_errors, table
+from lungmask_kit.cli._report import finish_run
 
 
 def variants(
@@ -46,17 +46,7 @@ def variants(
                               resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
                               in_place=in_place, progress=not quiet)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
-    if not quiet:
-        typer.echo(table([
-            ("found", s.found), ("skipped (already done)", s.skipped), ("ok", s.ok),
-            ("flagged by QC", f"{s.flagged} (lung area < {min_lung_fraction:g})"), ("failed", s.failed),
-            ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
-            ("manifest", s.manifest),
-        ], title="lungkit variants summary"))
-    if s.failed:
-        echo_errors(s.errors)
-        typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {s.manifest}", err=True)
-        raise typer.Exit(1)
+    finish_run(s, quiet, "lungkit variants summary", min_lung_fraction, out)
 
 
 def register(app: typer.Typer) -> None:

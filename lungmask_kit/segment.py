@@ -188,6 +188,14 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         return f"{OUTPUT_DIRS[kind]}/{manifest_path(out_names[rel])}"
 
     def decode(rel: str) -> _Item:
+        try:
+            return _decode(rel)
+        except Exception as err:  # an unforeseen failure costs one image, never the batch
+            row = {"path": keys[rel], "status": "error", "settings_key": key,
+                   "error": f"unexpected error while reading: {type(err).__name__}: {err}"}
+            return _Item(rel, row)
+
+    def _decode(rel: str) -> _Item:
         mkey = keys[rel]
         row = {"path": mkey, "status": "error", "settings_key": key}
         item = _Item(rel, row)
@@ -248,10 +256,8 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     workers = max(1, options.workers)
     batch_size = options.batch_size
     prefetch = 2 * batch_size + workers
-    finished_rows = 0
 
     def flush(batch: list[tuple[_Item, Future | None]]) -> None:
-        nonlocal finished_rows
         rows = []
         for item, fut in batch:
             row = item.row
@@ -270,7 +276,6 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
             rows.append(row)
         summary.processed += len(rows)
         parts.write(rows)
-        finished_rows += len(batch)
         bar.update(len(batch))
 
     with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-decode") as decoder, \

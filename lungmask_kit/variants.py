@@ -109,6 +109,16 @@ def _tasks_from_manifest(manifest: Path, glob: str | None) -> tuple[list[_Task],
 
 def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None) -> dict:
     """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input)."""
+    try:
+        return _process_pair(task, out, options, key, done)
+    except LungkitError:
+        raise  # the output folder is unusable: stop the run
+    except Exception as err:  # an unforeseen failure costs one image, never the batch
+        return {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra,
+                "error": f"unexpected error: {type(err).__name__}: {err}"}
+
+
+def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None) -> dict:
     row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra}
     out_dir = Path(out)
     try:

@@ -43,7 +43,7 @@ class SegmentOptions:
     weights: str | Path | None = None
     device: str = "auto"
     batch_size: int = defaults.BATCH_SIZE
-    workers: int = 2
+    workers: int = 0  # decode threads and writer threads each; 0: one per usable core
     glob: str | None = None
     labels: list[str | Path] = field(default_factory=list)
     min_lung_fraction: float = defaults.MIN_LUNG_FRACTION
@@ -253,7 +253,9 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
 
     t_pipeline = time.perf_counter()
     bar = tqdm(total=len(rels), unit="img", disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
-    workers = max(1, options.workers)
+    from lungmask_kit.runtime import available_cores
+
+    workers = options.workers or available_cores()
     batch_size = options.batch_size
     prefetch = 2 * batch_size + workers
 

@@ -27,7 +27,7 @@ def segment(
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = defaults.BATCH_SIZE,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Decode threads and writer threads (each).")] = 2,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode threads and writer threads, each (0 = one per core).")] = 0,
     glob: Annotated[str | None, typer.Option("--glob", help="Only relative paths (or file names) matching this pattern, e.g. 'train/*.png'.")] = None,
     labels: LabelsOpt = None,
     min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,

@@ -19,7 +19,7 @@ with open(out, "w", newline="") as fh:
         w.writerow([os.path.abspath(os.path.join(data, "images", name)), os.path.abspath(os.path.join(data, "masks", name)), r["patient_id"]])
 PY
 lungkit train "$run/pairs.csv" -o "$run" --arch FPN --encoder densenet121 --in-channels 1 \
-  --encoder-weights none --epochs 40 --batch-size 8 --lr 1e-3 --val-fraction 0.2 --seed 0 \
+  --encoder-weights none --epochs 36 --batch-size 8 --lr 1e-3 --val-fraction 0.2 --seed 0 \
   --name lungkit-fpn-densenet121-v7 "${@:3}"
 
 # Validation at native resolution, after post-processing, on the patient-level validation split

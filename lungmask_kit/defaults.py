@@ -33,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Training
 TRAIN = {
-    "epochs": 40,
+    "epochs": 36,
     "batch_size": 8,
     "lr": 1e-3,
     "weight_decay": 1e-4,

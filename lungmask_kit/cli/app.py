@@ -16,7 +16,7 @@ app = typer.Typer(
         "Examples:\n\n"
         "  lungkit segment examples/cxr-sample/images -o out/sample\n\n"
         "  lungkit variants out/sample/manifest.parquet -o out/variants --crop\n\n"
-        "  lungkit train data/cxr-seg -o runs/seg --epochs 40\n\n"
+        "  lungkit train data/cxr-seg -o runs/seg --epochs 36\n\n"
         "  lungkit classify out/cls/manifest.parquet -o runs/cls --variant all"
     ),
     no_args_is_help=True,

@@ -30,7 +30,7 @@ def train(
 ) -> None:
     """Train a segmenter (FPN + DenseNet121 by default) with Dice + BCE + Focal loss.
 
-    Example: lungkit train data/cxr-seg -o runs/seg --epochs 40
+    Example: lungkit train data/cxr-seg -o runs/seg --epochs 36
     """
     from lungmask_kit.errors import LungkitError
     from lungmask_kit.runtime import configure_threads, resolve_device

@@ -258,6 +258,9 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     workers = options.workers or available_cores()
     batch_size = options.batch_size
     prefetch = 2 * batch_size + workers
+    # every model batch has the same size, however the run was interrupted, so masks are byte-identical;
+    # a folder smaller than one batch is not padded beyond its own size
+    pad_to = min(batch_size, len(rels))
 
     def flush(batch: list[tuple[_Item, Future | None]]) -> None:
         rows = []
@@ -306,7 +309,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
                 to_model = [it for it in batch_items if it.model_input is not None]
                 futures: dict[int, Future] = {}
                 if to_model:
-                    probs = segmenter.predict(np.stack([it.model_input for it in to_model]), pad_to=batch_size)
+                    probs = segmenter.predict(np.stack([it.model_input for it in to_model]), pad_to=pad_to)
                     for it, prob in zip(to_model, probs):
                         it.model_input = None
                         futures[id(it)] = writer.submit(write, it, prob)

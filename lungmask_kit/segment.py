@@ -138,7 +138,7 @@ class _OutputWriteError(LungkitError):
 def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> RunSummary:
     from lungmask_kit.inference import Segmenter
     from lungmask_kit.labels import match_labels, read_labels
-    from lungmask_kit.runtime import configure_threads, resolve_device
+    from lungmask_kit.runtime import available_cores, configure_threads, resolve_device
 
     t_start = time.perf_counter()
     root, out = Path(input_dir), Path(out)
@@ -253,8 +253,6 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
 
     t_pipeline = time.perf_counter()
     bar = tqdm(total=len(rels), unit="img", disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
-    from lungmask_kit.runtime import available_cores
-
     workers = options.workers or available_cores()
     batch_size = options.batch_size
     prefetch = 2 * batch_size + workers

@@ -5,7 +5,6 @@ import socket
 import cv2
 import numpy as np
 import pandas as pd
-import pytest
 
 from lungmask_kit.cli.app import main
 from lungmask_kit.metrics import dice

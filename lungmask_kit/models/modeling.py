@@ -94,14 +94,6 @@ def _offline_message(name: str, err: Exception) -> str:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _config_path(weights: Path) -> Path:
     return weights.with_suffix(".json") if weights.name != "model.safetensors" else weights.parent / "config.json"
 

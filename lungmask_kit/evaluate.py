@@ -24,28 +24,43 @@ FIELDS = [
     pa.field("dice", pa.float64()),
     pa.field("iou", pa.float64()),
     pa.field("hd95_px", pa.float64()),
+    pa.field("est_dice", pa.float64()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
 ]
 
 
-def _predictions(pred: Path) -> dict[str, Path]:
-    """{relative image path without extension: predicted mask file} from a manifest or a folder."""
+def _predictions(pred: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """({relative image path without extension: predicted mask file}, {same key: est_dice}) from a manifest
+    or a folder (a folder has no est_dice)."""
     if pred.is_file() and pred.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(pred, columns=["path", "status", "mask_path"]).to_pylist()
-        return {stem_key(r["path"]): pred.parent / r["mask_path"] for r in table if r["status"] == "ok" and r["mask_path"]}
+        table = pq.read_table(pred)
+        rows = table.select([c for c in ("path", "status", "mask_path", "est_dice") if c in table.column_names]).to_pylist()
+        ok = [r for r in rows if r["status"] == "ok" and r["mask_path"]]
+        est = {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None}
+        return {stem_key(r["path"]): pred.parent / r["mask_path"] for r in ok}, est
     if pred.is_dir():
-        return {stem_key(rel): pred / rel for rel in find_images(pred)}
+        return {stem_key(rel): pred / rel for rel in find_images(pred)}, {}
     raise LungkitError(f"predictions must be a manifest.parquet or a folder of masks: {pred}")
+
+
+def est_dice_agreement(estimated: np.ndarray, measured: np.ndarray) -> dict | None:
+    """How well est_dice tracks the measured Dice: Spearman rank correlation, mean absolute error, bias."""
+    from scipy.stats import spearmanr
+
+    if len(estimated) < 3 or np.ptp(estimated) == 0 or np.ptp(measured) == 0:
+        return None  # rank correlation undefined
+    return {"n": int(len(estimated)), "spearman": float(spearmanr(estimated, measured)[0]),
+            "mae": float(np.abs(estimated - measured).mean()), "bias": float((estimated - measured).mean())}
 
 
 def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progress: bool = True) -> dict:
     """Score every prediction that has a truth mask; writes OUT/metrics.parquet and OUT/summary.json."""
     from tqdm.auto import tqdm
 
-    preds = _predictions(Path(pred))
+    preds, estimated = _predictions(Path(pred))
     truth = Path(truth)
     truths = {stem_key(rel): truth / rel for rel in find_images(truth)}
     common = sorted(set(preds) & set(truths))
@@ -53,7 +68,8 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         raise LungkitError(f"no prediction matches a truth mask by relative path ({len(preds)} predictions, {len(truths)} truths)")
     rows = []
     for key in tqdm(common, disable=not progress, unit="img"):
-        row = {"path": key, "pred_mask": str(preds[key]), "truth_mask": str(truths[key]), "status": "ok"}
+        row = {"path": key, "pred_mask": str(preds[key]), "truth_mask": str(truths[key]), "status": "ok",
+               "est_dice": estimated.get(key)}
         try:
             p, t = binarize_mask(read_gray(preds[key])), binarize_mask(read_gray(truths[key]))
             if p.shape != t.shape:
@@ -72,5 +88,7 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
             {"mean": float(values.mean()), "median": float(np.median(values)), "min": float(values.min()), "max": float(values.max())}
             if values.size else None
         )
+    pairs = [(r["est_dice"], r["dice"]) for r in rows if r["status"] == "ok" and r["est_dice"] is not None]
+    summary["est_dice"] = est_dice_agreement(*map(np.array, zip(*pairs))) if pairs else None
     atomic_write_bytes(Path(out) / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -33,6 +33,10 @@ SEGMENT_FIELDS = [
     pa.field("nolungs_path", pa.string()),
     pa.field("lung_area_fraction", pa.float64()),
     pa.field("n_components", pa.int32()),
+    pa.field("ood_score", pa.float64()),
+    pa.field("ood_image_score", pa.float64()),
+    pa.field("ood_shape_score", pa.float64()),
+    pa.field("est_dice", pa.float64()),
     pa.field("qc_pass", pa.bool_()),
     pa.field("qc_reason", pa.string()),
     pa.field("status", pa.string(), nullable=False),
@@ -96,8 +100,12 @@ def _previous_tables(out: Path, manifest_name: str, fields: list[pa.Field]) -> l
     candidates = ([manifest] if manifest.is_file() else []) + sorted((out / PARTS_DIR).glob("part-*.parquet"))
     for p in candidates:
         t = pq.read_table(p)
-        if set(names) <= set(t.column_names):
-            tables.append(t.select(names).cast(pa.schema(fields)))
+        if not {"path", "status"} <= set(t.column_names):
+            continue
+        for f in fields:  # a column added since that file was written reads as null
+            if f.name not in t.column_names:
+                t = t.append_column(f, pa.nulls(len(t), f.type))
+        tables.append(t.select(names).cast(pa.schema(fields)))
     return tables
 
 
@@ -164,6 +172,8 @@ class RunSummary:
     manifest: str = ""
     unmatched_labels: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    flag_reasons: dict[str, int] = field(default_factory=dict)  # short reason -> flagged images
+    uncalibrated: bool = False  # the model had no quality statistics
 
     @property
     def images_per_second(self) -> float:
@@ -175,3 +185,19 @@ class RunSummary:
         self.ok = sum(s == "ok" for s in status)
         self.failed = sum(s == "error" for s in status)
         self.flagged = sum(q is False for q in qc)
+        self.flag_reasons = {}
+        for reason in table.column("qc_reason").to_pylist():
+            for part in (reason or "").split("; "):
+                if part:
+                    short = next((v for k, v in _SHORT_REASONS.items() if part.startswith(k)), part)
+                    self.flag_reasons[short] = self.flag_reasons.get(short, 0) + 1
+
+
+# qc_reason openings -> the words of the end-of-run summary
+_SHORT_REASONS = {
+    "no lung detected": "no lung",
+    "lung area fraction": "small lung area",
+    "not like the frontal chest X-rays the model knows": "not a frontal CXR (image)",
+    "implausible lung shape for a frontal chest X-ray": "implausible lung shape",
+    "low estimated Dice": "low est_dice",
+}

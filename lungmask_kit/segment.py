@@ -30,11 +30,12 @@ from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, clear_parts, finalize, previous_table
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
+from lungmask_kit.qc import QCThresholds, qc_update
 
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
 # Bump when the bytes written for the same input and settings change.
-OUTPUT_FORMAT = 1
+OUTPUT_FORMAT = 2  # 2: quality columns (ood_score, est_dice)
 MAX_FILE_BYTES = 1 << 30
 
 
@@ -51,6 +52,9 @@ class SegmentOptions:
     min_object_fraction: float = defaults.MIN_OBJECT_FRACTION
     max_hole_fraction: float = defaults.MAX_HOLE_FRACTION
     keep_largest: int = defaults.KEEP_LARGEST
+    max_ood_score: float | None = None  # None: the model's calibrated gate (1.0)
+    min_est_dice: float | None = None  # None: the model's calibrated default
+    tta: bool = False  # a mirrored pass adds flip agreement to est_dice (masks are unchanged)
     overwrite: bool = False
     progress: bool = True
 
@@ -61,6 +65,8 @@ class _Item:
     row: dict
     pixels: np.ndarray | None = None
     model_input: np.ndarray | None = None
+    pooled: np.ndarray | None = None
+    flipped: np.ndarray | None = None
 
 
 def manifest_path(rel: str) -> str:
@@ -68,44 +74,18 @@ def manifest_path(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def settings_key(weights_sha256: str, config, post: PostprocessSettings) -> str:
-    """Identifies everything that changes the written files; resume redoes images whose key differs."""
+def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bool = False) -> str:
+    """Identifies everything that changes the written files and quality columns; resume redoes images whose
+    key differs. QC thresholds are not in it: they re-flag at the end of every run without re-segmenting."""
     payload = {
         "weights": weights_sha256,
         "input": [config.input_size, list(config.mean), list(config.std), config.in_channels],
         "post": post.as_dict(),
         "format": OUTPUT_FORMAT,
+        "quality": config.quality and {k: v for k, v in config.quality.items() if k not in ("max_ood_score", "min_est_dice", "report")},
+        "tta": tta,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def qc_update(min_lung_fraction: float):
-    """A manifest update that (re)computes qc_pass / qc_reason from lung_area_fraction."""
-    import pyarrow as pa
-
-    def update(table):
-        status = table.column("status").to_pylist()
-        fraction = table.column("lung_area_fraction").to_pylist()
-        qc_pass, reason = [], []
-        for s, f in zip(status, fraction):
-            if s != "ok" or f is None:
-                qc_pass.append(None)
-                reason.append(None)
-            elif f == 0:
-                qc_pass.append(False)
-                reason.append("no lung detected")
-            elif f < min_lung_fraction:
-                qc_pass.append(False)
-                reason.append(f"lung area fraction {f:.4f} < min_lung_fraction {min_lung_fraction:g}")
-            else:
-                qc_pass.append(True)
-                reason.append(None)
-        i = table.schema.get_field_index("qc_pass")
-        table = table.set_column(i, table.schema.field(i), pa.array(qc_pass, pa.bool_()))
-        j = table.schema.get_field_index("qc_reason")
-        return table.set_column(j, table.schema.field(j), pa.array(reason, pa.string()))
-
-    return update
 
 
 def labels_update(matched: dict):
@@ -165,7 +145,8 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         max_hole_fraction=options.max_hole_fraction,
         keep_largest=options.keep_largest,
     )
-    key = settings_key(segmenter.weights_sha256, segmenter.config, post)
+    key = settings_key(segmenter.weights_sha256, segmenter.config, post, options.tta)
+    thresholds = quality_thresholds(segmenter.quality, options)
     out_names = output_names(rels)
     keys = {rel: manifest_path(rel) for rel in rels}
 
@@ -230,6 +211,9 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     def write(item: _Item, probability: np.ndarray) -> dict:
         row = item.row
         small = clean_mask(probability, post)
+        if segmenter.quality is not None:
+            flipped = None if item.flipped is None else clean_mask(item.flipped, post)
+            row.update(segmenter.quality.assess(probability, small, item.pooled, flipped).as_row())
         mask = resize_mask(small, item.pixels.shape)
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(item.pixels, mask)}
         try:
@@ -307,10 +291,12 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
                 to_model = [it for it in batch_items if it.model_input is not None]
                 futures: dict[int, Future] = {}
                 if to_model:
-                    probs = segmenter.predict(np.stack([it.model_input for it in to_model]), pad_to=pad_to)
-                    for it, prob in zip(to_model, probs):
+                    pred = segmenter.predict_batch(np.stack([it.model_input for it in to_model]), pad_to=pad_to, tta=options.tta)
+                    for i, it in enumerate(to_model):
                         it.model_input = None
-                        futures[id(it)] = writer.submit(write, it, prob)
+                        it.pooled = pred.pooled[i]
+                        it.flipped = None if pred.flipped is None else pred.flipped[i]
+                        futures[id(it)] = writer.submit(write, it, pred.probabilities[i])
                 in_flight.append([(it, futures.get(id(it))) for it in batch_items])
                 while len(in_flight) > 2:
                     flush(in_flight.popleft())
@@ -324,7 +310,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
             bar.close()
 
     def count_update(table):
-        return qc_update(options.min_lung_fraction)(labels_update(matched)(table))
+        return qc_update(thresholds)(labels_update(matched)(table))
 
     metadata = {
         "command": "segment",
@@ -336,6 +322,8 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         "model_config": {k: getattr(segmenter.config, k) for k in ("arch", "encoder", "in_channels", "input_size", "mean", "std")},
         "postprocess": post.as_dict(),
         "min_lung_fraction": options.min_lung_fraction,
+        "qc": thresholds.as_dict(),
+        "quality": _quality_metadata(segmenter.quality, options.tta),
         "settings_key": key,
         "device": str(device),
         "batch_size": batch_size,
@@ -344,6 +332,7 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     }
     table = finalize(out, MANIFEST_NAME, list(keys.values()), SEGMENT_FIELDS, metadata, update=count_update)
     summary.count(table)
+    summary.uncalibrated = segmenter.quality is None
     summary.manifest = str(out / MANIFEST_NAME)
     if unmatched:
         summary.unmatched_labels = len(unmatched)
@@ -351,6 +340,19 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     summary.seconds = time.perf_counter() - t_start
     summary.pipeline_seconds = time.perf_counter() - t_pipeline
     return summary
+
+
+def quality_thresholds(quality, options) -> QCThresholds:
+    """QC thresholds: the user's where given, else those calibrated with the model (none if uncalibrated)."""
+    max_ood = options.max_ood_score if options.max_ood_score is not None else (quality and quality.max_ood_score)
+    min_est = options.min_est_dice if options.min_est_dice is not None else (quality and quality.min_est_dice)
+    return QCThresholds(options.min_lung_fraction, max_ood, min_est)
+
+
+def _quality_metadata(quality, tta: bool) -> dict:
+    if quality is None:
+        return {"calibrated": False}
+    return {"calibrated": True, "tta": tta, "calibration": quality.report}
 
 
 def _write_unmatched(out: Path, unmatched) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 
+import numpy as np
+
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
 from lungmask_kit.discovery import find_images, output_names, stem_key
@@ -34,7 +36,7 @@ from lungmask_kit.manifest import (
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
-OUTPUT_FORMAT = 1
+OUTPUT_FORMAT = 2  # 2: ood_shape_score
 _CHUNK = 64  # rows per manifest part
 
 
@@ -50,6 +52,8 @@ class VariantsOptions:
     overwrite: bool = False
     in_place: bool = False
     progress: bool = True
+    weights: str | Path | None = None  # whose mask-shape statistics score the masks (default: the bundled model)
+    max_ood_score: float | None = None  # None: that model's gate (1.0)
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,9 @@ class _Task:
     extra: dict  # label / patient_id / split carried over
 
 
-def _settings_key(options: VariantsOptions) -> str:
+def _settings_key(options: VariantsOptions, gate: _ShapeGate | None) -> str:
     payload = {"crop": options.crop, "margin": options.margin if options.crop else 0, "only": sorted(options.only),
-               "resize_masks": options.resize_masks, "format": OUTPUT_FORMAT}
+               "resize_masks": options.resize_masks, "format": OUTPUT_FORMAT, "shape_gate": gate and gate.digest}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,10 +111,42 @@ def _tasks_from_manifest(manifest: Path, glob: str | None) -> tuple[list[_Task],
     return tasks, images_root, masks_root
 
 
-def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None) -> dict:
+@dataclass(frozen=True)
+class _ShapeGate:
+    """The shape part of the input gate for masks made elsewhere, scored at the model's input size."""
+
+    model: object  # quality.ShapeModel
+    size: int
+    digest: str  # identifies the statistics, so resume redoes rows scored with others
+
+    def score(self, mask: np.ndarray) -> float:
+        import cv2
+
+        small = cv2.resize(mask.astype(np.float32), (self.size, self.size), interpolation=cv2.INTER_AREA) >= 0.5
+        return round(self.model.score(small), 4)
+
+
+def _shape_gate(weights) -> _ShapeGate | None:
+    from lungmask_kit.models.modeling import load_config
+    from lungmask_kit.quality import ShapeModel
+
+    config, _ = load_config(weights)
+    if not config.quality:
+        return None
+    shape = config.quality["shape"]
+    digest = hashlib.sha256(json.dumps([shape, config.input_size], sort_keys=True).encode()).hexdigest()[:16]
+    return _ShapeGate(ShapeModel.from_dict(shape), config.input_size, digest)
+
+
+def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
+             gate: _ShapeGate | None = None) -> dict:
     """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input)."""
     try:
-        return _process_pair(task, out, options, key, done)
+        row = _process_pair(task, out, options, key, done)
+        if gate is not None and row["status"] == "ok":
+            row["ood_shape_score"] = gate.score(row.pop("_mask"))
+        row.pop("_mask", None)
+        return row
     except LungkitError:
         raise  # the output folder is unusable: stop the run
     except Exception as err:  # an unforeseen failure costs one image, never the batch
@@ -176,7 +212,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     row.update(
         lungs_path=paths.get("lungs"), nolungs_path=paths.get("nolungs"), crop_box=list(box) if box else None,
         lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(mask),
-        status="ok", error=None,
+        status="ok", error=None, _mask=mask,
     )
     return row
 
@@ -193,7 +229,8 @@ def run_variants(
     from tqdm.auto import tqdm
 
     from lungmask_kit.runtime import available_cores
-    from lungmask_kit.segment import _check_writable, qc_update
+    from lungmask_kit.qc import QCThresholds, qc_update
+    from lungmask_kit.segment import _check_writable
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -222,7 +259,8 @@ def run_variants(
     _check_writable(out)
     remove_stale_temps(out)
 
-    key = _settings_key(options)
+    gate = _shape_gate(options.weights)
+    key = _settings_key(options, gate)
     done: dict[str, tuple] = {}
     prev = None if options.overwrite else previous_table(out, MANIFEST_NAME, FIELDS)
     if options.overwrite:
@@ -233,6 +271,8 @@ def run_variants(
             if status == "ok" and k == key:
                 done[p] = (sha, msha)
 
+    max_ood = options.max_ood_score if options.max_ood_score is not None else (gate and 1.0)
+    thresholds = QCThresholds(options.min_lung_fraction, max_ood, None)
     summary = RunSummary(found=len(tasks))
     parts = PartWriter(out, FIELDS)
     jobs = options.jobs or available_cores()
@@ -243,8 +283,8 @@ def run_variants(
         buffer.clear()
 
     results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
-        delayed(_process)(t, str(out), options, key, done.get(t.rel)) for t in tasks
-    ) if jobs > 1 else (_process(t, str(out), options, key, done.get(t.rel)) for t in tasks)
+        delayed(_process)(t, str(out), options, key, done.get(t.rel), gate) for t in tasks
+    ) if jobs > 1 else (_process(t, str(out), options, key, done.get(t.rel), gate) for t in tasks)
     for row in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
         if row["status"] == "skipped":
             summary.skipped += 1
@@ -261,10 +301,10 @@ def run_variants(
         "command": "variants", "lungkit_version": __version__, "input_root": str(images_root.resolve()),
         "masks_root": str(masks_root.resolve()), "source_manifest": str(manifest) if manifest else None,
         "crop": options.crop, "margin": options.margin, "only": list(options.only), "resize_masks": options.resize_masks,
-        "min_lung_fraction": options.min_lung_fraction, "settings_key": key,
+        "min_lung_fraction": options.min_lung_fraction, "qc": thresholds.as_dict(), "settings_key": key,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    table = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(options.min_lung_fraction))
+    table = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(thresholds))
     summary.count(table)
     summary.manifest = str(out / MANIFEST_NAME)
     summary.seconds = summary.pipeline_seconds = time.perf_counter() - t0

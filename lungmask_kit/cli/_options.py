@@ -27,6 +27,15 @@ MinLungFractionOpt = Annotated[
         help="QC: flag images whose lung area is under this fraction of the image (the study's code used 1/15).",
     ),
 ]
+MaxOodScoreOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-ood-score",
+        min=0.0,
+        help="QC: flag images whose input-gate score is above this (1.0 = the gate calibrated with the model; "
+        "higher is more lenient). Re-running with another value re-flags without re-segmenting.",
+    ),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo every image instead of resuming.")]
 LabelsOpt = Annotated[
     list[Path] | None,

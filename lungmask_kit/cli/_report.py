@@ -19,23 +19,27 @@ def echo_errors(errors: list[tuple[str, str]], limit: int = 10) -> None:
         typer.echo(f"lungkit: ... and {len(errors) - limit} more (see the manifest's error column)", err=True)
 
 
-def echo_run_summary(s, title: str, min_lung_fraction: float, out) -> None:
+def echo_run_summary(s, title: str) -> None:
     """The end-of-run table of segment / variants (a manifest.RunSummary)."""
+    reasons = ", ".join(f"{n} {k}" for k, n in sorted(s.flag_reasons.items(), key=lambda kv: -kv[1]))
     typer.echo(table([
         ("found", s.found),
         ("skipped (already done)", s.skipped),
         ("ok", s.ok),
-        ("flagged by QC", f"{s.flagged} (lung area < {min_lung_fraction:g})"),
+        ("flagged by QC", f"{s.flagged}" + (f" ({reasons})" if reasons else "")),
         ("failed", s.failed),
         ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
         ("manifest", s.manifest),
     ], title=title))
 
 
-def finish_run(s, quiet: bool, title: str, min_lung_fraction: float, out) -> None:
+def finish_run(s, quiet: bool, title: str, out) -> None:
     """Summary, warnings and the exit status shared by segment and variants."""
     if not quiet:
-        echo_run_summary(s, title, min_lung_fraction, out)
+        echo_run_summary(s, title)
+    if s.uncalibrated:
+        typer.echo("lungkit: warning: the model has no quality statistics, so ood_score and est_dice are null; "
+                   "fit them with `lungkit calibrate`", err=True)
     if s.unmatched_labels:
         typer.echo(f"lungkit: warning: {s.unmatched_labels} label row(s) match no image (listed in {out}/unmatched_labels.csv)", err=True)
     if s.failed:

@@ -39,9 +39,9 @@ def _root(
 
 
 def _register() -> None:
-    from lungmask_kit.cli import classify, evaluate, segment, stats, train, variants
+    from lungmask_kit.cli import calibrate, classify, evaluate, segment, stats, train, variants
 
-    for module in (segment, variants, classify, train, evaluate, stats):
+    for module in (segment, variants, classify, train, calibrate, evaluate, stats):
         module.register(app)
 
 

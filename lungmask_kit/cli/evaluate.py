@@ -19,7 +19,9 @@ def evaluate(
 ) -> None:
     """Per-image Dice, IoU and HD95 (pixels, native resolution), with mean / median / min.
 
-    Writes OUT/metrics.parquet (one row per image) and OUT/summary.json.
+    Writes OUT/metrics.parquet (one row per image) and OUT/summary.json. When PREDICTIONS is a manifest with
+    est_dice, also how well it tracks the measured Dice (Spearman, mean absolute error, bias): check the
+    quality estimate on your own annotated subset.
 
     Example: lungkit evaluate out/sample/manifest.parquet --truth examples/cxr-sample/masks -o out/eval
     """
@@ -31,6 +33,8 @@ def evaluate(
         for metric in ("dice", "iou", "hd95_px"):
             v = s[metric]
             rows.append((metric, "n/a" if v is None else f"mean {v['mean']:.4f}  median {v['median']:.4f}  min {v['min']:.4f}  max {v['max']:.4f}"))
+        if (e := s.get("est_dice")) is not None:
+            rows.append(("est_dice vs Dice", f"Spearman {e['spearman']:.3f}  MAE {e['mae']:.4f}  bias {e['bias']:+.4f}  (n={e['n']})"))
         rows.append(("unmatched predictions / truths", f"{s['unmatched_predictions']} / {s['unmatched_truths']}"))
         typer.echo(table(rows, title="lungkit evaluate summary"))
     if s["n_error"]:

@@ -12,6 +12,7 @@ from lungmask_kit.cli._options import (
     BatchSizeOpt,
     DeviceOpt,
     LabelsOpt,
+    MaxOodScoreOpt,
     MinLungFractionOpt,
     OutOpt,
     OverwriteOpt,
@@ -35,6 +36,9 @@ def segment(
     min_object_fraction: Annotated[float, typer.Option("--min-object-fraction", min=0.0, max=1.0, help="Remove components under this fraction of the image.")] = defaults.MIN_OBJECT_FRACTION,
     max_hole_fraction: Annotated[float, typer.Option("--max-hole-fraction", min=0.0, max=1.0, help="Fill holes under this fraction of the image.")] = defaults.MAX_HOLE_FRACTION,
     keep_largest: Annotated[int, typer.Option("--keep-largest", min=0, help="Keep the N largest components (2 = both lungs; 0 = all).")] = defaults.KEEP_LARGEST,
+    max_ood_score: MaxOodScoreOpt = None,
+    min_est_dice: Annotated[float | None, typer.Option("--min-est-dice", min=0.0, max=1.0, help="QC: flag masks whose estimated Dice is under this [default: the model's calibrated value]. Re-flags without re-segmenting.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also run each image mirrored: flip agreement sharpens est_dice (masks unchanged; about 2x model time).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -60,10 +64,11 @@ def segment(
         weights=weights, device=device, batch_size=batch_size, workers=workers, glob=glob,
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
-        keep_largest=keep_largest, overwrite=overwrite, progress=not quiet,
+        keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, tta=tta,
+        overwrite=overwrite, progress=not quiet,
     )
     s = run_segment(input_dir, out, options)
-    finish_run(s, quiet, "lungkit segment summary", min_lung_fraction, out)
+    finish_run(s, quiet, "lungkit segment summary", out)
 
 
 def register(app: typer.Typer) -> None:

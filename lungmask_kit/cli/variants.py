@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.cli._options import MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt
+from lungmask_kit.cli._options import MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, WeightsOpt
 from lungmask_kit.cli._report import finish_run
 
 
@@ -22,6 +22,8 @@ def variants(
     only: Annotated[list[str] | None, typer.Option("--only", help="Variant(s) to write: lungs, nolungs (repeat or comma-separate).")] = None,
     resize_masks: Annotated[bool, typer.Option("--resize-masks", help="Resize masks of another size than their image (nearest neighbour) instead of failing the row.")] = False,
     min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
+    max_ood_score: MaxOodScoreOpt = None,
+    weights: WeightsOpt = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes (0 = every core).")] = 0,
     glob: Annotated[str | None, typer.Option("--glob", help="Only image paths matching this pattern.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow --out to be the folder of the input manifest (replaces it).")] = False,
@@ -32,6 +34,10 @@ def variants(
 
     Masks are binarised by one rule: 0/1 and 0/255 masks as they are; anti-aliased masks at half their
     range; two-level or colour-mapped masks against the background value found on the border.
+
+    QC: lung area, and the mask-shape part of the input gate (two lungs side by side, extent, solidity) scored
+    with the statistics of --weights (default: the bundled model). ood_score and est_dice need the model's
+    forward pass and stay null here.
 
     Examples:
 
@@ -44,9 +50,9 @@ def variants(
     chosen = tuple(v.strip() for item in (only or ["lungs,nolungs"]) for v in item.split(",") if v.strip())
     options = VariantsOptions(crop=crop, margin=margin, min_lung_fraction=min_lung_fraction, only=chosen,
                               resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
-                              in_place=in_place, progress=not quiet)
+                              in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
-    finish_run(s, quiet, "lungkit variants summary", min_lung_fraction, out)
+    finish_run(s, quiet, "lungkit variants summary", out)
 
 
 def register(app: typer.Typer) -> None:

@@ -34,6 +34,8 @@ class ModelConfig:
     std: list[float] = dataclasses.field(default_factory=lambda: [0.25])
     threshold: float = defaults.THRESHOLD
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the input gate and est_dice fitted for this model (lungmask_kit.quality); None: not calibrated
+    quality: dict[str, Any] | None = None
     format: str = CONFIG_FORMAT
 
     def to_json(self) -> str:
@@ -144,10 +146,22 @@ def load_config(weights: str | Path | None = None) -> tuple[ModelConfig, Path]:
     return ModelConfig.from_dict(data), weights
 
 
-def load_model(weights: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig, str]:
-    """Load (model in eval mode, config, weights sha256). Verifies the checksum the config records."""
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    sha256: str
+    path: Path
+    quality_tensors: dict[str, Any]  # numpy arrays stored as quality.* beside the network's weights
+
+
+def load_bundle(weights: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the model in eval mode with its config and the quality statistics stored beside it.
+    Verifies the checksum the config records."""
     from safetensors import SafetensorError
     from safetensors.torch import load
+
+    from lungmask_kit.quality import TENSOR_PREFIX
 
     config, weights = load_config(weights)
     payload = weights.read_bytes()
@@ -159,6 +173,7 @@ def load_model(weights: str | Path | None = None, device: str | torch.device = "
         state = load(payload)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise WeightsError(f"{weights} is not a valid safetensors file: {err}") from err
+    quality = {k: state.pop(k).float().numpy() for k in [k for k in state if k.startswith(TENSOR_PREFIX)]}
     model = build_model(config)
     reference = model.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
@@ -167,4 +182,28 @@ def load_model(weights: str | Path | None = None, device: str | torch.device = "
     except RuntimeError as err:
         first = str(err).splitlines()[0:3]
         raise WeightsError(f"{weights} does not fit a {config.arch}/{config.encoder} model: {' '.join(first)}") from err
-    return model.to(device).eval(), config, sha
+    return LoadedModel(model.to(device).eval(), config, sha, weights, quality)
+
+
+def load_model(weights: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig, str]:
+    """Load (model in eval mode, config, weights sha256). Verifies the checksum the config records."""
+    loaded = load_bundle(weights, device)
+    return loaded.model, loaded.config, loaded.sha256
+
+
+def attach_quality(weights: str | Path, quality_config: dict, tensors: dict[str, Any]) -> Path:
+    """Store refitted quality statistics with existing weights without touching the network's tensors:
+    the `quality.*` tensors in the safetensors file are replaced, the config gets `quality` and the new sha256."""
+    from safetensors.torch import load, save
+
+    from lungmask_kit.quality import TENSOR_PREFIX
+
+    config, weights = load_config(weights)
+    state = {k: v for k, v in load(weights.read_bytes()).items() if not k.startswith(TENSOR_PREFIX)}
+    state.update({k: torch.from_numpy(v).contiguous() for k, v in tensors.items()})
+    payload = save(state, metadata={"format": CONFIG_FORMAT, "name": config.name})
+    atomic_write_bytes(weights, payload)
+    cfg = dataclasses.replace(config, quality=quality_config,
+                              provenance={**config.provenance, "sha256": hashlib.sha256(payload).hexdigest()})
+    atomic_write_bytes(_config_path(weights), cfg.to_json().encode())
+    return weights

@@ -209,8 +209,12 @@ def train(
             f"epoch {epoch + 1}/{settings.epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
             f"val Dice {row['val_dice_mean']:.4f} (min {row['val_dice_min']:.4f})  {row['epoch_seconds']}s"
         )
+    from lungmask_kit.training.calibrate import calibrate
+
+    # the input gate and est_dice of this model, fitted on its own split and stored with best.safetensors
+    quality = calibrate(out / "best.safetensors", train_pairs, val_pairs, device, progress=progress, log=log)
     return {"best_val_dice": best_dice, "epochs": settings.epochs, "seconds": round(time.perf_counter() - t0, 1),
-            "n_train": len(train_ds), "n_val": len(val_ds), "out": str(out)}
+            "n_train": len(train_ds), "n_val": len(val_ds), "out": str(out), "quality": quality.report}
 
 
 @torch.inference_mode()

@@ -1,0 +1,54 @@
+"""`lungkit calibrate`: refit a segmenter's input gate and est_dice on annotated data, without retraining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lungmask_kit import defaults
+from lungmask_kit.cli._options import DeviceOpt, QuietOpt, SeedOpt, WeightsOpt
+from lungmask_kit.cli._report import table
+
+
+def calibrate(
+    data: Annotated[Path, typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split]).")],
+    weights: WeightsOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a calibrated copy of the model here instead of updating it in place.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Share of images (whole patients) used for thresholds and est_dice; the same split `lungkit train` makes with the same data and seed.")] = defaults.TRAIN["val_fraction"],
+    seed: SeedOpt = defaults.TRAIN["seed"],
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit the input gate (ood_score) and the quality estimate (est_dice) of a model and store them with it.
+
+    The image density and mask-shape statistics come from the training split, the thresholds and the est_dice
+    regressor from the validation patients. Use the split the model was trained with (same DATA, --val-fraction
+    and --seed), or annotated data the model never saw.
+
+    Example: lungkit calibrate runs/seg/pairs.csv -w runs/seg/best.safetensors
+    """
+    from lungmask_kit.training.calibrate import calibrate_model
+
+    report = calibrate_model(data, weights, out, val_fraction, seed, device, progress=not quiet,
+                             log=(lambda s: None) if quiet else typer.echo)
+    if not quiet:
+        typer.echo(table(_rows(report), title="lungkit calibrate summary"))
+
+
+def _rows(r: dict) -> list[tuple[str, object]]:
+    cv, tta = r["est_dice_cv"], r["est_dice_tta_cv"]
+    return [
+        ("images (train / val)", f"{r['n_train_images']} / {r['n_val_images']} ({r['n_val_patients']} val patients)"),
+        ("validation Dice mean", r["val_dice_mean"]),
+        ("est_dice (held-out patients)", f"Spearman {cv.get('spearman', 'n/a')}, MAE {cv.get('mae', 'n/a')}"),
+        ("est_dice with --tta", f"Spearman {tta.get('spearman', 'n/a')}, MAE {tta.get('mae', 'n/a')}"),
+        ("min_est_dice", r["min_est_dice"]),
+        ("validation flagged", f"gate {r['val_flagged_by_gate']:.1%}, est_dice {r['val_flagged_by_est_dice']:.1%}"),
+        ("weights", r["weights"]),
+    ]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate)

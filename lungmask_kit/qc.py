@@ -1,0 +1,68 @@
+"""QC flags computed from manifest columns alone, so a new threshold re-flags a run without re-segmenting.
+
+Every reason that applies is listed in `qc_reason` (joined by "; "); `qc_pass` is false when there is one.
+Failed rows keep `qc_pass` null.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lungmask_kit import defaults
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    min_lung_fraction: float = defaults.MIN_LUNG_FRACTION
+    max_ood_score: float | None = None  # None: no gate (a model without quality statistics)
+    min_est_dice: float | None = None  # None: est_dice not used for QC
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
+    """The QC reasons of one ok manifest row (lung area, input gate, estimated Dice)."""
+    reasons = []
+    fraction = row.get("lung_area_fraction")
+    if fraction is not None:
+        if fraction == 0:
+            reasons.append("no lung detected")
+        elif fraction < t.min_lung_fraction:
+            reasons.append(f"lung area fraction {fraction:.4f} < min_lung_fraction {t.min_lung_fraction:g}")
+    if t.max_ood_score is not None:
+        image, shape = row.get("ood_image_score"), row.get("ood_shape_score")
+        if image is not None and image > t.max_ood_score:
+            reasons.append(f"not like the frontal chest X-rays the model knows (image ood score {image:.2f} > "
+                           f"max_ood_score {t.max_ood_score:g})")
+        if shape is not None and shape > t.max_ood_score:
+            reasons.append(f"implausible lung shape for a frontal chest X-ray (shape ood score {shape:.2f} > "
+                           f"max_ood_score {t.max_ood_score:g})")
+    est = row.get("est_dice")
+    if t.min_est_dice is not None and est is not None and est < t.min_est_dice:
+        reasons.append(f"low estimated Dice {est:.3f} < min_est_dice {t.min_est_dice:g}")
+    return reasons
+
+
+def qc_update(thresholds: QCThresholds):
+    """A manifest table update that (re)computes qc_pass / qc_reason from the table's own columns."""
+    import pyarrow as pa
+
+    def update(table):
+        names = [n for n in ("lung_area_fraction", "ood_image_score", "ood_shape_score", "est_dice") if n in table.column_names]
+        columns = {n: table.column(n).to_pylist() for n in names}
+        qc_pass, reason = [], []
+        for i, status in enumerate(table.column("status").to_pylist()):
+            if status != "ok" or columns["lung_area_fraction"][i] is None:
+                qc_pass.append(None)
+                reason.append(None)
+                continue
+            found = qc_reasons({n: columns[n][i] for n in names}, thresholds)
+            qc_pass.append(not found)
+            reason.append("; ".join(found) or None)
+        i = table.schema.get_field_index("qc_pass")
+        table = table.set_column(i, table.schema.field(i), pa.array(qc_pass, pa.bool_()))
+        j = table.schema.get_field_index("qc_reason")
+        return table.set_column(j, table.schema.field(j), pa.array(reason, pa.string()))
+
+    return update

@@ -1,0 +1,218 @@
+"""Fit a segmenter's input gate and est_dice regressor and store them with its weights.
+
+The image density and the shape statistics come from the training images (what a frontal CXR is for
+this model); thresholds and the est_dice regressor come from validation patients, whose masks the model
+never saw, so their Dice against the annotation is the honest target. `lungkit train` runs this on its own
+split; `lungkit calibrate` refits an existing model (the bundled default included) without retraining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from lungmask_kit.derive import binarize_mask
+from lungmask_kit.errors import LungkitError
+from lungmask_kit.imaging import read_gray
+from lungmask_kit.metrics import dice
+from lungmask_kit.postprocess import PostprocessSettings, clean_mask, resize_mask
+from lungmask_kit.quality import (
+    EST_DICE_FEATURES,
+    EST_DICE_TTA_FEATURES,
+    SHAPE_FEATURES,
+    DiceRegressor,
+    ImageDensity,
+    QualityModel,
+    ShapeModel,
+    flip_agreement,
+    shape_descriptors,
+    uncertainty_descriptors,
+)
+from lungmask_kit.training.data import Pair
+
+N_COMPONENTS = 128  # PCA dimensions of the image density (fewer with fewer training images)
+IMAGE_MARGIN = 1.05  # image gate at 1.05 x the 99th percentile of validation scores
+SHAPE_MARGIN = 2.0  # shape gate looser: frontal masks with odd shapes are est_dice's job, not the gate's
+RIDGE_ALPHA = 5.0
+EST_DICE_FLAG_SHARE = 0.01  # min_est_dice flags about this share of validation images (held-out predictions)
+
+
+@dataclass
+class Observation:
+    """One image through the segmenter: what the quality model sees, and its Dice where a truth exists."""
+
+    pooled: np.ndarray
+    values: dict[str, float]
+    patient: str
+    dice: float | None = None
+
+
+def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: PostprocessSettings,
+            batch_size: int = 16, progress: bool = False) -> list[Observation]:
+    """Run the segmenter (with a mirrored pass) over pairs; Dice at native size after post-processing."""
+    from tqdm.auto import tqdm
+
+    out: list[Observation] = []
+    for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, unit="batch", leave=False):
+        chunk = pairs[start:start + batch_size]
+        images = [read_gray(p.image) for p in chunk]
+        pred = segmenter.predict_batch(np.stack([segmenter.prepare(im) for im in images]), tta=True)
+        for i, (pair, image) in enumerate(zip(chunk, images)):
+            mask = clean_mask(pred.probabilities[i], post)
+            values = {**shape_descriptors(mask), **uncertainty_descriptors(pred.probabilities[i], mask),
+                      "flip_dice": flip_agreement(mask, clean_mask(pred.flipped[i], post))}
+            score = None
+            if with_truth:
+                truth = binarize_mask(read_gray(pair.mask))
+                score = dice(resize_mask(mask, image.shape), truth) if truth.shape == image.shape else None
+            out.append(Observation(pred.pooled[i], values, pair.patient_id or str(pair.image), score))
+    return out
+
+
+def fit_image_density(train: np.ndarray, val: np.ndarray) -> ImageDensity | None:
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
+    if len(train) < 3:
+        return None
+    k = min(N_COMPONENTS, len(train) - 1, train.shape[1])
+    pca = PCA(k, random_state=0).fit(train)
+    z = pca.transform(train)
+    lw = LedoitWolf().fit(z)
+    residual = ((train - pca.inverse_transform(z)) ** 2).sum(1).mean()
+    density = ImageDensity(pca.mean_, pca.components_, lw.location_, lw.precision_, float(max(residual, 1e-12)), 1.0)
+    edge = IMAGE_MARGIN * float(np.quantile(density.raw_score(val if len(val) else train), 0.99))
+    density.threshold = max(edge, 1.0)  # never tighter than the training images' own mean score (1 by construction)
+    return density
+
+
+def fit_shape(train: list[dict], val: list[dict]) -> ShapeModel:
+    from sklearn.covariance import LedoitWolf
+
+    x = np.array([[d[n] for n in SHAPE_FEATURES] for d in train])
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    precision = LedoitWolf().fit((x - mean) / std).precision_ if len(x) > 1 else np.eye(len(SHAPE_FEATURES))
+    model = ShapeModel(mean, std, precision, 1.0)
+    scores = [model.raw_score(d) for d in (val or train)]
+    # never tighter than the training masks' mean squared distance per descriptor (about 1): a model whose
+    # masks all look alike (or are all empty, early in training) would otherwise divide by zero
+    model.threshold = max(SHAPE_MARGIN * float(np.quantile(scores, 0.99)), 1.0)
+    return model
+
+
+def _logit(d: np.ndarray) -> np.ndarray:
+    d = np.clip(d, 0.5, 0.999)
+    return np.log(d / (1 - d))
+
+
+def fit_regressor(obs: list[Observation], features: tuple[str, ...]) -> DiceRegressor:
+    from sklearn.linear_model import Ridge
+
+    x = np.array([[o.values[n] for n in features] for o in obs])
+    y = _logit(np.array([o.dice for o in obs]))
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    ridge = Ridge(alpha=RIDGE_ALPHA).fit((x - mean) / std, y)
+    return DiceRegressor(features, mean, std, ridge.coef_, float(ridge.intercept_))
+
+
+def cross_validate(obs: list[Observation], features: tuple[str, ...]) -> np.ndarray | None:
+    """Leave-one-patient-out predictions (None with fewer than 3 patients)."""
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    groups = np.array([o.patient for o in obs])
+    if len(set(groups)) < 3:
+        return None
+    pred = np.zeros(len(obs))
+    for fit_idx, test_idx in LeaveOneGroupOut().split(obs, groups=groups):
+        reg = fit_regressor([obs[i] for i in fit_idx], features)
+        for i in test_idx:
+            pred[i] = reg.predict(obs[i].values)
+    return pred
+
+
+def _agreement(pred: np.ndarray | None, truth: np.ndarray) -> dict:
+    from scipy.stats import spearmanr
+
+    if pred is None:
+        return {}
+    mae = round(float(np.abs(pred - truth).mean()), 4)
+    if np.ptp(pred) == 0 or np.ptp(truth) == 0:  # rank correlation undefined (and NaN is not JSON)
+        return {"spearman": None, "mae": mae}
+    return {"spearman": round(float(spearmanr(pred, truth)[0]), 4), "mae": mae}
+
+
+def fit_quality(train: list[Observation], val: list[Observation]) -> QualityModel:
+    scored = [o for o in val if o.dice is not None]
+    if not scored:
+        raise LungkitError("calibration needs validation images with ground-truth masks of the same size")
+    image = fit_image_density(np.array([o.pooled for o in train]), np.array([o.pooled for o in val]))
+    shape = fit_shape([o.values for o in train], [o.values for o in val])
+    truth = np.array([o.dice for o in scored])
+    cv_base, cv_tta = cross_validate(scored, EST_DICE_FEATURES), cross_validate(scored, EST_DICE_TTA_FEATURES)
+    base = fit_regressor(scored, EST_DICE_FEATURES)
+    in_sample = np.array([base.predict(o.values) for o in scored])
+    # the flag threshold from honest (held-out) predictions where there are enough patients
+    reference = cv_base if cv_base is not None else in_sample
+    min_est_dice = float(np.floor(np.quantile(reference, EST_DICE_FLAG_SHARE) * 200) / 200)  # a round 0.005 step
+    model = QualityModel(shape, base, image, fit_regressor(scored, EST_DICE_TTA_FEATURES), 1.0, min_est_dice)
+    flags = [model.assess_values(o.values, o.pooled) for o in val]
+    model.report = {
+        "n_train_images": len(train), "n_val_images": len(val), "n_val_patients": len({o.patient for o in val}),
+        "val_dice_mean": round(float(truth.mean()), 4),
+        "est_dice_cv": _agreement(cv_base, truth), "est_dice_tta_cv": _agreement(cv_tta, truth),
+        "est_dice_cv_method": "leave-one-patient-out on the validation patients",
+        "val_flagged_by_gate": round(float(np.mean([a.ood_score > 1.0 for a in flags])), 4),
+        "val_flagged_by_est_dice": round(float(np.mean(reference < min_est_dice)), 4),
+    }
+    return model
+
+
+def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
+              device: torch.device, post: PostprocessSettings | None = None, progress: bool = False,
+              log: Callable[[str], None] = print) -> QualityModel:
+    """Fit the quality model of `weights` on these pairs and store it with the weights (in place)."""
+    from lungmask_kit.inference import Segmenter
+    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, attach_quality, resolve_weights
+
+    path = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
+    segmenter = Segmenter(path, device)
+    post = post or PostprocessSettings(threshold=segmenter.config.threshold)
+    log(f"calibrating the input gate and est_dice on {len(train_pairs)} training / {len(val_pairs)} validation images")
+    train = observe(segmenter, train_pairs, False, post, progress=progress)
+    val = observe(segmenter, val_pairs, True, post, progress=progress)
+    model = fit_quality(train, val)
+    attach_quality(path, model.to_config(), model.tensors())
+    return model
+
+
+
+def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Path | None, val_fraction: float,
+                    seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """`lungkit calibrate`: split DATA as `lungkit train` does, fit, store in the weights (or a copy in OUT)."""
+    import shutil
+
+    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, resolve_weights
+    from lungmask_kit.runtime import configure_threads, resolve_device
+    from lungmask_kit.training.data import find_pairs, split_pairs
+
+    source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
+    target = source
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / "model.safetensors"
+        for src, dst in ((source, target), (_config_path(source), out / "config.json")):
+            shutil.copyfile(src, dst)
+    pairs = find_pairs(data)
+    train_pairs, val_pairs, by_patient = split_pairs(pairs, val_fraction, seed)
+    if not train_pairs or not val_pairs:
+        raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
+    if not by_patient:
+        log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
+    configure_threads()
+    model = calibrate(target, train_pairs, val_pairs, resolve_device(device), progress=progress, log=log)
+    return {**model.report, "min_est_dice": model.min_est_dice, "weights": str(target)}

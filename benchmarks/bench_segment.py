@@ -92,9 +92,13 @@ def pipeline(src: Path, out: Path, args, fixed_probability: bool) -> float:
         for cx in (0.3 * size, 0.7 * size):
             prob[((xx - cx) / (0.16 * size)) ** 2 + ((yy - 0.5 * size) / (0.32 * size)) ** 2 < 1] = 0.9
 
+        from lungmask_kit.inference import BatchPrediction
+
         class NoModel(RealSegmenter):
-            def predict(self, batch, pad_to=None):
-                return np.broadcast_to(prob, (len(batch), size, size))
+            # the quality model (gate, est_dice) still runs on the writer threads, on zero features
+            def predict_batch(self, batch, pad_to=None, tta=False):
+                dim = self.quality.image.mean.shape[0] if self.quality and self.quality.image else 1
+                return BatchPrediction(np.broadcast_to(prob, (len(batch), size, size)), np.zeros((len(batch), dim), np.float32))
 
         seg_mod_segmenter = NoModel
     else:

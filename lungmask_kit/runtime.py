@@ -58,15 +58,24 @@ def available_cores() -> int:
 
 
 def configure_threads(torch_threads: int | None = None) -> int:
-    """Set torch's intra-op threads (default: all usable cores) and keep OpenCV single-threaded per call.
+    """Set torch's intra-op threads (default: all usable cores) and keep OpenCV and BLAS single-threaded
+    per call.
 
-    Must run in the parent process: cv2.setNumThreads() inside a forked worker hung a run here.
+    Must run in the parent process: cv2.setNumThreads() inside a forked worker hung a run here. BLAS is
+    limited because the per-image numpy products of the quality model are tiny: OpenBLAS threads spinning
+    after each one took the cores from torch and OpenCV (end-to-end -16% on 2 cores before this limit).
     """
     import cv2
 
     n = torch_threads or available_cores()
     torch.set_num_threads(n)
     cv2.setNumThreads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it BLAS keeps its default
+        pass
     return n
 
 

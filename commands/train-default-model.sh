@@ -37,13 +37,16 @@ for image in split["val"]:
         if not os.path.lexists(dst):
             os.symlink(os.path.abspath(src), dst)
 PY
-# fp16 copy for shipping (about 19 MB), then segment + evaluate the validation patients with it
+# fp16 copy for shipping (about 19 MB); its input gate and est_dice refitted on the fp16 network it ships
+# with (lungkit train fitted them for the fp32 best.safetensors), then segment + evaluate the validation
+# patients with it
 python -c "
 import sys, torch
 from lungmask_kit.models.modeling import load_model, save_model
 model, cfg, _ = load_model('$run/best.safetensors')
 save_model(model, cfg, '$run/export/model.safetensors', dtype=torch.float16)
 "
+lungkit calibrate "$run/pairs.csv" -w "$run/export" --val-fraction 0.2 --seed 0 -q
 lungkit segment "$run/val/images" -o "$run/val-segment" -w "$run/export" --overwrite -q
 lungkit evaluate "$run/val-segment/manifest.parquet" --truth "$run/val/masks" -o "$run/val-evaluate"
 echo "To ship: cp $run/export/model.safetensors $run/export/config.json lungmask_kit/models/default/"

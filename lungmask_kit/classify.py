@@ -80,7 +80,7 @@ def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list 
     if labels_files:
         from lungmask_kit.labels import match_labels, read_labels
 
-        matched, _ = match_labels([r["path"] for r in rows], read_labels(labels_files))
+        matched, _, _ = match_labels([r["path"] for r in rows], read_labels(labels_files))
         for r in rows:
             if r["path"] in matched:
                 m = matched[r["path"]]

@@ -16,6 +16,9 @@ MIN_LUNG_FRACTION = 0.15
 
 # Inference
 BATCH_SIZE = 16
+# Decoded images held between decoding and writing (MiB): about 90 images of 2000x2000 8-bit, or 7 of
+# 12000x12000; the queue is bounded by bytes, whatever --workers and --batch-size are.
+MAX_DECODED_MB = 1024
 INPUT_SIZE = 256
 
 # Model architecture of the default segmenter (method: FPN + DenseNet121, grayscale input).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 from pathlib import Path, PurePosixPath
 
@@ -16,44 +17,86 @@ def is_image_name(name: str) -> bool:
 def find_images(root: str | Path, glob: str | None = None) -> list[str]:
     """Relative POSIX paths of every image under `root`, sorted; `glob` filters the relative path.
 
-    Symlinked folders are followed once (loops are cut by tracking real paths); hidden files and our own
-    temp files are skipped.
+    An explicit stack, not recursion, so folder depth has no limit. Symlinked folders are followed once
+    (loops are cut by tracking real paths); hidden files and our own temp files are skipped. Whether an
+    entry is a readable regular file is decided when it is read, so a bad entry costs one error row.
     """
     root = Path(root)
     found: list[str] = []
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
-        for name in filenames:
-            if name.startswith(".") or not is_image_name(name):
+    seen_dirs: set[str] = {os.path.realpath(root)}
+    stack: list[tuple[str, str]] = [(str(root), "")]  # (folder on disk, its relative POSIX path)
+    while stack:
+        folder, rel_dir = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable or vanished folder: nothing to find there
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            rel = str(rel_dir / name) if str(rel_dir) != "." else name
-            if glob and not (fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(name, glob)):
-                continue
-            found.append(rel)
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if _is_dir(entry):
+                real = os.path.realpath(entry.path)
+                if real not in seen_dirs:
+                    seen_dirs.add(real)
+                    stack.append((entry.path, rel))
+            elif is_image_name(entry.name) and (not glob or fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(entry.name, glob)):
+                found.append(rel)
     return sorted(found)
 
 
-def output_names(rel_paths: list[str]) -> dict[str, str]:
-    """Map each input relative path to its output relative path with a .png suffix.
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:  # a symlink loop or a vanished target is not a folder
+        return False
 
-    `a/x.png` and `b/x.png` stay apart because folders are mirrored; `a/x.png` and `a/x.jpg` would
-    collide, so colliding names keep their original extension (`a/x.jpg.png`).
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` lies inside `folder` after resolving symlinks (never raises on loops)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def output_names(rel_paths: list[str]) -> dict[str, str]:
+    """Map each input relative path to an output relative path ending in .png, distinct for every input
+    (also on case-insensitive filesystems).
+
+    `a/x.png` and `b/x.png` stay apart because folders are mirrored. Names that would collide keep their
+    extension (`x.jpg` -> `x.jpg.png`); if that collides too (`x.jpg.png` is also an input), the name gets
+    a short hash of the input path (`x.jpg.1a2b3c4d.png`).
     """
     def plain(rel: str) -> str:
         return str(PurePosixPath(rel).with_suffix(".png"))
 
     counts: dict[str, int] = {}
     for rel in rel_paths:
-        key = plain(rel).lower()
-        counts[key] = counts.get(key, 0) + 1
-    return {rel: (plain(rel) if counts[plain(rel).lower()] == 1 else rel + ".png") for rel in rel_paths}
+        counts[plain(rel).lower()] = counts.get(plain(rel).lower(), 0) + 1
+    names = {rel: plain(rel) if counts[plain(rel).lower()] == 1 else rel + ".png" for rel in rel_paths}
+    users: dict[str, list[str]] = {}
+    for rel, name in names.items():
+        users.setdefault(name.lower(), []).append(rel)
+    for colliding in (group for group in users.values() if len(group) > 1):
+        for rel in colliding:
+            digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+            names[rel] = f"{rel}.{digest}.png"
+    return names
+
+
+def output_path_problem(out: str | Path, rel: str) -> str | None:
+    """Why OUT/rel cannot be created on this system (a name or path over its limits), or None."""
+    full = os.fsencode(os.path.join(out, rel))
+    try:
+        name_max = os.pathconf(out, "PC_NAME_MAX")
+        path_max = os.pathconf(out, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max(len(os.fsencode(part)) for part in PurePosixPath(rel).parts)
+    if longest > name_max:
+        return f"output name too long ({longest} bytes > {name_max}): rename or move the input"
+    if len(os.fsencode(os.path.abspath(os.fsdecode(full)))) >= path_max:
+        return f"output path too long (limit {path_max} bytes): use a shorter --out"
+    return None
 
 
 def stem_key(rel: str) -> str:

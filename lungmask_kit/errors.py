@@ -13,3 +13,12 @@ class NoImagesError(LungkitError):
 
 class WeightsError(LungkitError):
     exit_code = 4
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, so that no `except Exception` on the way (ours, typer's)
+    swallows it; the CLI ends with exit status 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -50,11 +50,43 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _png_complete(data: bytes) -> bool:
+    """Whether the PNG's chunks run intact up to IEND (bytes after IEND, as some writers append, are fine)."""
+    i = 8
+    while i + 8 <= len(data):
+        length = struct.unpack(">I", data[i:i + 4])[0]
+        if data[i + 4:i + 8] == b"IEND":
+            return True
+        i += 12 + length
+    return False
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG has an end-of-image marker after its first scan (trailers after it are fine; an EXIF
+    thumbnail's own marker, before the scan, does not count)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            return True
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker == 0xDA:  # start of scan: entropy-coded data stuffs 0xFF as FF00, so FFD9 is the end
+            return data.find(b"\xff\xd9", i + 2 + length) >= 0
+        i += 2 + length
+    return False
+
+
 def _check_complete(data: bytes) -> None:
     # libpng/libjpeg decode truncated files into half-grey images with only a warning: refuse them.
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-12:]:
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and not _png_complete(data):
         raise ImageDecodeError("truncated PNG (no IEND chunk)")
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+    if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
         raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
 
 

@@ -94,13 +94,16 @@ def read_labels(files: list[str | Path]) -> list[LabelRow]:
     return rows
 
 
-def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str, LabelRow], list[LabelRow]]:
-    """-> ({image relative path: label row}, label rows that match no image or repeat an earlier match)."""
+def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str, LabelRow], list[LabelRow], list[LabelRow]]:
+    """-> ({image relative path: label row}, label rows that match no image, label rows that conflict).
+
+    Repeated rows that agree (label, patient_id, split) are one label. Rows that disagree about one image are
+    conflicts: that image gets no label (never a silent first-wins) and every row involved is reported."""
     by_path = set(rel_paths)
     by_name: dict[str, list[str]] = {}
     for rel in rel_paths:
         by_name.setdefault(PurePosixPath(rel).name, []).append(rel)
-    matched: dict[str, LabelRow] = {}
+    claims: dict[str, list[LabelRow]] = {}
     unmatched: list[LabelRow] = []
     for row in labels:
         key = str(PurePosixPath(row.path))
@@ -109,8 +112,31 @@ def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str
             if len(candidates) > 1 and row.split:  # COVIDx: train.txt names files under train/
                 candidates = [c for c in candidates if row.split in PurePosixPath(c).parts[:-1]]
             key = candidates[0] if len(candidates) == 1 else None
-        if key is None or key in matched:  # no image, or a second label row for one image: first wins
+        if key is None:
             unmatched.append(row)
         else:
-            matched[key] = row
-    return matched, unmatched
+            claims.setdefault(key, []).append(row)
+    matched: dict[str, LabelRow] = {}
+    conflicts: list[LabelRow] = []
+    for key, rows in claims.items():
+        if len({(r.label, r.patient_id, r.split) for r in rows}) == 1:
+            matched[key] = rows[0]
+        else:
+            conflicts += [LabelRow(key, r.label, r.patient_id, r.split, r.source_file) for r in rows]
+    return matched, unmatched, conflicts
+
+
+def write_label_report(out: Path, unmatched: list[LabelRow], conflicts: list[LabelRow]) -> None:
+    """OUT/unmatched_labels.csv: label rows that match no image (`no image`) or disagree about one (`conflict`)."""
+    import csv
+    import io
+
+    from lungmask_kit.fileio import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "patient_id", "split", "label_file", "problem"])
+    for problem, rows in (("no image", unmatched), ("conflict", conflicts)):
+        for r in rows:
+            w.writerow([r.path, r.label, r.patient_id, r.split, r.source_file, problem])
+    atomic_write_bytes(out / "unmatched_labels.csv", buf.getvalue().encode())

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -93,25 +95,45 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def _previous_tables(out: Path, manifest_name: str, fields: list[pa.Field]) -> list[pa.Table]:
+DAMAGED_DIR = ".lungkit-damaged"
+
+
+def _set_aside(path: Path, out: Path, damaged: list[str] | None, why: str) -> None:
+    """Move a damaged manifest or part file to OUT/.lungkit-damaged/, so that every later run (--overwrite
+    included) goes on without it; the images of its rows are redone."""
+    aside = out / DAMAGED_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    if damaged is not None:
+        damaged.append(f"{path.relative_to(out)} is damaged ({why}); set aside as {aside.relative_to(out)}, its images are redone")
+
+
+def _previous_tables(out: Path, manifest_name: str, fields: list[pa.Field], damaged: list[str] | None) -> list[pa.Table]:
     names = [f.name for f in fields]
     tables = []
     manifest = out / manifest_name
     candidates = ([manifest] if manifest.is_file() else []) + sorted((out / PARTS_DIR).glob("part-*.parquet"))
     for p in candidates:
-        t = pq.read_table(p)
-        if not {"path", "status"} <= set(t.column_names):
-            continue
-        for f in fields:  # a column added since that file was written reads as null
-            if f.name not in t.column_names:
-                t = t.append_column(f, pa.nulls(len(t), f.type))
-        tables.append(t.select(names).cast(pa.schema(fields)))
+        try:
+            t = pq.read_table(p)
+            if not {"path", "status"} <= set(t.column_names):
+                raise ValueError("no path and status columns")
+            for f in fields:  # a column added since that file was written reads as null
+                if f.name not in t.column_names:
+                    t = t.append_column(f, pa.nulls(len(t), f.type))
+            tables.append(t.select(names).cast(pa.schema(fields)))
+        except (pa.ArrowException, OSError, ValueError) as err:
+            _set_aside(p, out, damaged, type(err).__name__)
     return tables
 
 
-def previous_table(out: Path, manifest_name: str, fields: list[pa.Field]) -> pa.Table | None:
-    """Rows of earlier (possibly interrupted) runs: the merged manifest then its parts; last write wins."""
-    tables = _previous_tables(out, manifest_name, fields)
+def previous_table(out: Path, manifest_name: str, fields: list[pa.Field], damaged: list[str] | None = None) -> pa.Table | None:
+    """Rows of earlier (possibly interrupted) runs: the merged manifest then its parts; last write wins.
+    Damaged files are set aside and named in `damaged`."""
+    tables = _previous_tables(out, manifest_name, fields, damaged)
     if not tables:
         return None
     table = pa.concat_tables(tables)
@@ -122,17 +144,26 @@ def previous_table(out: Path, manifest_name: str, fields: list[pa.Field]) -> pa.
 
 
 def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Field], metadata: dict,
-             update=None) -> pa.Table:
-    """Merge the manifest and its parts into one atomic Parquet file with a row for each of `paths`
-    (in that order), apply `update(table) -> table` (e.g. QC re-flagging), then drop the parts."""
-    table = previous_table(out, manifest_name, fields)
+             update=None, keep_other: Callable[[str], bool] | None = None,
+             damaged: list[str] | None = None) -> tuple[pa.Table, list[dict]]:
+    """Merge the manifest and its parts into one atomic Parquet file with a row for each of `paths`, plus the
+    earlier rows of other paths that `keep_other(path)` keeps (e.g. another --glob's images); sorted by path.
+    Apply `update(table) -> table` (e.g. QC re-flagging), then drop the parts.
+    Returns (table, earlier rows dropped), so the caller can remove the outputs those rows name."""
+    table = previous_table(out, manifest_name, fields, damaged)
     if table is None:
         table = to_table([], fields)
-    index = {p: i for i, p in enumerate(table.column("path").to_pylist())}
+    previous = table.column("path").to_pylist()
+    index = {p: i for i, p in enumerate(previous)}
     missing = [p for p in paths if p not in index]
     if missing:
         raise RuntimeError(f"internal error: no manifest row for {len(missing)} image(s), e.g. {missing[0]}")
-    table = table.take(pa.array([index[p] for p in paths], pa.int64()))
+    wanted = set(paths)
+    others = [p for p in previous if p not in wanted]
+    kept = [p for p in others if keep_other is not None and keep_other(p)]
+    dropped_paths = set(others) - set(kept)
+    dropped = [r for r in table.to_pylist() if r["path"] in dropped_paths] if dropped_paths else []
+    table = table.take(pa.array([index[p] for p in sorted(wanted | set(kept))], pa.int64()))
     if update is not None:
         table = update(table)
     table = table.replace_schema_metadata(schema(fields, metadata).metadata)
@@ -146,15 +177,7 @@ def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Fi
             parts.rmdir()
         except OSError:
             pass
-    return table
-
-
-def clear_parts(out: Path) -> None:
-    """Forget the parts of an interrupted run (for --overwrite)."""
-    parts = out / PARTS_DIR
-    if parts.is_dir():
-        for p in parts.glob("part-*.parquet"):
-            p.unlink()
+    return table, dropped
 
 
 @dataclass
@@ -171,8 +194,11 @@ class RunSummary:
     pipeline_seconds: float = 0.0  # from the first image read to the merged manifest
     manifest: str = ""
     unmatched_labels: int = 0
+    label_conflicts: int = 0  # images whose label rows disagree (left unlabelled)
     errors: list[tuple[str, str]] = field(default_factory=list)
     flag_reasons: dict[str, int] = field(default_factory=dict)  # short reason -> flagged images
+    removed_stale: int = 0  # earlier rows dropped because their input left the input folder (outputs deleted)
+    warnings: list[str] = field(default_factory=list)  # e.g. damaged manifest files set aside
     uncalibrated: bool = False  # the model had no quality statistics
 
     @property

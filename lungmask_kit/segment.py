@@ -24,13 +24,15 @@ import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import derive_variants
-from lungmask_kit.discovery import find_images, output_names
+from lungmask_kit.discovery import find_images, inside, output_names, output_path_problem
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
-from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, clear_parts, finalize, previous_table
+from lungmask_kit.labels import write_label_report
+from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, finalize, previous_table
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
 from lungmask_kit.qc import QCThresholds, qc_update
+from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
 
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
@@ -55,6 +57,7 @@ class SegmentOptions:
     max_ood_score: float | None = None  # None: the model's calibrated gate (1.0)
     min_est_dice: float | None = None  # None: the model's calibrated default
     tta: bool = False  # a mirrored pass adds flip agreement to est_dice (masks are unchanged)
+    max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
     overwrite: bool = False
     progress: bool = True
 
@@ -67,6 +70,7 @@ class _Item:
     model_input: np.ndarray | None = None
     pooled: np.ndarray | None = None
     flipped: np.ndarray | None = None
+    held: int = 0  # bytes taken from the run's ByteBudget
 
 
 def manifest_path(rel: str) -> str:
@@ -102,99 +106,143 @@ def labels_update(matched: dict):
     return update
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / ".lungkit-write-check", b"ok")
-        os.unlink(out / ".lungkit-write-check")
-    except OSError as err:
-        raise LungkitError(f"cannot write to output folder {out}: {err.strerror or err}") from err
-
-
 class _OutputWriteError(LungkitError):
     pass
 
 
-def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> RunSummary:
-    from lungmask_kit.inference import Segmenter
-    from lungmask_kit.labels import match_labels, read_labels
-    from lungmask_kit.runtime import available_cores, configure_threads, resolve_device
+class ByteBudget:
+    """Decoded pixels held between decoding and writing, in bytes (thread-safe). The run submits more decode
+    work only while the bytes held plus an estimate for the decodes in progress fit the budget, so memory is
+    bounded by bytes whatever --workers and --batch-size are (one image always proceeds, however large)."""
 
-    t_start = time.perf_counter()
-    root, out = Path(input_dir), Path(out)
+    def __init__(self, limit: int):
+        import threading
+
+        self.limit = limit
+        self.held = 0
+        self.largest = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            self.held += n
+            self.largest = max(self.largest, n)
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+    def room_for(self, undecoded: int) -> bool:
+        """Whether one more decode fits, counting each decode under way as the largest image seen so far."""
+        with self._lock:
+            if not self.largest:  # nothing measured yet (or only skipped images): two decodes at a time
+                return undecoded < 2
+            return self.held + (undecoded + 1) * self.largest <= self.limit
+
+
+def _footprint(pixels: np.ndarray) -> int:
+    # the image plus the mask and the two variants made from it
+    return pixels.nbytes * 3 + pixels.size
+
+
+def _discover(root: Path, out: Path, glob: str | None) -> list[str]:
     if not root.is_dir():
         raise LungkitError(f"input folder not found: {root}")
-    if out.resolve() == root.resolve():
+    if os.path.realpath(out) == os.path.realpath(root):
         raise LungkitError("the output folder must differ from the input folder")
-    label_rows = read_labels(options.labels) if options.labels else []
-    rels = find_images(root, options.glob)
-    out_resolved = out.resolve()
     # never read our own outputs back as inputs when --out lies inside the input folder
-    rels = [r for r in rels if out_resolved not in (root / r).resolve().parents]
+    rels = [r for r in find_images(root, glob) if not inside(root / r, out)]
     if not rels:
-        raise NoImagesError(f"no images found under {root}" + (f" matching {options.glob!r}" if options.glob else ""))
-    _check_writable(out)
-    remove_stale_temps(out)
+        raise NoImagesError(f"no images found under {root}" + (f" matching {glob!r}" if glob else ""))
+    return rels
 
-    device = resolve_device(options.device)
-    configure_threads()
-    segmenter = Segmenter(options.weights, device)
-    post = PostprocessSettings(
-        threshold=segmenter.config.threshold if options.threshold is None else options.threshold,
-        min_object_fraction=options.min_object_fraction,
-        max_hole_fraction=options.max_hole_fraction,
-        keep_largest=options.keep_largest,
-    )
-    key = settings_key(segmenter.weights_sha256, segmenter.config, post, options.tta)
-    thresholds = quality_thresholds(segmenter.quality, options)
-    out_names = output_names(rels)
-    keys = {rel: manifest_path(rel) for rel in rels}
 
-    done: dict[str, str] = {}  # manifest path -> sha256 of images finished with these settings
-    if options.overwrite:
-        clear_parts(out)
-    else:
-        prev = previous_table(out, MANIFEST_NAME, SEGMENT_FIELDS)
+def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> RunSummary:
+    """`lungkit segment`: masks, variants and a manifest for every image under `input_dir`."""
+    t_start = time.perf_counter()
+    root, out = Path(input_dir), Path(out)
+    rels = _discover(root, out, options.glob)
+    check_writable(out)
+    with RunLock(out):
+        run = _SegmentRun(root, out, rels, options)
+        run.pipeline()
+        return run.finish(t_start)
+
+
+class _SegmentRun:
+    """One locked run into OUT: resume state, the decode -> model -> write pipeline, and the final manifest."""
+
+    def __init__(self, root: Path, out: Path, rels: list[str], options: SegmentOptions):
+        from lungmask_kit.inference import Segmenter
+        from lungmask_kit.labels import match_labels, read_labels
+        from lungmask_kit.runtime import configure_threads, resolve_device
+
+        self.root, self.out, self.rels, self.options = root, out, rels, options
+        label_rows = read_labels(options.labels) if options.labels else []
+        self.summary = RunSummary(found=len(rels))
+        kind = RunKind("segment", os.path.realpath(root))
+        replaced = claim(out, kind, MANIFEST_NAME, options.overwrite)
+        # whose outputs the earlier rows name (another command's, when --overwrite replaces its run)
+        self.previous_command = replaced.command if replaced else "segment"
+        remove_stale_temps(out)
+        self.device = resolve_device(options.device)
+        configure_threads()
+        self.segmenter = Segmenter(options.weights, self.device)
+        mark(out, kind)  # the weights loaded: from here on the folder holds this run
+        self.post = PostprocessSettings(
+            threshold=self.segmenter.config.threshold if options.threshold is None else options.threshold,
+            min_object_fraction=options.min_object_fraction,
+            max_hole_fraction=options.max_hole_fraction,
+            keep_largest=options.keep_largest,
+        )
+        self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta)
+        self.thresholds = quality_thresholds(self.segmenter.quality, options)
+        self.out_names = output_names(rels)
+        self.keys = {rel: manifest_path(rel) for rel in rels}
+        self.done = self._resume_map()
+        self.matched, self.unmatched, self.conflicts = match_labels(list(self.keys.values()), label_rows)
+        self.parts = PartWriter(out, SEGMENT_FIELDS)
+        self.budget = ByteBudget(options.max_decoded_mb << 20)
+
+    def _resume_map(self) -> dict[str, str]:
+        """manifest path -> sha256 of the images finished earlier with these settings (none with --overwrite:
+        the earlier manifest stays until this run's replaces it)."""
+        done: dict[str, str] = {}
+        prev = None if self.options.overwrite else previous_table(self.out, MANIFEST_NAME, SEGMENT_FIELDS, self.summary.warnings)
         if prev is not None:
             cols = prev.select(["path", "sha256", "status", "settings_key"]).to_pydict()
             for p, sha, status, k in zip(cols["path"], cols["sha256"], cols["status"], cols["settings_key"]):
-                if status == "ok" and k == key:
+                if status == "ok" and k == self.key:
                     done[p] = sha
+        return done
 
-    matched, unmatched = match_labels(list(keys.values()), label_rows)
-    summary = RunSummary(found=len(rels))
-    parts = PartWriter(out, SEGMENT_FIELDS)
+    def output_rel(self, kind: str, rel: str) -> str:
+        return f"{OUTPUT_DIRS[kind]}/{manifest_path(self.out_names[rel])}"
 
-    def output_rel(kind: str, rel: str) -> str:
-        return f"{OUTPUT_DIRS[kind]}/{manifest_path(out_names[rel])}"
-
-    def decode(rel: str) -> _Item:
+    # --- decode threads ---
+    def decode(self, rel: str) -> _Item:
         try:
-            return _decode(rel)
+            return self._decode(rel)
         except Exception as err:  # an unforeseen failure costs one image, never the batch
-            row = {"path": keys[rel], "status": "error", "settings_key": key,
+            row = {"path": self.keys[rel], "status": "error", "settings_key": self.key,
                    "error": f"unexpected error while reading: {type(err).__name__}: {err}"}
             return _Item(rel, row)
 
-    def _decode(rel: str) -> _Item:
-        mkey = keys[rel]
-        row = {"path": mkey, "status": "error", "settings_key": key}
+    def _decode(self, rel: str) -> _Item:
+        row = {"path": self.keys[rel], "status": "error", "settings_key": self.key}
         item = _Item(rel, row)
-        try:
-            src = root / rel
-            size = src.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise ImageDecodeError(f"file too large ({size} bytes > {MAX_FILE_BYTES})")
-            data = src.read_bytes()
-        except OSError as err:
-            row["error"] = f"cannot read file: {err.strerror or err}"
+        problem = output_path_problem(self.out, self.output_rel("lungs", rel))
+        if problem:
+            row["error"] = problem
             return item
-        except ImageDecodeError as err:
+        try:
+            data = read_regular_file(self.root / rel, MAX_FILE_BYTES)
+        except InputReadError as err:
             row["error"] = str(err)
             return item
         sha = hashlib.sha256(data).hexdigest()
         row.update(sha256=sha, file_bytes=len(data))
-        if done.get(mkey) == sha and all((out / output_rel(k, rel)).is_file() for k in OUTPUT_DIRS):
+        if self.done.get(row["path"]) == sha and all((self.out / self.output_rel(k, rel)).is_file() for k in OUTPUT_DIRS):
             row["status"] = "skipped"
             return item
         try:
@@ -204,28 +252,38 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
             return item
         h, w = decoded.pixels.shape
         row.update(width=w, height=h, bit_depth=decoded.bit_depth, source_channels=decoded.source_channels)
+        item.model_input = self.segmenter.prepare(decoded.pixels)
         item.pixels = decoded.pixels
-        item.model_input = segmenter.prepare(decoded.pixels)
+        item.held = _footprint(decoded.pixels)
+        self.budget.take(item.held)  # given back by write(), whatever happens there
         return item
 
-    def write(item: _Item, probability: np.ndarray) -> dict:
-        row = item.row
-        small = clean_mask(probability, post)
-        if segmenter.quality is not None:
-            flipped = None if item.flipped is None else clean_mask(item.flipped, post)
-            row.update(segmenter.quality.assess(probability, small, item.pooled, flipped).as_row())
+    # --- writer threads ---
+    def write(self, item: _Item, probability: np.ndarray) -> dict:
+        try:
+            return self._write(item, probability)
+        finally:
+            self.budget.give_back(item.held)
+            item.pixels = item.flipped = None
+
+    def _write(self, item: _Item, probability: np.ndarray) -> dict:
+        row, out = item.row, self.out
+        small = clean_mask(probability, self.post)
+        if self.segmenter.quality is not None:
+            flipped = None if item.flipped is None else clean_mask(item.flipped, self.post)
+            row.update(self.segmenter.quality.assess(probability, small, item.pooled, flipped).as_row())
         mask = resize_mask(small, item.pixels.shape)
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(item.pixels, mask)}
         try:
             for kind, pixels in images.items():
-                atomic_write_bytes(out / output_rel(kind, item.rel), encode_png(pixels), fsync=False)
+                atomic_write_bytes(out / self.output_rel(kind, item.rel), encode_png(pixels), fsync=False)
         except OSError as err:
             raise _OutputWriteError(f"cannot write outputs to {out}: {err.strerror or err}"
                                     + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
         row.update(
-            mask_path=output_rel("mask", item.rel),
-            lungs_path=output_rel("lungs", item.rel),
-            nolungs_path=output_rel("nolungs", item.rel),
+            mask_path=self.output_rel("mask", item.rel),
+            lungs_path=self.output_rel("lungs", item.rel),
+            nolungs_path=self.output_rel("nolungs", item.rel),
             lung_area_fraction=round(lung_area_fraction(mask), 6),
             n_components=count_components(small),
             status="ok",
@@ -233,18 +291,8 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         )
         return row
 
-    from tqdm.auto import tqdm
-
-    t_pipeline = time.perf_counter()
-    bar = tqdm(total=len(rels), unit="img", disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
-    workers = options.workers or available_cores()
-    batch_size = options.batch_size
-    prefetch = 2 * batch_size + workers
-    # every model batch has the same size, however the run was interrupted, so masks are byte-identical;
-    # a folder smaller than one batch is not padded beyond its own size
-    pad_to = min(batch_size, len(rels))
-
-    def flush(batch: list[tuple[_Item, Future | None]]) -> None:
+    # --- main thread ---
+    def flush(self, batch: list[tuple[_Item, Future | None]], bar) -> None:
         rows = []
         for item, fut in batch:
             row = item.row
@@ -256,31 +304,70 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
                 except Exception as err:  # a bug must not cost the batch: record it on the image
                     row = {**item.row, "status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
             if row["status"] == "skipped":
-                summary.skipped += 1
+                self.summary.skipped += 1
                 continue  # the earlier row stays authoritative
             if row["status"] == "error":
-                summary.errors.append((row["path"], row.get("error") or ""))
+                self.summary.errors.append((row["path"], row.get("error") or ""))
             rows.append(row)
-        summary.processed += len(rows)
-        parts.write(rows)
+        self.summary.processed += len(rows)
+        self.parts.write(rows)
         bar.update(len(batch))
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-decode") as decoder, \
-            ThreadPoolExecutor(workers, thread_name_prefix="lungkit-write") as writer:
-        queue: deque[Future] = deque()
-        pending = iter(rels)
-        in_flight: deque[list] = deque()
+    def pipeline(self) -> None:
+        """Decode pool -> model batches -> writer pool -> manifest parts, with bounded work in flight. On an
+        interrupt the work in flight finishes or is dropped, and no temp file is left behind."""
+        from tqdm.auto import tqdm
 
-        def fill() -> None:
-            while len(queue) < prefetch:
+        from lungmask_kit.runtime import available_cores
+
+        self.t_pipeline = time.perf_counter()
+        bar = tqdm(total=len(self.rels), unit="img", disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
+        workers = self.options.workers or available_cores()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-decode") as decoder, \
+                    ThreadPoolExecutor(workers, thread_name_prefix="lungkit-write") as writer:
+                self._run_batches(decoder, writer, workers, bar)
+        except BaseException:
+            remove_stale_temps(self.out)
+            raise
+        finally:
+            bar.close()
+
+    def _run_batches(self, decoder, writer, workers: int, bar) -> None:
+        batch_size = self.options.batch_size
+        prefetch = 2 * batch_size + workers
+        # every model batch has the same size, however the run was interrupted, so masks are byte-identical;
+        # a folder smaller than one batch is not padded beyond its own size
+        pad_to = min(batch_size, len(self.rels))
+        queue: deque[Future] = deque()
+        pending = iter(self.rels)
+        in_flight: deque[list] = deque()
+        exhausted = False
+
+        def fill(force: bool = False) -> None:
+            """Submit decodes while the count and the byte budget allow; `force`: one regardless (nothing
+            else holds memory, so one image always proceeds, however large)."""
+            nonlocal exhausted
+            while len(queue) < prefetch and not exhausted:
+                if not force and not self.budget.room_for(sum(not f.done() for f in queue)):
+                    return
                 rel = next(pending, None)
                 if rel is None:
+                    exhausted = True
                     return
-                queue.append(decoder.submit(decode, rel))
+                queue.append(decoder.submit(self.decode, rel))
+                force = False
 
-        fill()
+        fill(force=True)
         try:
-            while queue:
+            while queue or not exhausted:
+                if not queue:  # the budget is full of images being written: wait for them, then go on
+                    if in_flight:
+                        self.flush(in_flight.popleft(), bar)
+                        fill()
+                    else:
+                        fill(force=True)
+                    continue
                 # a batch holds `batch_size` images for the model plus any skipped or failed ones met on the way
                 batch_items: list[_Item] = []
                 n_model = 0
@@ -291,55 +378,70 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
                 to_model = [it for it in batch_items if it.model_input is not None]
                 futures: dict[int, Future] = {}
                 if to_model:
-                    pred = segmenter.predict_batch(np.stack([it.model_input for it in to_model]), pad_to=pad_to, tta=options.tta)
+                    pred = self.segmenter.predict_batch(np.stack([it.model_input for it in to_model]), pad_to=pad_to,
+                                                        tta=self.options.tta)
                     for i, it in enumerate(to_model):
                         it.model_input = None
                         it.pooled = pred.pooled[i]
                         it.flipped = None if pred.flipped is None else pred.flipped[i]
-                        futures[id(it)] = writer.submit(write, it, pred.probabilities[i])
+                        futures[id(it)] = writer.submit(self.write, it, pred.probabilities[i])
                 in_flight.append([(it, futures.get(id(it))) for it in batch_items])
                 while len(in_flight) > 2:
-                    flush(in_flight.popleft())
+                    self.flush(in_flight.popleft(), bar)
+                fill()
             while in_flight:
-                flush(in_flight.popleft())
+                self.flush(in_flight.popleft(), bar)
         except BaseException:
             for f in queue:
                 f.cancel()
             raise
-        finally:
-            bar.close()
 
-    def count_update(table):
-        return qc_update(thresholds)(labels_update(matched)(table))
+    def finish(self, t_start: float) -> RunSummary:
+        """The merged manifest: this run's rows, earlier rows of images outside this --glob, QC and labels;
+        rows whose input left the input folder (all earlier rows of other images, with --overwrite) are dropped
+        with their outputs."""
+        s, out = self.summary, self.out
 
-    metadata = {
-        "command": "segment",
-        "lungkit_version": __version__,
-        "input_root": str(root.resolve()),
-        "model_name": segmenter.config.name,
-        "weights": segmenter.weights_path,
-        "weights_sha256": segmenter.weights_sha256,
-        "model_config": {k: getattr(segmenter.config, k) for k in ("arch", "encoder", "in_channels", "input_size", "mean", "std")},
-        "postprocess": post.as_dict(),
-        "min_lung_fraction": options.min_lung_fraction,
-        "qc": thresholds.as_dict(),
-        "quality": _quality_metadata(segmenter.quality, options.tta),
-        "settings_key": key,
-        "device": str(device),
-        "batch_size": batch_size,
-        "labels": [str(p) for p in options.labels],
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    table = finalize(out, MANIFEST_NAME, list(keys.values()), SEGMENT_FIELDS, metadata, update=count_update)
-    summary.count(table)
-    summary.uncalibrated = segmenter.quality is None
-    summary.manifest = str(out / MANIFEST_NAME)
-    if unmatched:
-        summary.unmatched_labels = len(unmatched)
-        _write_unmatched(out, unmatched)
-    summary.seconds = time.perf_counter() - t_start
-    summary.pipeline_seconds = time.perf_counter() - t_pipeline
-    return summary
+        def update(table):
+            return qc_update(self.thresholds)(labels_update(self.matched)(table))
+
+        def keep_other(path: str) -> bool:
+            return not self.options.overwrite and confined(path) and os.path.lexists(self.root / path)
+
+        table, dropped = finalize(out, MANIFEST_NAME, list(self.keys.values()), SEGMENT_FIELDS, self._metadata(),
+                                  update=update, keep_other=keep_other, damaged=s.warnings)
+        remove_outputs(out, dropped, self.previous_command)
+        s.removed_stale = len(dropped)
+        s.count(table)
+        s.uncalibrated = self.segmenter.quality is None
+        s.manifest = str(out / MANIFEST_NAME)
+        if self.unmatched or self.conflicts:
+            s.unmatched_labels, s.label_conflicts = len(self.unmatched), len(self.conflicts)
+            write_label_report(out, self.unmatched, self.conflicts)
+        s.seconds = time.perf_counter() - t_start
+        s.pipeline_seconds = time.perf_counter() - self.t_pipeline
+        return s
+
+    def _metadata(self) -> dict:
+        config, options = self.segmenter.config, self.options
+        return {
+            "command": "segment",
+            "lungkit_version": __version__,
+            "input_root": str(self.root.resolve()),
+            "model_name": config.name,
+            "weights": self.segmenter.weights_path,
+            "weights_sha256": self.segmenter.weights_sha256,
+            "model_config": {k: getattr(config, k) for k in ("arch", "encoder", "in_channels", "input_size", "mean", "std")},
+            "postprocess": self.post.as_dict(),
+            "min_lung_fraction": options.min_lung_fraction,
+            "qc": self.thresholds.as_dict(),
+            "quality": _quality_metadata(self.segmenter.quality, options.tta),
+            "settings_key": self.key,
+            "device": str(self.device),
+            "batch_size": options.batch_size,
+            "labels": [str(p) for p in options.labels],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
 
 def quality_thresholds(quality, options) -> QCThresholds:
@@ -353,15 +455,3 @@ def _quality_metadata(quality, tta: bool) -> dict:
     if quality is None:
         return {"calibrated": False}
     return {"calibrated": True, "tta": tta, "calibration": quality.report}
-
-
-def _write_unmatched(out: Path, unmatched) -> None:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", "patient_id", "split", "label_file"])
-    for r in unmatched:
-        w.writerow([r.path, r.label, r.patient_id, r.split, r.source_file])
-    atomic_write_bytes(out / "unmatched_labels.csv", buf.getvalue().encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,25 +20,26 @@ import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
-from lungmask_kit.discovery import find_images, output_names, stem_key
+from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.manifest import (
     SEGMENT_FIELDS,
     VARIANTS_EXTRA_FIELDS,
     PartWriter,
     RunSummary,
-    clear_parts,
     finalize,
     previous_table,
     read_metadata,
 )
+from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_FORMAT = 2  # 2: ood_shape_score
 _CHUNK = 64  # rows per manifest part
+MAX_FILE_BYTES = 1 << 30
 
 
 @dataclass
@@ -92,13 +94,17 @@ def pairs_from_folders(images: Path, masks: Path, glob: str | None = None) -> li
 def _tasks_from_manifest(manifest: Path, glob: str | None) -> tuple[list[_Task], Path, Path]:
     import fnmatch
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    meta = read_metadata(manifest)
+    try:
+        meta = read_metadata(manifest)
+        rows = pq.read_table(manifest).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
     if "input_root" not in meta:
         raise LungkitError(f"{manifest} is not a lungkit manifest (no input_root in its metadata)")
     images_root = Path(meta["input_root"])
-    rows = pq.read_table(manifest).to_pylist()
     rows = [r for r in rows if not glob or fnmatch.fnmatch(r["path"], glob)]
     masks_root = manifest.parent
     names = output_names([r["path"] for r in rows])
@@ -157,19 +163,27 @@ def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tu
 def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None) -> dict:
     row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra}
     out_dir = Path(out)
+    # paths from a manifest stay inside the folders it names: nothing is read or written outside them
+    if not confined(task.rel) or (task.mask_rel is not None and not confined(task.mask_rel)):
+        row["error"] = "path leaves the input folder (absolute or with ..): not read"
+        return row
+    problem = output_path_problem(out, f"lungs/{task.out_rel}")
+    if problem:
+        row["error"] = problem
+        return row
     try:
-        data = Path(task.image).read_bytes()
-    except OSError as err:
-        row["error"] = f"cannot read image: {err.strerror or err}"
+        data = read_regular_file(task.image, MAX_FILE_BYTES)
+    except InputReadError as err:
+        row["error"] = f"image: {err}"
         return row
     row.update(sha256=hashlib.sha256(data).hexdigest(), file_bytes=len(data))
     if task.mask is None:
         row["error"] = "no mask for this image"
         return row
     try:
-        mask_bytes = Path(task.mask).read_bytes()
-    except OSError as err:
-        row["error"] = f"cannot read mask: {err.strerror or err}"
+        mask_bytes = read_regular_file(task.mask, MAX_FILE_BYTES)
+    except InputReadError as err:
+        row["error"] = f"mask: {err}"
         return row
     mask_sha = hashlib.sha256(mask_bytes).hexdigest()
     row["mask_sha256"] = mask_sha
@@ -225,13 +239,6 @@ def run_variants(
     masks: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> RunSummary:
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
-    from lungmask_kit.runtime import available_cores
-    from lungmask_kit.qc import QCThresholds, qc_update
-    from lungmask_kit.segment import _check_writable
-
     t0 = time.perf_counter()
     out = Path(out)
     bad = set(options.only) - set(VARIANTS)
@@ -256,15 +263,31 @@ def run_variants(
         tasks = [_Task(r, str(images_root / r), str(masks_root / m) if m else None, m, names[r], {}) for r, m in pairs]
     if not tasks:
         raise NoImagesError("no images to process")
-    _check_writable(out)
-    remove_stale_temps(out)
+    check_writable(out)
+    with RunLock(out):
+        return _run_locked(out, options, tasks, images_root, masks_root, manifest, t0)
 
+
+def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
+                manifest: Path | None, t0: float) -> RunSummary:
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    from lungmask_kit.qc import QCThresholds, qc_update
+    from lungmask_kit.runtime import available_cores
+
+    summary = RunSummary(found=len(tasks))
+    # --in-place asked to replace the input manifest, which is another command's run by design
+    kind = RunKind("variants", os.path.realpath(images_root))
+    replaced = claim(out, kind, MANIFEST_NAME, options.overwrite or options.in_place)
+    previous_command = replaced.command if replaced else "variants"  # whose outputs earlier rows name
+    remove_stale_temps(out)
     gate = _shape_gate(options.weights)
+    mark(out, kind)
     key = _settings_key(options, gate)
     done: dict[str, tuple] = {}
-    prev = None if options.overwrite else previous_table(out, MANIFEST_NAME, FIELDS)
-    if options.overwrite:
-        clear_parts(out)
+    # --overwrite: nothing is skipped; the earlier manifest stays until this run's replaces it
+    prev = None if options.overwrite else previous_table(out, MANIFEST_NAME, FIELDS, summary.warnings)
     if prev is not None:
         cols = prev.select(["path", "sha256", "mask_sha256", "status", "settings_key"]).to_pydict()
         for p, sha, msha, status, k in zip(cols["path"], cols["sha256"], cols["mask_sha256"], cols["status"], cols["settings_key"]):
@@ -273,7 +296,6 @@ def run_variants(
 
     max_ood = options.max_ood_score if options.max_ood_score is not None else (gate and 1.0)
     thresholds = QCThresholds(options.min_lung_fraction, max_ood, None)
-    summary = RunSummary(found=len(tasks))
     parts = PartWriter(out, FIELDS)
     jobs = options.jobs or available_cores()
     buffer: list[dict] = []
@@ -304,7 +326,14 @@ def run_variants(
         "min_lung_fraction": options.min_lung_fraction, "qc": thresholds.as_dict(), "settings_key": key,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    table = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(thresholds))
+
+    def keep_other(path: str) -> bool:  # rows of another --glob stay while their image does
+        return not options.overwrite and confined(path) and os.path.lexists(images_root / path)
+
+    table, dropped = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(thresholds),
+                              keep_other=keep_other, damaged=summary.warnings)
+    remove_outputs(out, dropped, previous_command)
+    summary.removed_stale = len(dropped)
     summary.count(table)
     summary.manifest = str(out / MANIFEST_NAME)
     summary.seconds = summary.pipeline_seconds = time.perf_counter() - t0

@@ -44,8 +44,12 @@ def test_label_formats_parse(tmp_path):
     csv2.write_text("filename,class,split\nx.png,negative,train\n")
     r = read_label_file(csv2)[0]
     assert (r.path, r.label, r.split) == ("x.png", "negative", "train")
-    matched, unmatched = match_labels(["covid/a.png", "neg/x.png"], read_label_file(csv1) + read_label_file(csv2) + rows)
-    assert set(matched) == {"covid/a.png", "neg/x.png"} and len(unmatched) == 2
+    matched, unmatched, conflicts = match_labels(["covid/a.png", "neg/x.png"], read_label_file(csv1) + read_label_file(csv2) + rows)
+    # csv1 says covid/a.png is covid (ieee:1), test.txt says a.png is positive (p1): a conflict, not a first-wins
+    assert set(matched) == {"neg/x.png"} and [r.path for r in unmatched] == ["b.jpg"]
+    assert [(r.path, r.label) for r in conflicts] == [("covid/a.png", "covid"), ("covid/a.png", "positive")]
+    agree = match_labels(["covid/a.png"], read_label_file(csv1) * 2)  # repeated identical rows are one label
+    assert set(agree[0]) == {"covid/a.png"} and not agree[1] and not agree[2]
 
 
 @pytest.fixture
@@ -102,6 +106,6 @@ def test_covidx_names_resolve_by_split_folder(tmp_path):
     train.write_text("p1 same.png positive cohen\n")
     test.write_text("p2 same.png negative rsna\n")
     rows = read_label_file(train) + read_label_file(test)
-    matched, unmatched = match_labels(["test/same.png", "train/same.png"], rows)
+    matched, unmatched, _ = match_labels(["test/same.png", "train/same.png"], rows)
     assert matched["train/same.png"].label == "positive" and matched["test/same.png"].label == "negative"
     assert not unmatched

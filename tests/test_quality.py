@@ -299,3 +299,18 @@ def test_a_model_trained_on_tiny_data_carries_its_own_statistics(tmp_path):
     _segment(data / "images", tmp_path / "out", weights=tmp_path / "run" / "best.safetensors")
     rows = _rows(tmp_path / "out")
     assert all(r["ood_score"] is not None and 0 < r["est_dice"] < 1 for r in rows.values())
+
+
+def test_a_copy_of_a_calibrated_model_keeps_its_statistics_or_none(tmp_path):
+    import torch
+
+    from lungmask_kit.inference import Segmenter
+    from lungmask_kit.models.modeling import load_bundle, save_model
+
+    loaded = load_bundle(None)
+    save_model(loaded.model, loaded.config, tmp_path / "with" / "model.safetensors", torch.float16, loaded.quality_tensors)
+    save_model(loaded.model, loaded.config, tmp_path / "without" / "model.safetensors", torch.float16)
+    with_q = Segmenter(tmp_path / "with", torch.device("cpu")).quality
+    assert with_q is not None and np.array_equal(with_q.image.components, loaded.quality_tensors["quality.image.components"])
+    assert Segmenter(tmp_path / "without", torch.device("cpu")).quality is None  # uncalibrated, not inconsistent
+    assert json.loads((tmp_path / "without" / "config.json").read_text())["quality"] is None

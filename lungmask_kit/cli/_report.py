@@ -28,6 +28,7 @@ def echo_run_summary(s, title: str) -> None:
         ("ok", s.ok),
         ("flagged by QC", f"{s.flagged}" + (f" ({reasons})" if reasons else "")),
         ("failed", s.failed),
+        ("removed (input gone)", s.removed_stale),
         ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
         ("manifest", s.manifest),
     ], title=title))
@@ -40,8 +41,13 @@ def finish_run(s, quiet: bool, title: str, out) -> None:
     if s.uncalibrated:
         typer.echo("lungkit: warning: the model has no quality statistics, so ood_score and est_dice are null; "
                    "fit them with `lungkit calibrate`", err=True)
+    for warning in s.warnings:
+        typer.echo(f"lungkit: warning: {warning}", err=True)
     if s.unmatched_labels:
         typer.echo(f"lungkit: warning: {s.unmatched_labels} label row(s) match no image (listed in {out}/unmatched_labels.csv)", err=True)
+    if s.label_conflicts:
+        typer.echo(f"lungkit: warning: {s.label_conflicts} label row(s) disagree about one image; those images are left "
+                   f"unlabelled (listed in {out}/unmatched_labels.csv)", err=True)
     if s.failed:
         echo_errors(s.errors)
         typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {s.manifest}", err=True)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from lungmask_kit import __version__
-from lungmask_kit.errors import LungkitError
+from lungmask_kit.errors import Interrupted, LungkitError
 
 app = typer.Typer(
     name="lungkit",
@@ -45,17 +45,32 @@ def _register() -> None:
         module.register(app)
 
 
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; the single place where LungkitError becomes a stderr line and an exit code."""
+    """Run the CLI; the single place where LungkitError becomes a stderr line and an exit code.
+
+    SIGINT and SIGTERM become `Interrupted`: the run finishes or drops the work in flight, removes its temp
+    files, and the process says so and exits with 130 / 143."""
+    import signal
+
     _register()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in previous:
+            signal.signal(s, _raise_interrupted)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        previous = {}
     try:
         result = app(args=argv, standalone_mode=False)
     except LungkitError as err:
         print(f"lungkit: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("lungkit: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as err:
+        print("lungkit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:  # click usage errors
@@ -67,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 1
         raise
+    finally:
+        for s_, handler in previous.items():
+            signal.signal(s_, handler)
     # click returns the code of a typer.Exit instead of raising it when standalone_mode is off
     return result if isinstance(result, int) else 0
 

@@ -48,11 +48,45 @@ class ModelConfig:
         if unknown:
             raise WeightsError(f"model config has unknown keys {sorted(unknown)}")
         cfg = cls(**data)
-        if len(cfg.mean) not in (1, cfg.in_channels) or len(cfg.std) != len(cfg.mean):
-            raise WeightsError(
-                f"model config mean/std ({cfg.mean}, {cfg.std}) do not match in_channels={cfg.in_channels}"
-            )
+        problem = cfg.problem()
+        if problem:
+            raise WeightsError(f"model config: {problem}")
         return cfg
+
+    def problem(self) -> str | None:
+        """What is wrong with this config's types and ranges (checked at load, before any image), or None."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for key in ("name", "task", "arch", "encoder"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                return f"{key} must be a non-empty string"
+        if self.task not in ("segmentation", "classification"):
+            return f"task must be segmentation or classification, not {self.task!r}"
+        if not integer(self.in_channels) or not 1 <= self.in_channels <= 4:
+            return f"in_channels must be an integer from 1 to 4, not {self.in_channels!r}"
+        if not integer(self.classes) or self.classes < 1:
+            return f"classes must be a positive integer, not {self.classes!r}"
+        if not integer(self.input_size) or not 8 <= self.input_size <= 4096:
+            return f"input_size must be an integer from 8 to 4096, not {self.input_size!r}"
+        if self.task == "segmentation" and self.input_size % 32:  # the encoders downsample 32-fold
+            return f"input_size of a segmenter must be a multiple of 32, not {self.input_size}"
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not isinstance(values, list) or not values or not all(number(v) for v in values):
+                return f"{key} must be a list of numbers, not {values!r}"
+        if any(v <= 0 for v in self.std):
+            return f"std must be positive, not {self.std!r}"
+        if len(self.mean) not in (1, self.in_channels) or len(self.std) != len(self.mean):
+            return f"mean/std ({self.mean}, {self.std}) do not match in_channels={self.in_channels}"
+        if not number(self.threshold) or not 0 < self.threshold < 1:
+            return f"threshold must be a number between 0 and 1, not {self.threshold!r}"
+        if not isinstance(self.provenance, dict) or not (self.quality is None or isinstance(self.quality, dict)):
+            return "provenance and quality must be JSON objects"
+        return None
 
 
 def build_model(config: ModelConfig, encoder_weights: str | None = None) -> torch.nn.Module:
@@ -114,9 +148,13 @@ def resolve_weights(path: str | Path | None) -> Path:
 
 
 def save_model(
-    model: torch.nn.Module, config: ModelConfig, weights: str | Path, dtype: torch.dtype = torch.float32
+    model: torch.nn.Module, config: ModelConfig, weights: str | Path, dtype: torch.dtype = torch.float32,
+    quality_tensors: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `weights` (.safetensors) and its JSON config atomically. Returns the weights path."""
+    """Write `weights` (.safetensors) and its JSON config atomically. Returns the weights path.
+
+    The config's quality statistics are kept only with their tensors (`quality_tensors`, as `load_bundle`
+    returns them); without them the copy is saved uncalibrated rather than inconsistent."""
     from safetensors.torch import save
 
     weights = Path(weights)
@@ -125,6 +163,10 @@ def save_model(
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in model.state_dict().items()
     }
+    if quality_tensors:
+        state.update({k: torch.as_tensor(v).contiguous() for k, v in quality_tensors.items()})
+    elif config.quality and "image" in config.quality:
+        config = dataclasses.replace(config, quality=None)
     payload = save(state, metadata={"format": CONFIG_FORMAT, "name": config.name})
     atomic_write_bytes(weights, payload)
     cfg = dataclasses.replace(config, provenance={**config.provenance, "sha256": hashlib.sha256(payload).hexdigest()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 from pathlib import Path, PurePosixPath
@@ -83,18 +84,24 @@ def output_names(rel_paths: list[str]) -> dict[str, str]:
     return names
 
 
-def output_path_problem(out: str | Path, rel: str) -> str | None:
-    """Why OUT/rel cannot be created on this system (a name or path over its limits), or None."""
-    full = os.fsencode(os.path.join(out, rel))
+@functools.lru_cache(maxsize=64)
+def _path_limits(folder: str) -> tuple[int, int, int]:
+    """(longest file name, longest path, length of the folder's absolute path) in bytes."""
     try:
-        name_max = os.pathconf(out, "PC_NAME_MAX")
-        path_max = os.pathconf(out, "PC_PATH_MAX")
+        name_max, path_max = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
-    longest = max(len(os.fsencode(part)) for part in PurePosixPath(rel).parts)
+    return name_max, path_max, len(os.fsencode(os.path.abspath(folder)))
+
+
+def output_path_problem(out: str | Path, rel: str) -> str | None:
+    """Why OUT/rel cannot be created on this system (a name or path over its limits), or None."""
+    name_max, path_max, base = _path_limits(str(out))
+    parts = [os.fsencode(part) for part in PurePosixPath(rel).parts]
+    longest = max(len(part) for part in parts)
     if longest > name_max:
         return f"output name too long ({longest} bytes > {name_max}): rename or move the input"
-    if len(os.fsencode(os.path.abspath(os.fsdecode(full)))) >= path_max:
+    if base + sum(len(part) + 1 for part in parts) >= path_max:
         return f"output path too long (limit {path_max} bytes): use a shorter --out"
     return None
 

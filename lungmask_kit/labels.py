@@ -49,7 +49,10 @@ def read_label_file(path: str | Path) -> list[LabelRow]:
     text = path.read_text(encoding="utf-8-sig", errors="replace")
     first = text.splitlines()[0] if text.strip() else ""
     if path.suffix.lower() == ".csv" or ("," in first and " " not in first.split(",")[0]):
-        return _read_csv(path, text)
+        try:
+            return _read_csv(path, text)
+        except csv.Error as err:
+            raise LungkitError(f"{path}: not a readable CSV ({err})") from err
     return _read_covidx(path, text)
 
 

@@ -6,6 +6,7 @@ merged manifest) to resume, so at most the batch in flight is lost. Column meani
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import TMP_PREFIX, atomic_write_bytes
 
 PARTS_DIR = ".manifest-parts"
@@ -67,10 +69,15 @@ def to_table(rows: list[dict], fields: list[pa.Field], metadata: dict | None = N
 
 
 def write_table(table: pa.Table, path: str | Path) -> None:
-    """Atomic Parquet write (zstd): readers never see a half-written manifest."""
+    """Atomic Parquet write (zstd): readers never see a half-written manifest. A full or read-only disk is a
+    one-line error (exit 2); the previous file stays intact."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    try:
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    except OSError as err:
+        full = " (disk full)" if err.errno == errno.ENOSPC else ""
+        raise LungkitError(f"cannot write {path}: {err.strerror or err}{full}") from err
 
 
 class PartWriter:

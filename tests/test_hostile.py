@@ -409,3 +409,33 @@ def test_conflicting_label_rows_are_reported_as_conflicts(tmp_path, small_corpus
     assert pd.isna(m.loc[names[0], "label"]) and m.loc[names[1], "label"] == "covid"
     report = pd.read_csv(out / "unmatched_labels.csv")
     assert report.problem.tolist() == ["conflict", "conflict"] and set(report.label) == {"covid", "negative"}
+
+
+def test_full_disk_while_writing_the_manifest_is_one_line(tmp_path, small_corpus, random_weights, monkeypatch, capsys):
+    import errno
+
+    import lungmask_kit.manifest as manifest
+
+    out = tmp_path / "out"
+    assert _segment(small_corpus, out, random_weights) == 0
+    before = (out / "manifest.parquet").read_bytes()
+    capsys.readouterr()
+
+    def full(path, data, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manifest, "atomic_write_bytes", full)
+    assert _segment(small_corpus, out, random_weights, "--overwrite") == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "warning" not in ln]
+    assert len(err) == 1 and "disk full" in err[0]
+    assert (out / "manifest.parquet").read_bytes() == before
+    monkeypatch.undo()
+    assert _segment(small_corpus, out, random_weights) == 0
+
+
+def test_a_label_file_that_is_not_csv_is_one_line(tmp_path, small_corpus, random_weights, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"path,label\nx.png,\"" + b"x" * 300_000 + b"\"\n")  # over csv's field size limit
+    assert _segment(small_corpus, tmp_path / "out", random_weights, "--labels", labels) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable CSV" in err[0]

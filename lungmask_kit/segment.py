@@ -271,7 +271,7 @@ class _SegmentRun:
         small = clean_mask(probability, self.post)
         if self.segmenter.quality is not None:
             flipped = None if item.flipped is None else clean_mask(item.flipped, self.post)
-            row.update(self.segmenter.quality.assess(probability, small, item.pooled, flipped).as_row())
+            row.update(self.segmenter.quality.assess(probability, small, item.pooled, flipped, self.post).as_row())
         mask = resize_mask(small, item.pixels.shape)
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(item.pixels, mask)}
         try:

@@ -63,7 +63,7 @@ def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: Postproces
         pred = segmenter.predict_batch(np.stack([segmenter.prepare(im) for im in images]), tta=True)
         for i, (pair, image) in enumerate(zip(chunk, images)):
             mask = clean_mask(pred.probabilities[i], post)
-            values = {**shape_descriptors(mask), **uncertainty_descriptors(pred.probabilities[i], mask),
+            values = {**shape_descriptors(mask), **uncertainty_descriptors(pred.probabilities[i], mask, post),
                       "flip_dice": flip_agreement(mask, clean_mask(pred.flipped[i], post))}
             score = None
             if with_truth:

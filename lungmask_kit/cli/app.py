@@ -21,7 +21,8 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # lungkit --install-completion
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -45,6 +46,20 @@ def _register() -> None:
         module.register(app)
 
 
+def _usage_error(exc: Exception) -> int:
+    """One line saying what is wrong, one usage hint, exit 2 (`lungkit` alone: after the help)."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "lungkit"
+    if type(exc).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
+        message = "no command given"
+    else:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    first = message.strip().splitlines()[0] if message.strip() else "invalid command line"
+    print(f"lungkit: error: {first}", file=sys.stderr)
+    print(f"Try '{command} -h' for help.", file=sys.stderr)
+    return 2
+
+
 def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
 
@@ -64,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (embedded use): leave signals alone
         previous = {}
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False, prog_name="lungkit")
     except LungkitError as err:
         print(f"lungkit: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -73,15 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + getattr(err, "signum", 2)
     except typer.Exit as exc:
         return exc.exit_code
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
+    except typer.Abort:
+        return 1
+    except typer.TyperException as exc:  # a command-line mistake (typer vendors click: not click's classes)
+        return _usage_error(exc)
     finally:
         for s_, handler in previous.items():
             signal.signal(s_, handler)

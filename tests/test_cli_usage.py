@@ -1,0 +1,50 @@
+"""Command-line mistakes: one line saying what is wrong plus a usage hint on stderr, exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lungmask_kit.cli.app import main
+
+MISTAKES = [
+    ([], "no command given"),
+    (["segment"], "Missing argument"),
+    (["segment", "in"], "Missing option '--out'"),
+    (["segment", "in", "-o", "out", "--bogus"], "No such option: --bogus"),
+    (["segment", "in", "-o", "out", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["segment", "in", "-o", "out", "--batch-size", "many"], "Invalid value for '--batch-size'"),
+    (["segment", "in", "-o", "out", "--min-est-dice", "2"], "Invalid value for '--min-est-dice'"),
+    (["segment", "in", "-o"], "Option '-o' requires an argument"),
+    (["segmnet", "in"], "No such command 'segmnet'"),
+    (["variants", "-o", "out", "--jobs", "-1"], "Invalid value for '--jobs'"),
+    (["calibrate", "data", "--val-fraction", "1.5"], "Invalid value for '--val-fraction'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MISTAKES, ids=[" ".join(a) or "(nothing)" for a, _ in MISTAKES])
+def test_usage_mistakes_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 2, captured.err
+    assert lines[0].startswith("lungkit: error: ") and message in lines[0]
+    assert lines[1].startswith("Try 'lungkit") and lines[1].endswith(" -h' for help.")
+    assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["--help"], ["segment", "-h"], ["variants", "--help"]])
+def test_short_and_long_help(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Usage:" in out and "--help" in out
+
+
+def test_nothing_given_prints_the_help_then_the_error(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("Usage: lungkit") == 1 and "segment" in captured.out
+
+
+def test_completion_can_be_installed(capsys):
+    assert main(["--help"]) == 0
+    assert "--install-completion" in capsys.readouterr().out

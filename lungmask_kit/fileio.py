@@ -14,6 +14,16 @@ from pathlib import Path
 TMP_PREFIX = ".lungkit-tmp-"
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any worker thread exists
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+
+
 def make_dirs(folder: str | Path) -> None:
     """mkdir -p without recursion (os.makedirs and Path.mkdir recurse once per missing level: a mirrored
     input tree deeper than Python's recursion limit would crash them)."""
@@ -38,6 +48,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
     make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600: follow the user's umask like any other writer
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             if fsync:

@@ -439,3 +439,20 @@ def test_a_label_file_that_is_not_csv_is_one_line(tmp_path, small_corpus, random
     assert _segment(small_corpus, tmp_path / "out", random_weights, "--labels", labels) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a readable CSV" in err[0]
+
+
+def test_outputs_follow_the_umask(tmp_path, small_corpus, random_weights):
+    import stat
+
+    import lungmask_kit.fileio as fileio
+
+    if fileio.UMASK != 0o022:
+        pytest.skip(f"the test process runs with umask {fileio.UMASK:03o}")
+    out = tmp_path / "out"
+    assert _segment(small_corpus, out, random_weights) == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.parquet" for p in files) and len(files) > 9
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    for d in [p for p in out.rglob("*") if p.is_dir()]:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d

@@ -31,7 +31,7 @@ from lungmask_kit import __version__, defaults
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes
 from lungmask_kit.imaging import ImageDecodeError, read_gray, to_unit_range
-from lungmask_kit.manifest import read_metadata
+from lungmask_kit.manifest import read_metadata, resolve_folder
 from lungmask_kit.metrics import binary_classification_metrics, roc_curve
 from lungmask_kit.models.modeling import ModelConfig, build_model, load_model, save_model
 
@@ -56,6 +56,7 @@ class ClassifySettings:
     positive: str | None = None
     include_flagged: bool = False
     labels_from_folders: bool = False
+    input_root: str | None = None  # where the manifest's original images are now (--input-root)
     threshold: float = 0.5
 
 
@@ -89,7 +90,7 @@ def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list 
         for r in rows:
             parts = r["path"].split("/")
             r["label"] = parts[0] if len(parts) > 1 else None
-    root = Path(meta.get("input_root", manifest.parent))
+    root = resolve_folder(manifest, meta, "input_root", settings.input_root)
     info = {"rows": len(rows), "excluded_error": 0, "excluded_qc": 0, "excluded_unlabelled": 0}
     labels = sorted({r["label"] for r in rows if r.get("label")})
     if len(labels) < 2:

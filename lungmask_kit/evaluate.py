@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,9 @@ FIELDS = [
 ]
 
 
-def _predictions(pred: Path) -> tuple[dict[str, Path], dict[str, float]]:
-    """({relative image path without extension: predicted mask file}, {same key: est_dice}) from a manifest
-    or a folder (a folder has no est_dice)."""
+def _predictions(pred: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, str]]:
+    """({relative image path without extension: predicted mask file}, {same key: est_dice}, {same key: the
+    row's path as written}) from a manifest or a folder (a folder has no est_dice)."""
     if pred.is_file() and pred.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -40,10 +41,16 @@ def _predictions(pred: Path) -> tuple[dict[str, Path], dict[str, float]]:
         rows = table.select([c for c in ("path", "status", "mask_path", "est_dice") if c in table.column_names]).to_pylist()
         ok = [r for r in rows if r["status"] == "ok" and r["mask_path"]]
         est = {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None}
-        return {stem_key(r["path"]): pred.parent / r["mask_path"] for r in ok}, est
+        return {stem_key(r["path"]): pred.parent / r["mask_path"] for r in ok}, est, {stem_key(r["path"]): r["path"] for r in ok}
     if pred.is_dir():
-        return {stem_key(rel): pred / rel for rel in find_images(pred)}, {}
+        rels = find_images(pred)
+        return {stem_key(rel): pred / rel for rel in rels}, {}, {stem_key(rel): rel for rel in rels}
     raise LungkitError(f"predictions must be a manifest.parquet or a folder of masks: {pred}")
+
+
+def _relative(path: Path, out: str | Path) -> str:
+    """A path as written in outputs: relative to the output folder (no absolute path of this machine)."""
+    return Path(os.path.relpath(path, out)).as_posix()
 
 
 def est_dice_agreement(estimated: np.ndarray, measured: np.ndarray) -> dict | None:
@@ -60,7 +67,7 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
     """Score every prediction that has a truth mask; writes OUT/metrics.parquet and OUT/summary.json."""
     from tqdm.auto import tqdm
 
-    preds, estimated = _predictions(Path(pred))
+    preds, estimated, paths = _predictions(Path(pred))
     truth = Path(truth)
     truths = {stem_key(rel): truth / rel for rel in find_images(truth)}
     common = sorted(set(preds) & set(truths))
@@ -68,7 +75,7 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         raise LungkitError(f"no prediction matches a truth mask by relative path ({len(preds)} predictions, {len(truths)} truths)")
     rows = []
     for key in tqdm(common, disable=not progress, unit="img"):
-        row = {"path": key, "pred_mask": str(preds[key]), "truth_mask": str(truths[key]), "status": "ok",
+        row = {"path": paths[key], "pred_mask": _relative(preds[key], out), "truth_mask": _relative(truths[key], out), "status": "ok",
                "est_dice": estimated.get(key)}
         try:
             p, t = binarize_mask(read_gray(preds[key])), binarize_mask(read_gray(truths[key]))

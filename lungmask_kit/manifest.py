@@ -96,6 +96,32 @@ class PartWriter:
             self.next_index += 1
 
 
+def folder_entries(key: str, folder: str | Path, out: str | Path) -> dict[str, str]:
+    """Where a folder was, for the manifest's metadata: relative to the output folder when it can be (so a
+    corpus moved together with its inputs still resolves), and absolute as well."""
+    absolute = os.path.realpath(folder)
+    try:
+        relative = Path(os.path.relpath(absolute, os.path.realpath(out))).as_posix()
+    except ValueError:  # another drive (Windows): only the absolute path exists
+        relative = absolute
+    return {key: relative, f"{key}_absolute": absolute}
+
+
+def resolve_folder(manifest: str | Path, meta: dict, key: str = "input_root", override: str | Path | None = None) -> Path:
+    """The folder a manifest's `key` names: `override` (--input-root) if given; else the path relative to the
+    manifest's folder if it exists there; else the absolute path recorded (the output folder moved alone)."""
+    if override is not None:
+        return Path(override)
+    recorded = meta.get(key)
+    if recorded is None:
+        return Path(manifest).parent
+    candidate = Path(manifest).parent / recorded
+    absolute = meta.get(f"{key}_absolute")
+    if not candidate.is_dir() and absolute and Path(absolute).is_dir():
+        return Path(absolute)
+    return candidate
+
+
 def read_metadata(path: str | Path) -> dict:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(b"lungkit")

@@ -74,7 +74,7 @@ def previous_kind(out: Path, manifest_name: str) -> RunKind | None:
     marker = out / RUN_FILE
     try:
         data = json.loads(marker.read_text())
-        return RunKind(data["command"], data["input_root"])
+        return RunKind(data["command"], os.path.realpath(out / data["input_root"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     from lungmask_kit.manifest import read_metadata
@@ -84,7 +84,9 @@ def previous_kind(out: Path, manifest_name: str) -> RunKind | None:
     except Exception:  # absent or damaged: nothing to protect by kind (damage is handled on resume)
         return None
     if "command" in meta and "input_root" in meta:
-        return RunKind(meta["command"], os.path.realpath(meta["input_root"]))
+        from lungmask_kit.manifest import resolve_folder
+
+        return RunKind(meta["command"], os.path.realpath(resolve_folder(out / manifest_name, meta)))
     return None
 
 
@@ -101,7 +103,9 @@ def claim(out: Path, kind: RunKind, manifest_name: str, overwrite: bool) -> RunK
 
 
 def mark(out: Path, kind: RunKind) -> None:
-    atomic_write_bytes(out / RUN_FILE, json.dumps({"command": kind.command, "input_root": kind.input_root}).encode())
+    """Record the kind of run; the input folder relative to OUT (no absolute path of this machine)."""
+    relative = os.path.relpath(kind.input_root, os.path.realpath(out))
+    atomic_write_bytes(out / RUN_FILE, json.dumps({"command": kind.command, "input_root": relative}).encode())
 
 
 def confined(rel: str | None) -> bool:

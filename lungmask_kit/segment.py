@@ -29,7 +29,7 @@ from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.labels import write_label_report
-from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, finalize, previous_table
+from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, finalize, folder_entries, previous_table
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
@@ -427,7 +427,7 @@ class _SegmentRun:
         return {
             "command": "segment",
             "lungkit_version": __version__,
-            "input_root": str(self.root.resolve()),
+            **folder_entries("input_root", self.root, self.out),
             "model_name": config.name,
             "weights": self.segmenter.weights_path,
             "weights_sha256": self.segmenter.weights_sha256,

@@ -31,7 +31,9 @@ from lungmask_kit.manifest import (
     RunSummary,
     finalize,
     previous_table,
+    folder_entries,
     read_metadata,
+    resolve_folder,
 )
 from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
 
@@ -56,6 +58,7 @@ class VariantsOptions:
     progress: bool = True
     weights: str | Path | None = None  # whose mask-shape statistics score the masks (default: the bundled model)
     max_ood_score: float | None = None  # None: that model's gate (1.0)
+    input_root: str | Path | None = None  # where a manifest's images are now (default: where it recorded them)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def pairs_from_folders(images: Path, masks: Path, glob: str | None = None) -> li
     return pairs
 
 
-def _tasks_from_manifest(manifest: Path, glob: str | None) -> tuple[list[_Task], Path, Path]:
+def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | None = None) -> tuple[list[_Task], Path, Path]:
     import fnmatch
 
     import pyarrow as pa
@@ -104,7 +107,9 @@ def _tasks_from_manifest(manifest: Path, glob: str | None) -> tuple[list[_Task],
         raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
     if "input_root" not in meta:
         raise LungkitError(f"{manifest} is not a lungkit manifest (no input_root in its metadata)")
-    images_root = Path(meta["input_root"])
+    images_root = resolve_folder(manifest, meta, "input_root", input_root)
+    if not images_root.is_dir():
+        raise LungkitError(f"the images of {manifest} are not at {images_root}: give their folder with --input-root")
     rows = [r for r in rows if not glob or fnmatch.fnmatch(r["path"], glob)]
     masks_root = manifest.parent
     names = output_names([r["path"] for r in rows])
@@ -250,7 +255,7 @@ def run_variants(
             raise LungkitError(f"manifest not found: {manifest}")
         if (out / MANIFEST_NAME).resolve() == manifest.resolve() and not options.in_place:
             raise LungkitError(f"{out} holds the input manifest; choose another --out or pass --in-place to replace it")
-        tasks, images_root, masks_root = _tasks_from_manifest(manifest, options.glob)
+        tasks, images_root, masks_root = _tasks_from_manifest(manifest, options.glob, options.input_root)
     else:
         if images is None or masks is None:
             raise LungkitError("give a manifest, or both --images and --masks")
@@ -320,8 +325,9 @@ def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_
     flush()
 
     metadata = {
-        "command": "variants", "lungkit_version": __version__, "input_root": str(images_root.resolve()),
-        "masks_root": str(masks_root.resolve()), "source_manifest": str(manifest) if manifest else None,
+        "command": "variants", "lungkit_version": __version__, **folder_entries("input_root", images_root, out),
+        **folder_entries("masks_root", masks_root, out),
+        "source_manifest": Path(os.path.relpath(manifest, out)).as_posix() if manifest else None,
         "crop": options.crop, "margin": options.margin, "only": list(options.only), "resize_masks": options.resize_masks,
         "min_lung_fraction": options.min_lung_fraction, "qc": thresholds.as_dict(), "settings_key": key,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -34,8 +34,8 @@ def test_evaluate_cli_per_image_not_pooled(tmp_path):
     write_png(tmp_path / "pred" / "bad.png", half)
     assert main(["evaluate", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "-o", str(tmp_path / "ev"), "-q"]) == 0
     m = pd.read_parquet(tmp_path / "ev" / "metrics.parquet").set_index("path")
-    assert m.loc["good", "dice"] == 1.0
-    assert m.loc["bad", "dice"] == pytest.approx(2 * 450 / (450 + 900))
+    assert m.loc["good.png", "dice"] == 1.0  # keyed by the path as given, so it joins a manifest
+    assert m.loc["bad.png", "dice"] == pytest.approx(2 * 450 / (450 + 900))
     import json
 
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())

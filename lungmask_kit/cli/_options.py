@@ -36,6 +36,11 @@ MaxOodScoreOpt = Annotated[
         "higher is more lenient). Re-running with another value re-flags without re-segmenting.",
     ),
 ]
+InputRootOpt = Annotated[
+    Path | None,
+    typer.Option("--input-root", help="Where the manifest's original images are now, if they moved "
+                 "[default: the folder it recorded, relative to the manifest, then absolute]."),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo every image instead of resuming.")]
 LabelsOpt = Annotated[
     list[Path] | None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, LabelsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
+from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, InputRootOpt, LabelsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
 
 
 def classify(
@@ -27,6 +27,7 @@ def classify(
     positive: Annotated[str | None, typer.Option("--positive", help="The positive label [default: the one containing covid/positive].")] = None,
     labels: LabelsOpt = None,
     labels_from_folders: Annotated[bool, typer.Option("--labels-from-folders", help="Label = first folder of each image path (folder-per-class).")] = False,
+    input_root: InputRootOpt = None,
     include_flagged: Annotated[bool, typer.Option("--include-flagged", help="Keep images that failed the lung-area QC.")] = False,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Score --checkpoint on this manifest without training.")] = False,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A classifier .safetensors written by lungkit classify.")] = None,
@@ -68,6 +69,7 @@ def classify(
         variants=variants, normalize=normalize, channels=channels, arch=arch, pretrained=pretrained,
         image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, test_fraction=test_fraction,
         positive=positive, include_flagged=include_flagged, labels_from_folders=labels_from_folders,
+        input_root=str(input_root) if input_root else None,
     )
     result = run_classify(manifest, out, settings, resolve_device(device), labels_files=list(labels or []),
                           checkpoint=checkpoint, progress=not quiet, log=(lambda s: None) if quiet else typer.echo)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.cli._options import MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, WeightsOpt
+from lungmask_kit.cli._options import InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, WeightsOpt
 from lungmask_kit.cli._report import finish_run
 
 
@@ -24,6 +24,7 @@ def variants(
     min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
     max_ood_score: MaxOodScoreOpt = None,
     weights: WeightsOpt = None,
+    input_root: InputRootOpt = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes (0 = every core).")] = 0,
     glob: Annotated[str | None, typer.Option("--glob", help="Only image paths matching this pattern.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow --out to be the folder of the input manifest (replaces it).")] = False,
@@ -50,7 +51,8 @@ def variants(
     chosen = tuple(v.strip() for item in (only or ["lungs,nolungs"]) for v in item.split(",") if v.strip())
     options = VariantsOptions(crop=crop, margin=margin, min_lung_fraction=min_lung_fraction, only=chosen,
                               resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
-                              in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score)
+                              in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score,
+                              input_root=input_root)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
     finish_run(s, quiet, "lungkit variants summary", out)
 

@@ -40,10 +40,14 @@ def _root(
 
 
 def _register() -> None:
+    """Each command module adds its command, once, when this module is imported."""
     from lungmask_kit.cli import calibrate, classify, evaluate, segment, stats, train, variants
 
     for module in (segment, variants, classify, train, calibrate, evaluate, stats):
         module.register(app)
+
+
+_register()
 
 
 def _usage_error(exc: Exception) -> int:
@@ -71,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     files, and the process says so and exits with 130 / 143."""
     import signal
 
-    _register()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for s in previous:

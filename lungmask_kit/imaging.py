@@ -82,6 +82,24 @@ def _jpeg_complete(data: bytes) -> bool:
     return False
 
 
+def _without_icc_profile(data: bytes) -> bytes:
+    """PNG bytes without their iCCP chunk. OpenCV ignores colour profiles, but libpng prints a warning line
+    for each odd one (an RGB profile on a grayscale image is common in exported CXRs): thousands of lines on
+    a real corpus. Dropping the chunk before decoding changes no pixel."""
+    i, kept, found = 8, [data[:8]], False
+    while i + 8 <= len(data):
+        length = struct.unpack(">I", data[i:i + 4])[0]
+        end = i + 12 + length
+        if data[i + 4:i + 8] == b"iCCP":
+            found = True
+        else:
+            kept.append(data[i:end])
+        if data[i + 4:i + 8] == b"IEND":
+            break
+        i = end
+    return b"".join(kept) if found else data
+
+
 def _check_complete(data: bytes) -> None:
     # libpng/libjpeg decode truncated files into half-grey images with only a warning: refuse them.
     if data[:8] == b"\x89PNG\r\n\x1a\n" and not _png_complete(data):
@@ -98,6 +116,8 @@ def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> De
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageDecodeError(f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels")
     _check_complete(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"iCCP" in data[:1 << 16]:
+        data = _without_icc_profile(data)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         # ANYDEPTH|ANYCOLOR keeps 16-bit and applies EXIF orientation (IMREAD_UNCHANGED would not).

@@ -92,3 +92,31 @@ def test_prepare_input_uses_config_stats():
     assert x.shape == (1, 32, 32) and np.allclose(x, 2.0)
     x3 = prepare_input(img, 16, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 3)
     assert x3.shape == (3, 16, 16) and np.allclose(x3[1], (1 - 0.456) / 0.224)
+
+
+def test_png_colour_profiles_do_not_print_a_warning_per_image(tmp_path):
+    """libpng warns once per image with an RGB ICC profile on a grayscale PNG; lungkit drops the unused profile."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image, ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pixels = (np.random.default_rng(0).random((64, 80)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", icc_profile=profile)
+    path = tmp_path / "icc.png"
+    path.write_bytes(buf.getvalue())
+    code = ("import sys, cv2, numpy as np; from lungmask_kit.imaging import decode_image;"
+            "data = open(sys.argv[1], 'rb').read();"
+            "cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH) if sys.argv[2] == 'raw' else None;"
+            "img = decode_image(data).pixels if sys.argv[2] == 'lungkit' else None;"
+            "print(img.shape if img is not None else '')")
+    raw = subprocess.run([sys.executable, "-c", code, str(path), "raw"], capture_output=True, text=True)
+    ours = subprocess.run([sys.executable, "-c", code, str(path), "lungkit"], capture_output=True, text=True)
+    assert "libpng warning" in raw.stderr  # the file really provokes the warning
+    assert ours.returncode == 0 and "libpng warning" not in ours.stderr and "(64, 80)" in ours.stdout
+    from lungmask_kit.imaging import decode_image
+
+    assert np.array_equal(decode_image(path.read_bytes()).pixels, pixels)

@@ -312,17 +312,21 @@ def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_
     results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
         delayed(_process)(t, str(out), options, key, done.get(t.rel), gate) for t in tasks
     ) if jobs > 1 else (_process(t, str(out), options, key, done.get(t.rel), gate) for t in tasks)
-    for row in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
-        if row["status"] == "skipped":
-            summary.skipped += 1
-            continue
-        summary.processed += 1
-        if row["status"] == "error":
-            summary.errors.append((row["path"], row["error"]))
-        buffer.append(row)
-        if len(buffer) >= _CHUNK:
-            flush()
-    flush()
+    try:
+        for row in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
+            if row["status"] == "skipped":
+                summary.skipped += 1
+                continue
+            summary.processed += 1
+            if row["status"] == "error":
+                summary.errors.append((row["path"], row["error"]))
+            buffer.append(row)
+            if len(buffer) >= _CHUNK:
+                flush()
+        flush()
+    except BaseException:  # interrupted, or the output folder failed: no temp file stays behind
+        remove_stale_temps(out)
+        raise
 
     metadata = {
         "command": "variants", "lungkit_version": __version__, **folder_entries("input_root", images_root, out),

@@ -456,3 +456,26 @@ def test_outputs_follow_the_umask(tmp_path, small_corpus, random_weights):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     for d in [p for p in out.rglob("*") if p.is_dir()]:
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+
+
+def test_variants_stops_cleanly_on_sigterm(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for i in range(60):
+        img = cxr_like(900, 800, seed=i)
+        write_png(images / f"v{i:02d}.png", img)
+        write_png(masks / f"v{i:02d}.png", (img < 110).astype(np.uint8) * 255)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli("variants", "--images", images, "--masks", masks, "-o", out, "-j", "2", "-q"),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((out / "lungs").glob("*.png")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "variants finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert rc == 143 and "interrupted; run the same command again to resume" in err and "Traceback" not in err, err
+    assert not list(out.rglob(".lungkit-tmp-*"))
+    assert main(["variants", "--images", str(images), "--masks", str(masks), "-o", str(out), "-j", "2", "-q"]) == 0
+    m = _manifest(out)
+    assert len(m) == 60 and (m.status == "ok").all()

@@ -27,6 +27,7 @@ class LabelRow:
     patient_id: str | None
     split: str | None
     source_file: str
+    extra: tuple[tuple[str, str | None], ...] = ()  # the file's other columns (source, licence, view, ...)
 
 
 def _split_from_name(path: Path) -> str | None:
@@ -65,7 +66,8 @@ def _read_covidx(path: Path, text: str) -> list[LabelRow]:
             continue
         if len(parts) < 3:
             raise LungkitError(f"{path}:{n}: expected 'patient_id filename label [source]', got {line!r}")
-        rows.append(LabelRow(parts[1], parts[2], parts[0], split, str(path)))
+        extra = (("source", parts[3]),) if len(parts) > 3 else ()
+        rows.append(LabelRow(parts[1], parts[2], parts[0], split, str(path), extra))
     return rows
 
 
@@ -77,6 +79,7 @@ def _read_csv(path: Path, text: str) -> list[LabelRow]:
         raise LungkitError(f"{path}: a label CSV needs one of the columns {', '.join(_PATH_COLS)}")
     label_col, patient_col, split_col = _pick(header, _LABEL_COLS), _pick(header, _PATIENT_COLS), _pick(header, ("split",))
     file_split = _split_from_name(path)
+    others = [h for h in header if h and h not in (path_col, label_col, patient_col, split_col)]
     return [
         LabelRow(
             r[path_col].strip().replace("\\", "/"),
@@ -84,6 +87,7 @@ def _read_csv(path: Path, text: str) -> list[LabelRow]:
             (r.get(patient_col) or None) if patient_col else None,
             ((r.get(split_col) or None) if split_col else None) or file_split,
             str(path),
+            tuple((h.strip(), r.get(h) or None) for h in others),
         )
         for r in reader
         if (r.get(path_col) or "").strip()

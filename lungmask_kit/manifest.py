@@ -157,7 +157,10 @@ def _previous_tables(out: Path, manifest_name: str, fields: list[pa.Field], dama
             for f in fields:  # a column added since that file was written reads as null
                 if f.name not in t.column_names:
                     t = t.append_column(f, pa.nulls(len(t), f.type))
-            tables.append(t.select(names).cast(pa.schema(fields)))
+            known = t.select(names).cast(pa.schema(fields))
+            for extra in (c for c in t.column_names if c not in names):  # e.g. a label file's source column
+                known = known.append_column(extra, t.column(extra))
+            tables.append(known)
         except (pa.ArrowException, OSError, ValueError) as err:
             _set_aside(p, out, damaged, type(err).__name__)
     return tables
@@ -169,7 +172,7 @@ def previous_table(out: Path, manifest_name: str, fields: list[pa.Field], damage
     tables = _previous_tables(out, manifest_name, fields, damaged)
     if not tables:
         return None
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables, promote_options="default")  # extra columns: null where absent
     table = table.append_column("_order", pa.array(range(len(table)), pa.int64()))
     last = table.group_by("path").aggregate([("_order", "max")])["_order_max"]
     keep = pc.take(last, pc.sort_indices(last))  # row numbers of each path's last write, in write order
@@ -230,6 +233,7 @@ class RunSummary:
     label_conflicts: int = 0  # images whose label rows disagree (left unlabelled)
     errors: list[tuple[str, str]] = field(default_factory=list)
     flag_reasons: dict[str, int] = field(default_factory=dict)  # short reason -> flagged images
+    output_folders: list[str] = field(default_factory=list)  # where the images went
     removed_stale: int = 0  # earlier rows dropped because their input left the input folder (outputs deleted)
     warnings: list[str] = field(default_factory=list)  # e.g. damaged manifest files set aside
     uncalibrated: bool = False  # the model had no quality statistics

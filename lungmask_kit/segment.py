@@ -93,6 +93,9 @@ def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bo
 
 
 def labels_update(matched: dict):
+    """A manifest update that sets label / patient_id / split from the label files, and adds the files' other
+    columns (source, licence, view, finding, ...) as string columns; a name the manifest already has (e.g. its
+    measured width) keeps the manifest's value."""
     import pyarrow as pa
 
     def update(table):
@@ -101,6 +104,14 @@ def labels_update(matched: dict):
             values = [getattr(matched[p], col) if p in matched else None for p in paths]
             i = table.schema.get_field_index(col)
             table = table.set_column(i, table.schema.field(i), pa.array(values, pa.string()))
+        extras = {p: dict(row.extra) for p, row in matched.items()}
+        names = sorted({k for e in extras.values() for k in e} - {f.name for f in SEGMENT_FIELDS})
+        for name in names:
+            values = pa.array([extras.get(p, {}).get(name) for p in paths], pa.string())
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), pa.field(name, pa.string()), values)
+            else:
+                table = table.append_column(pa.field(name, pa.string()), values)
         return table
 
     return update
@@ -402,8 +413,9 @@ class _SegmentRun:
         with their outputs."""
         s, out = self.summary, self.out
 
-        def update(table):
-            return qc_update(self.thresholds)(labels_update(self.matched)(table))
+        def update(table):  # labels are (re)set only when label files were given: a plain re-run keeps them
+            table = labels_update(self.matched)(table) if self.options.labels else table
+            return qc_update(self.thresholds)(table)
 
         def keep_other(path: str) -> bool:
             return not self.options.overwrite and confined(path) and os.path.lexists(self.root / path)
@@ -415,6 +427,7 @@ class _SegmentRun:
         s.count(table)
         s.uncalibrated = self.segmenter.quality is None
         s.manifest = str(out / MANIFEST_NAME)
+        s.output_folders = [str(out / d) for d in OUTPUT_DIRS.values()]
         if self.unmatched or self.conflicts:
             s.unmatched_labels, s.label_conflicts = len(self.unmatched), len(self.conflicts)
             write_label_report(out, self.unmatched, self.conflicts)

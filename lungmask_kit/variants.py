@@ -346,5 +346,6 @@ def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_
     summary.removed_stale = len(dropped)
     summary.count(table)
     summary.manifest = str(out / MANIFEST_NAME)
+    summary.output_folders = [str(out / v) for v in options.only]
     summary.seconds = summary.pipeline_seconds = time.perf_counter() - t0
     return summary

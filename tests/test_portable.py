@@ -81,3 +81,30 @@ def test_evaluate_rows_join_the_manifest_on_path(tmp_path, example_images, examp
     joined = manifest.merge(metrics, on="path")
     assert len(joined) == len(manifest) == 8
     assert not any(str(tmp_path) in v for v in metrics.pred_mask.tolist() + metrics.truth_mask.tolist())
+
+
+def test_label_files_extra_columns_reach_the_manifest_and_survive_a_rerun(tmp_path, small_corpus, random_weights):
+    names = sorted(p.name for p in small_corpus.iterdir())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,patient_id,source,license,view,width\n"
+                      + "".join(f"{n},covid,p{i},ieee,CC BY 4.0,PA,999\n" for i, n in enumerate(names[:2])))
+    covidx = tmp_path / "test.txt"
+    covidx.write_text(f"p9 {names[2]} negative rsna\n")
+    out = tmp_path / "out"
+    assert main(["segment", str(small_corpus), "-o", str(out), "-w", str(random_weights), "-q",
+                 "--labels", str(labels), "--labels", str(covidx)]) == 0
+    m = pd.read_parquet(out / "manifest.parquet").set_index("path")
+    assert m.loc[names[0], ["source", "license", "view"]].tolist() == ["ieee", "CC BY 4.0", "PA"]
+    assert m.loc[names[2], "source"] == "rsna" and m.loc[names[2], "split"] == "test"
+    assert m.width.dtype.kind == "i" and (m.width != 999).all()  # the measured width wins over the file's
+    # a plain re-run (no --labels, e.g. to re-flag) keeps every label column
+    assert main(["segment", str(small_corpus), "-o", str(out), "-w", str(random_weights), "-q", "--min-lung-fraction", "0.5"]) == 0
+    again = pd.read_parquet(out / "manifest.parquet").set_index("path")
+    assert again.loc[names[0], ["label", "source", "license"]].tolist() == ["covid", "ieee", "CC BY 4.0"]
+
+
+def test_summary_names_the_output_folders(tmp_path, small_corpus, random_weights, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", str(small_corpus), "-o", str(out), "-w", str(random_weights)]) == 0
+    text = capsys.readouterr().out
+    assert f"{out}/masks, {out}/lungs, {out}/nolungs" in text and "model loading included" in text

@@ -29,7 +29,9 @@ def echo_run_summary(s, title: str) -> None:
         ("flagged by QC", f"{s.flagged}" + (f" ({reasons})" if reasons else "")),
         ("failed", s.failed),
         ("removed (input gone)", s.removed_stale),
-        ("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} img/s for {s.processed} processed)"),
+        ("time", f"{s.seconds:.1f} s in all, model loading included: {s.images_per_second:.2f} images processed "
+                 f"per second ({s.processed} processed; the progress bar counts skipped images too)"),
+        ("outputs", ", ".join(s.output_folders) or "-"),
         ("manifest", s.manifest),
     ], title=title))
 

@@ -55,6 +55,16 @@ def cxr_like(h: int = 320, w: int = 288, seed: int = 0, dtype=np.uint8) -> np.nd
     return (np.clip(img, 0, 1) * scale).astype(dtype)
 
 
+def image_mask_pairs(root: Path, n: int, h: int = 900, w: int = 800) -> tuple[Path, Path]:
+    """root/images and root/masks with n synthetic CXRs and their lung masks (the dark fields): enough work
+    for a variants run to be caught mid-way."""
+    for i in range(n):
+        img = cxr_like(h, w, seed=i)
+        write_png(root / "images" / f"v{i:02d}.png", img)
+        write_png(root / "masks" / f"v{i:02d}.png", (img < 110).astype(np.uint8) * 255)
+    return root / "images", root / "masks"
+
+
 def write_png(path: Path, pixels: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), pixels)

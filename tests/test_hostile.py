@@ -18,7 +18,7 @@ import pytest
 
 from lungmask_kit.cli.app import main
 
-from conftest import cxr_like, write_png
+from conftest import cxr_like, image_mask_pairs, write_png
 
 
 def _cli(*args) -> list[str]:
@@ -459,11 +459,7 @@ def test_outputs_follow_the_umask(tmp_path, small_corpus, random_weights):
 
 
 def test_variants_stops_cleanly_on_sigterm(tmp_path):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    for i in range(60):
-        img = cxr_like(900, 800, seed=i)
-        write_png(images / f"v{i:02d}.png", img)
-        write_png(masks / f"v{i:02d}.png", (img < 110).astype(np.uint8) * 255)
+    images, masks = image_mask_pairs(tmp_path, 60)
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli("variants", "--images", images, "--masks", masks, "-o", out, "-j", "2", "-q"),
                             stderr=subprocess.PIPE, text=True)

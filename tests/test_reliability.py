@@ -20,7 +20,7 @@ import pytest
 from lungmask_kit.cli.app import main
 from lungmask_kit.manifest import PARTS_DIR
 
-from conftest import cxr_like, write_png
+from conftest import cxr_like, image_mask_pairs, write_png
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -69,11 +69,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, random_weights):
 
 
 def test_variants_sigkill_then_resume(tmp_path):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    for i in range(60):
-        img = cxr_like(900, 800, seed=i)
-        write_png(images / f"v{i:02d}.png", img)
-        write_png(masks / f"v{i:02d}.png", (img < 110).astype(np.uint8) * 255)
+    images, masks = image_mask_pairs(tmp_path, 60)
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli("variants", "--images", images, "--masks", masks, "-o", out, "-j", "1", "-q"))
     deadline = time.time() + 120

@@ -317,3 +317,19 @@ def test_a_copy_of_a_calibrated_model_keeps_its_statistics_or_none(tmp_path):
     assert with_q is not None and np.array_equal(with_q.image.components, loaded.quality_tensors["quality.image.components"])
     assert Segmenter(tmp_path / "without", torch.device("cpu")).quality is None  # uncalibrated, not inconsistent
     assert json.loads((tmp_path / "without" / "config.json").read_text())["quality"] is None
+
+
+def test_calibrate_cli_writes_a_calibrated_copy_and_fails_cleanly(tmp_path, example_images, example_masks, capsys):
+    from lungmask_kit.cli.app import main
+    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS
+
+    before = DEFAULT_WEIGHTS.read_bytes()
+    assert main(["calibrate", str(tmp_path / "missing"), "-o", str(tmp_path / "never"), "-q"]) == 2
+    assert "training data not found" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data / "images")
+    shutil.copytree(example_masks, data / "masks")
+    assert main(["calibrate", str(data), "-o", str(tmp_path / "copy"), "--val-fraction", "0.4", "-q"]) == 0
+    cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert cfg["quality"]["report"]["n_val_images"] == 3 and cfg["quality"]["report"]["n_train_images"] == 5
+    assert DEFAULT_WEIGHTS.read_bytes() == before  # the bundled model is untouched with -o

@@ -199,7 +199,14 @@ def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Pat
     from lungmask_kit.runtime import configure_threads, resolve_device
     from lungmask_kit.training.data import find_pairs, split_pairs
 
+    # bad data or an unusable split fails before anything is written
+    train_pairs, val_pairs, by_patient = split_pairs(find_pairs(data), val_fraction, seed)
+    if not train_pairs or not val_pairs:
+        raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
+    if not by_patient:
+        log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
     source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
+    torch_device = resolve_device(device)
     target = source
     if out is not None:
         out = Path(out)
@@ -207,12 +214,6 @@ def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Pat
         target = out / "model.safetensors"
         for src, dst in ((source, target), (_config_path(source), out / "config.json")):
             shutil.copyfile(src, dst)
-    pairs = find_pairs(data)
-    train_pairs, val_pairs, by_patient = split_pairs(pairs, val_fraction, seed)
-    if not train_pairs or not val_pairs:
-        raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
-    if not by_patient:
-        log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
     configure_threads()
-    model = calibrate(target, train_pairs, val_pairs, resolve_device(device), progress=progress, log=log)
+    model = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
     return {**model.report, "min_est_dice": model.min_est_dice, "weights": str(target)}

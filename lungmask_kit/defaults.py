@@ -2,6 +2,8 @@
 
 # Image discovery
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Inputs (image and mask files) larger than this are error rows, never read whole into memory.
+MAX_FILE_BYTES = 1 << 30
 # Refuse images whose declared size exceeds this many pixels (decompression bombs).
 MAX_IMAGE_PIXELS = 20000 * 20000
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import TMP_PREFIX, atomic_write_bytes
+from lungmask_kit.qc import short_reason
 
 PARTS_DIR = ".manifest-parts"
 SCHEMA_VERSION = "lungkit-manifest/1"
@@ -198,7 +199,7 @@ def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Fi
     others = [p for p in previous if p not in wanted]
     kept = [p for p in others if keep_other is not None and keep_other(p)]
     dropped_paths = set(others) - set(kept)
-    dropped = [r for r in table.to_pylist() if r["path"] in dropped_paths] if dropped_paths else []
+    dropped = table.take(pa.array([index[p] for p in others if p in dropped_paths], pa.int64())).to_pylist()
     table = table.take(pa.array([index[p] for p in sorted(wanted | set(kept))], pa.int64()))
     if update is not None:
         table = update(table)
@@ -252,15 +253,6 @@ class RunSummary:
         for reason in table.column("qc_reason").to_pylist():
             for part in (reason or "").split("; "):
                 if part:
-                    short = next((v for k, v in _SHORT_REASONS.items() if part.startswith(k)), part)
+                    short = short_reason(part)
                     self.flag_reasons[short] = self.flag_reasons.get(short, 0) + 1
 
-
-# qc_reason openings -> the words of the end-of-run summary
-_SHORT_REASONS = {
-    "no lung detected": "no lung",
-    "lung area fraction": "small lung area",
-    "not like the frontal chest X-rays the model knows": "not a frontal CXR (image)",
-    "implausible lung shape for a frontal chest X-ray": "implausible lung shape",
-    "low estimated Dice": "low est_dice",
-}

@@ -44,6 +44,21 @@ def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
     return reasons
 
 
+# how each qc_reason opens -> its name in the end-of-run summary
+_SHORT = {
+    "no lung detected": "no lung",
+    "lung area fraction": "small lung area",
+    "not like the frontal chest X-rays the model knows": "not a frontal CXR (image)",
+    "implausible lung shape for a frontal chest X-ray": "implausible lung shape",
+    "low estimated Dice": "low est_dice",
+}
+
+
+def short_reason(reason: str) -> str:
+    """One qc_reason part -> the few words the run summary counts it under."""
+    return next((short for opening, short in _SHORT.items() if reason.startswith(opening)), reason)
+
+
 def qc_update(thresholds: QCThresholds):
     """A manifest table update that (re)computes qc_pass / qc_reason from the table's own columns."""
     import pyarrow as pa

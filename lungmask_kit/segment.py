@@ -38,7 +38,6 @@ MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
 # Bump when the bytes written for the same input and settings change.
 OUTPUT_FORMAT = 2  # 2: quality columns (ood_score, est_dice)
-MAX_FILE_BYTES = 1 << 30
 
 
 @dataclass
@@ -247,7 +246,7 @@ class _SegmentRun:
             row["error"] = problem
             return item
         try:
-            data = read_regular_file(self.root / rel, MAX_FILE_BYTES)
+            data = read_regular_file(self.root / rel, defaults.MAX_FILE_BYTES)
         except InputReadError as err:
             row["error"] = str(err)
             return item

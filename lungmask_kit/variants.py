@@ -41,7 +41,6 @@ FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_FORMAT = 2  # 2: ood_shape_score
 _CHUNK = 64  # rows per manifest part
-MAX_FILE_BYTES = 1 << 30
 
 
 @dataclass
@@ -153,11 +152,7 @@ def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tu
              gate: _ShapeGate | None = None) -> dict:
     """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input)."""
     try:
-        row = _process_pair(task, out, options, key, done)
-        if gate is not None and row["status"] == "ok":
-            row["ood_shape_score"] = gate.score(row.pop("_mask"))
-        row.pop("_mask", None)
-        return row
+        return _process_pair(task, out, options, key, done, gate)
     except LungkitError:
         raise  # the output folder is unusable: stop the run
     except Exception as err:  # an unforeseen failure costs one image, never the batch
@@ -165,7 +160,8 @@ def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tu
                 "error": f"unexpected error: {type(err).__name__}: {err}"}
 
 
-def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None) -> dict:
+def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
+                  gate: _ShapeGate | None) -> dict:
     row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra}
     out_dir = Path(out)
     # paths from a manifest stay inside the folders it names: nothing is read or written outside them
@@ -177,7 +173,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         row["error"] = problem
         return row
     try:
-        data = read_regular_file(task.image, MAX_FILE_BYTES)
+        data = read_regular_file(task.image, defaults.MAX_FILE_BYTES)
     except InputReadError as err:
         row["error"] = f"image: {err}"
         return row
@@ -186,7 +182,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         row["error"] = "no mask for this image"
         return row
     try:
-        mask_bytes = read_regular_file(task.mask, MAX_FILE_BYTES)
+        mask_bytes = read_regular_file(task.mask, defaults.MAX_FILE_BYTES)
     except InputReadError as err:
         row["error"] = f"mask: {err}"
         return row
@@ -231,7 +227,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     row.update(
         lungs_path=paths.get("lungs"), nolungs_path=paths.get("nolungs"), crop_box=list(box) if box else None,
         lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(mask),
-        status="ok", error=None, _mask=mask,
+        status="ok", error=None, ood_shape_score=gate.score(mask) if gate is not None else None,
     )
     return row
 

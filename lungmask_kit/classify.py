@@ -19,6 +19,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,38 @@ from lungmask_kit.metrics import binary_classification_metrics, roc_curve
 from lungmask_kit.models.modeling import ModelConfig, build_model, load_model, save_model
 
 VARIANT_COLUMNS = {"original": None, "lungs": "lungs_path", "nolungs": "nolungs_path"}
+
+
+class VariantChoice(str, Enum):
+    """Which variants to train on (`all`: the three)."""
+    original = "original"
+    lungs = "lungs"
+    nolungs = "nolungs"
+    all = "all"
+
+
+class Normalization(str, Enum):
+    dataset = "dataset"  # mean/std of the training split
+    imagenet = "imagenet"
+
+
+class Channels(str, Enum):
+    gray = "gray"  # one channel
+    rgb = "rgb"  # gray replicated to three
+
+
+def variants_to_run(variant: str, checkpoint=None) -> tuple[str, ...]:
+    """The variants a run covers: one, or all three; with a checkpoint and `all`, the one it was trained on."""
+    variant = VariantChoice(variant).value
+    if variant != "all":
+        return (variant,)
+    if checkpoint is not None:
+        from lungmask_kit.models.modeling import load_config
+
+        trained_on = load_config(checkpoint)[0].provenance.get("variant")
+        if trained_on:
+            return (trained_on,)
+    return tuple(VARIANT_COLUMNS)
 IMAGENET_GRAY_MEAN = float(np.mean(defaults.IMAGENET_MEAN))  # ImageNet stats averaged for 1-channel input
 IMAGENET_GRAY_STD = float(np.mean(defaults.IMAGENET_STD))
 
@@ -221,10 +254,6 @@ def _predict(model, ds, device, batch_size) -> np.ndarray:
 def train_variant(variant, train, test, settings: ClassifySettings, cache, device, out: Path, progress, log) -> tuple[dict, np.ndarray]:
     from tqdm.auto import tqdm
 
-    from lungmask_kit.runtime import tune_malloc
-
-    if device.type == "cpu":
-        tune_malloc()
     in_channels = 1 if settings.channels == "gray" else 3
     if settings.normalize == "dataset":
         m, s = _stats(train, variant, cache)  # training split only
@@ -274,13 +303,17 @@ def train_variant(variant, train, test, settings: ClassifySettings, cache, devic
     return binary_classification_metrics([s.label for s in test], probs, settings.threshold), probs
 
 
-def run_classify(manifest, out, settings: ClassifySettings, device, labels_files=None, checkpoint=None,
-                 progress=True, log: Callable[[str], None] = print) -> dict:
+def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.device = "auto", labels_files=None,
+                 checkpoint=None, progress=True, log: Callable[[str], None] = print) -> dict:
     """Train (or with `checkpoint`, only score) one classifier per variant; write every output to `out`."""
+    from lungmask_kit.runtime import prepare_device
+
     t0 = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
     if not manifest.is_file():
         raise LungkitError(f"manifest not found: {manifest}")
+    Normalization(settings.normalize), Channels(settings.channels)  # a wrong value fails here, not mid-run
+    device = prepare_device(device)
     out.mkdir(parents=True, exist_ok=True)
     samples, info = load_samples(manifest, settings, labels_files)
     for variant in settings.variants:

@@ -1,7 +1,8 @@
 """Every default of the pipeline, in one place."""
 
 # Image discovery
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + DICOM_EXTENSIONS
 # Inputs (image and mask files) larger than this are error rows, never read whole into memory.
 MAX_FILE_BYTES = 1 << 30
 # Refuse images whose declared size exceeds this many pixels (decompression bombs).

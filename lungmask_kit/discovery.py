@@ -11,12 +11,26 @@ from pathlib import Path, PurePosixPath
 from lungmask_kit import defaults
 
 
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(defaults.IMAGE_EXTENSIONS)
+def is_image_name(name: str, dicom: bool = False) -> bool:
+    """Whether a file name is an input image. `dicom` (--dicom) adds the names DICOM files often have: none
+    with an extension, or a UID (`1.2.840.113619.2.55.3`); a DICOMDIR is an index, not an image."""
+    if name.lower().endswith(defaults.IMAGE_EXTENSIONS):
+        return True
+    if not dicom or name.upper() == "DICOMDIR":
+        return False
+    suffix = PurePosixPath(name).suffix
+    return not suffix or suffix[1:].isdigit()
 
 
-def find_images(root: str | Path, glob: str | None = None) -> list[str]:
-    """Relative POSIX paths of every image under `root`, sorted; `glob` filters the relative path.
+def wants_dicom(rel: str, dicom: bool = False) -> bool:
+    """Whether to read a discovered file as DICOM even without the preamble: named .dcm, or found by --dicom."""
+    name = rel.lower()
+    return name.endswith(defaults.DICOM_EXTENSIONS) or (dicom and not name.endswith(defaults.IMAGE_EXTENSIONS))
+
+
+def find_images(root: str | Path, glob: str | None = None, dicom: bool = False) -> list[str]:
+    """Relative POSIX paths of every image under `root`, sorted; `glob` filters the relative path; `dicom`
+    also takes extensionless files (see is_image_name).
 
     An explicit stack, not recursion, so folder depth has no limit. Symlinked folders are followed once
     (loops are cut by tracking real paths); hidden files and our own temp files are skipped. Whether an
@@ -41,7 +55,7 @@ def find_images(root: str | Path, glob: str | None = None) -> list[str]:
                 if real not in seen_dirs:
                     seen_dirs.add(real)
                     stack.append((entry.path, rel))
-            elif is_image_name(entry.name) and (not glob or fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(entry.name, glob)):
+            elif is_image_name(entry.name, dicom) and (not glob or fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(entry.name, glob)):
                 found.append(rel)
     return sorted(found)
 

@@ -1,18 +1,21 @@
 """Image decoding, model-input preparation and PNG encoding.
 
 Shape contract: a decoded image is a 2-D array (H, W) of uint8 or uint16 -- grayscale at the file's native
-bit depth. Colour (RGB, RGBA, palette, CMYK) is converted to luminance; EXIF orientation is applied.
+bit depth. Colour (RGB, RGBA, palette, CMYK) is converted to luminance; EXIF orientation is applied. DICOM files
+(recognised by their preamble, or forced) are decoded by `dicom.py`, which also gives the windowed view the
+model sees and the header's manifest columns.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lungmask_kit import defaults
+from lungmask_kit.dicom import is_dicom
 
 # OpenCV refuses images above this many pixels itself; keep it at our limit (read on first decode).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(defaults.MAX_IMAGE_PIXELS))
@@ -20,17 +23,29 @@ import cv2  # noqa: E402
 
 
 class ImageDecodeError(ValueError):
-    """The file is not a usable image; the message says why."""
+    """The file is not a usable image; the message says why. `header`: a DICOM's manifest columns, where the
+    header could be read before the image failed."""
+
+    def __init__(self, message: str, header: dict | None = None):
+        super().__init__(message)
+        self.header = header or {}
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    pixels: np.ndarray  # (H, W) uint8 or uint16
+    pixels: np.ndarray  # (H, W) uint8 or uint16: what the outputs keep
     source_channels: int  # colour channels decoded: 1 gray or 3 colour (alpha is dropped)
+    windowed: np.ndarray | None = None  # (H, W) uint8: a DICOM's VOI LUT / window applied, for the model
+    header: dict = field(default_factory=dict)  # a DICOM's manifest columns (dicom.HEADER_COLUMNS)
 
     @property
     def bit_depth(self) -> int:
         return 16 if self.pixels.dtype == np.uint16 else 8
+
+    @property
+    def model_view(self) -> np.ndarray:
+        """The image the model sees: the windowed DICOM where there is one, else the pixels."""
+        return self.pixels if self.windowed is None else self.windowed
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:
@@ -108,10 +123,13 @@ def _check_complete(data: bytes) -> None:
         raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
 
 
-def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> DecodedImage:
-    """Decode file bytes to grayscale at native bit depth. Raises ImageDecodeError with a clear reason."""
+def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, dicom: bool = False) -> DecodedImage:
+    """Decode file bytes to grayscale at native bit depth. Raises ImageDecodeError with a clear reason.
+    DICOM is recognised by its preamble; `dicom` also reads files without one (named .dcm, or --dicom)."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    if dicom or is_dicom(data):
+        return decode_dicom(data, max_pixels, force=not is_dicom(data))
     size = _declared_size(data)
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageDecodeError(f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels")
@@ -140,9 +158,43 @@ def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> De
     return DecodedImage(np.ascontiguousarray(img), channels)
 
 
-def read_gray(path: str | os.PathLike) -> np.ndarray:
+def decode_dicom(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, force: bool = False) -> DecodedImage:
+    """A DICOM radiograph -> DecodedImage with its windowed view and header columns (see dicom.py)."""
+    from lungmask_kit import dicom
+
+    header: dict = {}
+    try:
+        ds = dicom.read_dataset(data, force)
+        header = dicom.header_columns(ds)
+        dicom.check_single_image(ds, max_pixels)
+        stored = dicom.decode_pixels(ds)
+        if ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
+            if stored.ndim != 2:
+                raise dicom.DicomError(f"unsupported DICOM pixel layout {stored.shape} (one 2-D image expected)")
+            pixels, windowed = dicom.presentation(ds, stored)
+            return DecodedImage(pixels, 1, windowed, header)
+        return DecodedImage(dicom.to_gray_colour(ds, stored), 3, None, header)
+    except dicom.DicomError as err:
+        raise ImageDecodeError(str(err), header) from err
+
+
+def is_dicom_name(name: str | os.PathLike) -> bool:
+    return str(name).lower().endswith(defaults.DICOM_EXTENSIONS)
+
+
+def read_decoded(path: str | os.PathLike) -> DecodedImage:
     with open(path, "rb") as fh:
-        return decode_image(fh.read()).pixels
+        return decode_image(fh.read(), dicom=is_dicom_name(path))
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """The pixels an image's outputs keep (a mask, a variant, a classifier's input)."""
+    return read_decoded(path).pixels
+
+
+def read_model_view(path: str | os.PathLike) -> np.ndarray:
+    """The image as the segmenter sees it (a DICOM's window applied): for training, calibration and stats."""
+    return read_decoded(path).model_view
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:

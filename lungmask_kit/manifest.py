@@ -48,8 +48,15 @@ SEGMENT_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("settings_key", pa.string()),
     pa.field("label", pa.string()),
-    pa.field("patient_id", pa.string()),
+    pa.field("patient_id", pa.string()),  # a label file's, else a DICOM's PatientID
     pa.field("split", pa.string()),
+    # from a DICOM header (or a label file's column of the same name); null for other images
+    pa.field("view", pa.string()),
+    pa.field("modality", pa.string()),
+    pa.field("study_uid", pa.string()),
+    pa.field("series_uid", pa.string()),
+    pa.field("sop_uid", pa.string()),
+    pa.field("pixel_spacing", pa.list_(pa.float64())),  # [row, column] mm: PixelSpacing, else ImagerPixelSpacing
 ]
 
 VARIANTS_EXTRA_FIELDS = [
@@ -95,6 +102,18 @@ class PartWriter:
         if rows:
             write_table(to_table(rows, self.fields), self.dir / f"part-{self.next_index:06d}.parquet")
             self.next_index += 1
+
+
+def carry_columns(table: pa.Table, carried: pa.Table) -> pa.Table:
+    """`table` with `carried`'s columns other than path joined on path (replacing columns of the same name, e.g.
+    from an earlier run); paths `carried` lacks get nulls. Row order is kept."""
+    names = [c for c in carried.column_names if c != "path"]
+    table = table.drop_columns([c for c in names if c in table.column_names])
+    index = {p: i for i, p in enumerate(carried.column("path").to_pylist())}
+    take = pa.array([index.get(p) for p in table.column("path").to_pylist()], pa.int64())
+    for name in names:
+        table = table.append_column(carried.schema.field(name), carried.column(name).take(take))
+    return table
 
 
 def folder_entries(key: str, folder: str | Path, out: str | Path) -> dict[str, str]:

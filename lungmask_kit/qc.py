@@ -1,5 +1,9 @@
 """QC flags computed from manifest columns alone, so a new threshold re-flags a run without re-segmenting.
 
+Besides the mask's own measures, the image's declared kind counts: a modality that is not a projection
+radiograph (a DICOM's Modality, or a label file's modality column) and a lateral view are flagged, whatever
+the mask looks like.
+
 Every reason that applies is listed in `qc_reason` (joined by "; "); `qc_pass` is false when there is one.
 Failed rows keep `qc_pass` null.
 """
@@ -9,6 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lungmask_kit import defaults
+from lungmask_kit.dicom import RADIOGRAPH_MODALITIES, is_lateral
+
+# how label files spell a projection radiograph besides the DICOM codes (e.g. cxr-ood's list.csv: "X-ray")
+_RADIOGRAPH_SPELLINGS = set(RADIOGRAPH_MODALITIES) | {"XRAY", "X-RAY", "X RAY", "RG", "DR", "CXR"}
 
 
 @dataclass(frozen=True)
@@ -21,9 +29,20 @@ class QCThresholds:
         return asdict(self)
 
 
-def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
-    """The QC reasons of one ok manifest row (lung area, input gate, estimated Dice)."""
+def kind_reasons(row: dict) -> list[str]:
+    """Reasons from what the image declares itself to be (columns modality and view), before any mask."""
     reasons = []
+    modality = row.get("modality")
+    if modality and modality.strip().upper() not in _RADIOGRAPH_SPELLINGS:
+        reasons.append(f"not a radiograph (modality {modality}; {' or '.join(RADIOGRAPH_MODALITIES)} expected)")
+    if is_lateral(row.get("view")):
+        reasons.append(f"lateral view (view {row['view']}); the model segments frontal views")
+    return reasons
+
+
+def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
+    """The QC reasons of one ok manifest row (declared kind, lung area, input gate, estimated Dice)."""
+    reasons = kind_reasons(row)
     fraction = row.get("lung_area_fraction")
     if fraction is not None:
         if fraction == 0:
@@ -51,6 +70,8 @@ _SHORT = {
     "not like the frontal chest X-rays the model knows": "not a frontal CXR (image)",
     "implausible lung shape for a frontal chest X-ray": "implausible lung shape",
     "low estimated Dice": "low est_dice",
+    "not a radiograph": "not a radiograph (modality)",
+    "lateral view": "lateral view",
 }
 
 
@@ -64,7 +85,8 @@ def qc_update(thresholds: QCThresholds):
     import pyarrow as pa
 
     def update(table):
-        names = [n for n in ("lung_area_fraction", "ood_image_score", "ood_shape_score", "est_dice") if n in table.column_names]
+        names = [n for n in ("lung_area_fraction", "ood_image_score", "ood_shape_score", "est_dice", "modality", "view")
+                 if n in table.column_names]
         columns = {n: table.column(n).to_pylist() for n in names}
         qc_pass, reason = [], []
         for i, status in enumerate(table.column("status").to_pylist()):

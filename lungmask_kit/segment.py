@@ -24,7 +24,7 @@ import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import derive_variants
-from lungmask_kit.discovery import find_images, inside, output_names, output_path_problem
+from lungmask_kit.discovery import find_images, inside, output_names, output_path_problem, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
@@ -56,6 +56,7 @@ class SegmentOptions:
     max_ood_score: float | None = None  # None: the model's calibrated gate (1.0)
     min_est_dice: float | None = None  # None: the model's calibrated default
     tta: bool = False  # a mirrored pass adds flip agreement to est_dice (masks are unchanged)
+    dicom: bool = False  # also read extensionless / UID-named files as DICOM (.dcm is always read)
     max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
     overwrite: bool = False
     progress: bool = True
@@ -91,26 +92,38 @@ def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bo
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# header columns a label file may also give (e.g. cxr-cls's view): the label fills them where the header did not
+_LABEL_FILLS = ("view", "modality", "study_uid", "series_uid", "sop_uid")
+
+
 def labels_update(matched: dict):
-    """A manifest update that sets label / patient_id / split from the label files, and adds the files' other
-    columns (source, licence, view, finding, ...) as string columns; a name the manifest already has (e.g. its
-    measured width) keeps the manifest's value."""
+    """A manifest update from the label files: label and split are set (null for an unlabelled image);
+    patient_id is the label's, else a DICOM's PatientID; the files' other columns (source, licence, finding,
+    ...) become string columns; a header column (view, modality, ...) is filled where the image had none; a
+    name the manifest measures itself (width, ...) keeps the manifest's value."""
     import pyarrow as pa
+
+    def set_strings(table, name, values):
+        array = pa.array(values, pa.string())
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            return table.set_column(i, table.schema.field(i), array)
+        return table.append_column(pa.field(name, pa.string()), array)
 
     def update(table):
         paths = table.column("path").to_pylist()
-        for col in ("label", "patient_id", "split"):
-            values = [getattr(matched[p], col) if p in matched else None for p in paths]
-            i = table.schema.get_field_index(col)
-            table = table.set_column(i, table.schema.field(i), pa.array(values, pa.string()))
-        extras = {p: dict(row.extra) for p, row in matched.items()}
-        names = sorted({k for e in extras.values() for k in e} - {f.name for f in SEGMENT_FIELDS})
+        labelled = [matched.get(p) for p in paths]
+        for col in ("label", "split"):
+            table = set_strings(table, col, [getattr(m, col) if m else None for m in labelled])
+        own = table.column("patient_id").to_pylist()
+        table = set_strings(table, "patient_id", [(m and m.patient_id) or o for m, o in zip(labelled, own)])
+        extras = [dict(m.extra) if m else {} for m in labelled]
+        names = sorted({k for e in extras for k in e} - ({f.name for f in SEGMENT_FIELDS} - set(_LABEL_FILLS)))
         for name in names:
-            values = pa.array([extras.get(p, {}).get(name) for p in paths], pa.string())
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), pa.field(name, pa.string()), values)
-            else:
-                table = table.append_column(pa.field(name, pa.string()), values)
+            values = [e.get(name) for e in extras]
+            if name in _LABEL_FILLS:
+                values = [o if o is not None else v for o, v in zip(table.column(name).to_pylist(), values)]
+            table = set_strings(table, name, values)
         return table
 
     return update
@@ -155,13 +168,13 @@ def _footprint(pixels: np.ndarray) -> int:
     return pixels.nbytes * 3 + pixels.size
 
 
-def _discover(root: Path, out: Path, glob: str | None) -> list[str]:
+def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> list[str]:
     if not root.is_dir():
         raise LungkitError(f"input folder not found: {root}")
     if os.path.realpath(out) == os.path.realpath(root):
         raise LungkitError("the output folder must differ from the input folder")
     # never read our own outputs back as inputs when --out lies inside the input folder
-    rels = [r for r in find_images(root, glob) if not inside(root / r, out)]
+    rels = [r for r in find_images(root, glob, dicom) if not inside(root / r, out)]
     if not rels:
         raise NoImagesError(f"no images found under {root}" + (f" matching {glob!r}" if glob else ""))
     return rels
@@ -171,12 +184,17 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     """`lungkit segment`: masks, variants and a manifest for every image under `input_dir`."""
     t_start = time.perf_counter()
     root, out = Path(input_dir), Path(out)
-    rels = _discover(root, out, options.glob)
+    rels = _discover(root, out, options.glob, options.dicom)
     check_writable(out)
-    with RunLock(out):
+    from lungmask_kit.runtime import WarningTally
+
+    with RunLock(out), WarningTally() as tally:
         run = _SegmentRun(root, out, rels, options)
         run.pipeline()
-        return run.finish(t_start)
+        summary = run.finish(t_start)
+    if tally.summary():
+        summary.warnings.append(tally.summary())
+    return summary
 
 
 class _SegmentRun:
@@ -185,7 +203,7 @@ class _SegmentRun:
     def __init__(self, root: Path, out: Path, rels: list[str], options: SegmentOptions):
         from lungmask_kit.inference import Segmenter
         from lungmask_kit.labels import match_labels, read_labels
-        from lungmask_kit.runtime import configure_threads, resolve_device
+        from lungmask_kit.runtime import prepare_device
 
         self.root, self.out, self.rels, self.options = root, out, rels, options
         label_rows = read_labels(options.labels) if options.labels else []
@@ -195,8 +213,7 @@ class _SegmentRun:
         # whose outputs the earlier rows name (another command's, when --overwrite replaces its run)
         self.previous_command = replaced.command if replaced else "segment"
         remove_stale_temps(out)
-        self.device = resolve_device(options.device)
-        configure_threads()
+        self.device = prepare_device(options.device)
         self.segmenter = Segmenter(options.weights, self.device)
         mark(out, kind)  # the weights loaded: from here on the folder holds this run
         self.post = PostprocessSettings(
@@ -256,13 +273,13 @@ class _SegmentRun:
             row["status"] = "skipped"
             return item
         try:
-            decoded = decode_image(data)
+            decoded = decode_image(data, dicom=wants_dicom(rel, self.options.dicom))
         except ImageDecodeError as err:
-            row["error"] = str(err)
+            row.update(err.header, error=str(err))
             return item
         h, w = decoded.pixels.shape
-        row.update(width=w, height=h, bit_depth=decoded.bit_depth, source_channels=decoded.source_channels)
-        item.model_input = self.segmenter.prepare(decoded.pixels)
+        row.update(decoded.header, width=w, height=h, bit_depth=decoded.bit_depth, source_channels=decoded.source_channels)
+        item.model_input = self.segmenter.prepare(decoded.model_view)
         item.pixels = decoded.pixels
         item.held = _footprint(decoded.pixels)
         self.budget.take(item.held)  # given back by write(), whatever happens there

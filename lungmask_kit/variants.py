@@ -20,7 +20,7 @@ import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
-from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key
+from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
@@ -28,6 +28,7 @@ from lungmask_kit.manifest import (
     SEGMENT_FIELDS,
     VARIANTS_EXTRA_FIELDS,
     PartWriter,
+    carry_columns,
     RunSummary,
     finalize,
     previous_table,
@@ -58,6 +59,7 @@ class VariantsOptions:
     weights: str | Path | None = None  # whose mask-shape statistics score the masks (default: the bundled model)
     max_ood_score: float | None = None  # None: that model's gate (1.0)
     input_root: str | Path | None = None  # where a manifest's images are now (default: where it recorded them)
+    dicom: bool = False  # folder mode: also read extensionless / UID-named files as DICOM
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class _Task:
     mask: str | None  # absolute mask path, None when no mask matched
     mask_rel: str | None
     out_rel: str  # output relative path (.png)
-    extra: dict  # label / patient_id / split carried over
+    extra: dict  # label, patient_id, split and header columns carried over from a manifest
+    dicom: bool = False  # read as DICOM even without the preamble (named .dcm, or found by segment/variants --dicom)
 
 
 def _settings_key(options: VariantsOptions, gate: _ShapeGate | None) -> str:
@@ -76,15 +79,15 @@ def _settings_key(options: VariantsOptions, gate: _ShapeGate | None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pairs_from_folders(images: Path, masks: Path, glob: str | None = None) -> list[tuple[str, str | None]]:
+def pairs_from_folders(images: Path, masks: Path, glob: str | None = None, dicom: bool = False) -> list[tuple[str, str | None]]:
     """(image rel, mask rel or None) matched by relative path without extension, then by unique file stem."""
-    mask_rels = find_images(masks)
+    mask_rels = find_images(masks, dicom=dicom)
     by_key = {stem_key(m): m for m in mask_rels}
     by_stem: dict[str, list[str]] = {}
     for m in mask_rels:
         by_stem.setdefault(PurePosixPath(m).stem, []).append(m)
     pairs = []
-    for rel in find_images(images, glob):
+    for rel in find_images(images, glob, dicom):
         m = by_key.get(stem_key(rel))
         if m is None:
             cands = by_stem.get(PurePosixPath(rel).stem, [])
@@ -93,7 +96,14 @@ def pairs_from_folders(images: Path, masks: Path, glob: str | None = None) -> li
     return pairs
 
 
-def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | None = None) -> tuple[list[_Task], Path, Path]:
+# columns a variants row takes over from the segment manifest's row (its own measures are recomputed)
+_CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "series_uid", "sop_uid", "pixel_spacing")
+
+
+def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | None = None
+                         ) -> tuple[list[_Task], Path, Path, "pa.Table | None"]:
+    """The image-mask pairs a manifest names, and its columns beyond lungkit's own (a label file's source,
+    licence, finding, ...) keyed by path, to be carried into the variants manifest."""
     import fnmatch
 
     import pyarrow as pa
@@ -101,7 +111,8 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
 
     try:
         meta = read_metadata(manifest)
-        rows = pq.read_table(manifest).to_pylist()
+        source = pq.read_table(manifest)
+        rows = source.select([c for c in source.column_names if c in {f.name for f in FIELDS}]).to_pylist()
     except (OSError, ValueError, pa.ArrowException) as err:
         raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
     if "input_root" not in meta:
@@ -115,10 +126,13 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
     tasks = []
     for r in rows:
         mask_rel = r.get("mask_path") if r["status"] == "ok" else None
-        extra = {k: r.get(k) for k in ("label", "patient_id", "split")}
+        extra = {k: r.get(k) for k in _CARRIED}
         tasks.append(_Task(r["path"], str(images_root / r["path"]), str(masks_root / mask_rel) if mask_rel else None,
-                           mask_rel, names[r["path"]], extra))
-    return tasks, images_root, masks_root
+                           mask_rel, names[r["path"]], extra, wants_dicom(r["path"], dicom=True)))
+    own = {f.name for f in FIELDS}
+    others = [c for c in source.column_names if c not in own]
+    carried = source.select(["path", *others]) if others and "path" in source.column_names else None
+    return tasks, images_root, masks_root, carried
 
 
 @dataclass(frozen=True)
@@ -150,14 +164,20 @@ def _shape_gate(weights) -> _ShapeGate | None:
 
 def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
              gate: _ShapeGate | None = None) -> dict:
-    """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input)."""
-    try:
-        return _process_pair(task, out, options, key, done, gate)
-    except LungkitError:
-        raise  # the output folder is unusable: stop the run
-    except Exception as err:  # an unforeseen failure costs one image, never the batch
-        return {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra,
-                "error": f"unexpected error: {type(err).__name__}: {err}"}
+    """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input). The
+    warnings decoding raised are counted into the row's `_warnings` (count, first), not printed."""
+    from lungmask_kit.runtime import WarningTally
+
+    with WarningTally() as tally:
+        try:
+            row = _process_pair(task, out, options, key, done, gate)
+        except LungkitError:
+            raise  # the output folder is unusable: stop the run
+        except Exception as err:  # an unforeseen failure costs one image, never the batch
+            row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra,
+                   "error": f"unexpected error: {type(err).__name__}: {err}"}
+    row["_warnings"] = (tally.count, tally.first)
+    return row
 
 
 def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
@@ -192,12 +212,13 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     if done == (row["sha256"], mask_sha) and all((out_dir / p).is_file() for p in paths.values()):
         return {**row, "status": "skipped"}
     try:
-        image = decode_image(data)
+        image = decode_image(data, dicom=task.dicom)
     except ImageDecodeError as err:
-        row["error"] = f"image: {err}"
+        row.update({k: v for k, v in err.header.items() if v is not None}, error=f"image: {err}")
         return row
+    row.update({k: v for k, v in image.header.items() if v is not None})
     try:
-        mask_pixels = decode_image(mask_bytes).pixels
+        mask_pixels = decode_image(mask_bytes, dicom=wants_dicom(task.mask_rel or "")).pixels
     except ImageDecodeError as err:
         row["error"] = f"mask: {err}"
         return row
@@ -251,7 +272,7 @@ def run_variants(
             raise LungkitError(f"manifest not found: {manifest}")
         if (out / MANIFEST_NAME).resolve() == manifest.resolve() and not options.in_place:
             raise LungkitError(f"{out} holds the input manifest; choose another --out or pass --in-place to replace it")
-        tasks, images_root, masks_root = _tasks_from_manifest(manifest, options.glob, options.input_root)
+        tasks, images_root, masks_root, carried = _tasks_from_manifest(manifest, options.glob, options.input_root)
     else:
         if images is None or masks is None:
             raise LungkitError("give a manifest, or both --images and --masks")
@@ -259,25 +280,28 @@ def run_variants(
         for p, what in ((images_root, "images"), (masks_root, "masks")):
             if not p.is_dir():
                 raise LungkitError(f"{what} folder not found: {p}")
-        pairs = pairs_from_folders(images_root, masks_root, options.glob)
+        carried = None
+        pairs = pairs_from_folders(images_root, masks_root, options.glob, options.dicom)
         names = output_names([r for r, _ in pairs])
-        tasks = [_Task(r, str(images_root / r), str(masks_root / m) if m else None, m, names[r], {}) for r, m in pairs]
+        tasks = [_Task(r, str(images_root / r), str(masks_root / m) if m else None, m, names[r], {}, wants_dicom(r, options.dicom))
+                 for r, m in pairs]
     if not tasks:
         raise NoImagesError("no images to process")
     check_writable(out)
     with RunLock(out):
-        return _run_locked(out, options, tasks, images_root, masks_root, manifest, t0)
+        return _run_locked(out, options, tasks, images_root, masks_root, manifest, t0, carried)
 
 
 def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
-                manifest: Path | None, t0: float) -> RunSummary:
+                manifest: Path | None, t0: float, carried=None) -> RunSummary:
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
     from lungmask_kit.qc import QCThresholds, qc_update
-    from lungmask_kit.runtime import available_cores
+    from lungmask_kit.runtime import WarningTally, available_cores
 
     summary = RunSummary(found=len(tasks))
+    tally = WarningTally()
     # --in-place asked to replace the input manifest, which is another command's run by design
     kind = RunKind("variants", os.path.realpath(images_root))
     replaced = claim(out, kind, MANIFEST_NAME, options.overwrite or options.in_place)
@@ -310,6 +334,9 @@ def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_
     ) if jobs > 1 else (_process(t, str(out), options, key, done.get(t.rel), gate) for t in tasks)
     try:
         for row in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
+            n_warnings, first_warning = row.pop("_warnings")
+            if n_warnings:
+                tally.add(first_warning, n_warnings)
             if row["status"] == "skipped":
                 summary.skipped += 1
                 continue
@@ -336,10 +363,15 @@ def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_
     def keep_other(path: str) -> bool:  # rows of another --glob stay while their image does
         return not options.overwrite and confined(path) and os.path.lexists(images_root / path)
 
-    table, dropped = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=qc_update(thresholds),
+    def update(table):
+        return qc_update(thresholds)(carry_columns(table, carried) if carried is not None else table)
+
+    table, dropped = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=update,
                               keep_other=keep_other, damaged=summary.warnings)
     remove_outputs(out, dropped, previous_command)
     summary.removed_stale = len(dropped)
+    if tally.summary():
+        summary.warnings.append(tally.summary())
     summary.count(table)
     summary.manifest = str(out / MANIFEST_NAME)
     summary.output_folders = [str(out / v) for v in options.only]

@@ -79,3 +79,30 @@ def small_corpus(tmp_path, example_images) -> Path:
     for name in ("ieee_thnov10p5641g006-c.png", "ieee_41182_2020_203_Fig3_HTML.png", "ieee_b39f5cf9.png"):
         shutil.copy(example_images / name, src / name)
     return src
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+                transfer_syntax=None, preamble: bool = True, **elements) -> Path:
+    """A DX radiograph as a DICOM file written by pydicom: `pixels` are the stored values; `elements` add or
+    override header elements (Modality="CT", WindowCenter=..., RescaleSlope=...); `transfer_syntax` compresses
+    (pydicom encodes JPEG 2000 with pylibjpeg-openjpeg, JPEG-LS with pyjpegls, RLE itself)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.ViewPosition = "DX", "PAT-1", "PA"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.ImagerPixelSpacing = [0.139, 0.139]
+    ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    if transfer_syntax is not None:
+        ds.compress(transfer_syntax)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=preamble)
+    return path

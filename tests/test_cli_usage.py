@@ -18,6 +18,12 @@ MISTAKES = [
     (["segmnet", "in"], "No such command 'segmnet'"),
     (["variants", "-o", "out", "--jobs", "-1"], "Invalid value for '--jobs'"),
     (["calibrate", "data", "--val-fraction", "1.5"], "Invalid value for '--val-fraction'"),
+    (["classify", "m.parquet", "-o", "out", "--variant", "lung"], "'lung' is not one of 'original', 'lungs', 'nolungs', 'all'"),
+    (["classify", "m.parquet", "-o", "out", "--normalize", "z"], "Invalid value for '--normalize'"),
+    (["classify", "m.parquet", "-o", "out", "--channels", "bgr"], "Invalid value for '--channels'"),
+    (["train", "data", "-o", "out", "--encoder-weights", "hub"], "Invalid value for '--encoder-weights'"),
+    (["stats"], "Missing argument 'DIR'"),
+    (["evaluate"], "Missing argument"),
 ]
 
 
@@ -48,3 +54,17 @@ def test_nothing_given_prints_the_help_then_the_error(capsys):
 def test_completion_can_be_installed(capsys):
     assert main(["--help"]) == 0
     assert "--install-completion" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["classify", "missing.parquet", "-o", "{tmp}/out"], "manifest not found"),
+    (["stats", "{tmp}/nowhere"], "input folder not found"),
+    (["train", "{tmp}/nowhere", "-o", "{tmp}/out", "--in-channels", "2"], "in_channels must be 1 or 3"),
+    (["segment", "{example}", "-o", "{tmp}/out", "--device", "tpu"], "unknown device"),
+])
+def test_library_errors_are_one_line_exit_2(argv, message, tmp_path, example_images, capsys):
+    assert main([a.format(tmp=tmp_path, example=example_images) for a in argv]) in (2, 3)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out

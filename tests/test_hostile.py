@@ -475,3 +475,32 @@ def test_variants_stops_cleanly_on_sigterm(tmp_path):
     assert main(["variants", "--images", str(images), "--masks", str(masks), "-o", str(out), "-j", "2", "-q"]) == 0
     m = _manifest(out)
     assert len(m) == 60 and (m.status == "ok").all()
+
+
+def _corrupt_jpeg(path: Path, seed: int) -> None:
+    """A JPEG whose scan data is damaged: libjpeg decodes it and prints 'Corrupt JPEG data' to fd 2 itself."""
+    ok, buf = cv2.imencode(".jpg", cxr_like(seed=seed))
+    data = bytearray(buf.tobytes())
+    for i in range(700, 3000, 41):
+        data[i] = 0xFF if data[i] else 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", ["segment", "variants"])
+def test_c_decoder_messages_are_counted_not_printed(tmp_path, random_weights, command):
+    src = tmp_path / "in"
+    for i in range(5):
+        _corrupt_jpeg(src / f"c{i}.jpg", i)
+    write_png(src / "fine.png", cxr_like(seed=9))
+    args = ["segment", src, "-o", tmp_path / "seg", "-w", random_weights]
+    if command == "variants":
+        assert subprocess.run(_cli(*args, "-q"), capture_output=True).returncode == 0
+        args = ["variants", tmp_path / "seg" / "manifest.parquet", "-o", tmp_path / "var", "-j", "2"]
+    # in a subprocess: the C library writes to the process's real stderr, which pytest's capture cannot see
+    proc = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Corrupt JPEG data" not in proc.stderr.replace("the first: Corrupt JPEG data", "")
+    counted = [line for line in proc.stderr.splitlines() if "warning(s) during the run were counted" in line]
+    assert len(counted) == 1 and "5 warning(s)" in counted[0] and "Corrupt JPEG data" in counted[0]
+    assert "100%" in proc.stderr  # the progress bar still reaches the terminal through the filter

@@ -50,3 +50,8 @@ LabelsOpt = Annotated[
         "Repeat for several; a COVIDx train.txt/test.txt name sets the split.",
     ),
 ]
+DicomOpt = Annotated[
+    bool,
+    typer.Option("--dicom", help="Also read files without an extension (or named by a UID, 1.2.840...) as DICOM; "
+                 ".dcm/.dicom files are always read."),
+]

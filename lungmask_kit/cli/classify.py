@@ -7,15 +7,16 @@ from typing import Annotated
 
 import typer
 
+from lungmask_kit.classify import Channels, Normalization, VariantChoice
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, InputRootOpt, LabelsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
 
 
 def classify(
     manifest: Annotated[Path, typer.Argument(help="A manifest.parquet from lungkit segment or lungkit variants.")],
     out: OutOpt,
-    variant: Annotated[str, typer.Option("--variant", help="original | lungs | nolungs | all.")] = "all",
-    normalize: Annotated[str, typer.Option("--normalize", help="dataset (mean/std of the training split) | imagenet.")] = "dataset",
-    channels: Annotated[str, typer.Option("--channels", help="gray (1 channel) | rgb (gray replicated to 3).")] = "gray",
+    variant: Annotated[VariantChoice, typer.Option("--variant", help="Which variant's classifier to train (all: the three).")] = VariantChoice.all,
+    normalize: Annotated[Normalization, typer.Option("--normalize", help="dataset: mean/std of the training split; imagenet: ImageNet's.")] = Normalization.dataset,
+    channels: Annotated[Channels, typer.Option("--channels", help="gray: 1 channel; rgb: gray replicated to 3.")] = Channels.gray,
     arch: Annotated[str, typer.Option("--arch", help="Any timm model name.")] = "resnet18",
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="ImageNet weights from the hub (needs the network).")] = False,
     image_size: Annotated[int, typer.Option("--image-size", min=32, help="Square input size.")] = 224,
@@ -46,32 +47,18 @@ def classify(
 
       lungkit classify other/manifest.parquet -o runs/eval --eval-only --checkpoint runs/cls/checkpoints/lungs.safetensors
     """
-    from lungmask_kit.classify import VARIANT_COLUMNS, ClassifySettings, comparison_table, run_classify
+    from lungmask_kit.classify import ClassifySettings, comparison_table, run_classify, variants_to_run
     from lungmask_kit.errors import LungkitError
-    from lungmask_kit.runtime import configure_threads, resolve_device
 
-    if variant != "all" and variant not in VARIANT_COLUMNS:
-        raise LungkitError(f"--variant must be one of original, lungs, nolungs, all (got {variant!r})")
-    if normalize not in ("dataset", "imagenet"):
-        raise LungkitError("--normalize must be dataset or imagenet")
-    if channels not in ("gray", "rgb"):
-        raise LungkitError("--channels must be gray or rgb")
     if eval_only != (checkpoint is not None):
         raise LungkitError("--eval-only and --checkpoint go together")
-    variants = tuple(VARIANT_COLUMNS) if variant == "all" else (variant,)
-    if checkpoint is not None and variant == "all":
-        from lungmask_kit.models.modeling import load_config
-
-        trained_on = load_config(checkpoint)[0].provenance.get("variant")
-        variants = (trained_on,) if trained_on else variants
-    configure_threads()
     settings = ClassifySettings(
-        variants=variants, normalize=normalize, channels=channels, arch=arch, pretrained=pretrained,
+        variants=variants_to_run(variant.value, checkpoint), normalize=normalize.value, channels=channels.value, arch=arch, pretrained=pretrained,
         image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, test_fraction=test_fraction,
         positive=positive, include_flagged=include_flagged, labels_from_folders=labels_from_folders,
         input_root=str(input_root) if input_root else None,
     )
-    result = run_classify(manifest, out, settings, resolve_device(device), labels_files=list(labels or []),
+    result = run_classify(manifest, out, settings, device, labels_files=list(labels or []),
                           checkpoint=checkpoint, progress=not quiet, log=(lambda s: None) if quiet else typer.echo)
     if not quiet:
         typer.echo(comparison_table(result["metrics"], settings))

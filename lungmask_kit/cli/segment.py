@@ -11,6 +11,7 @@ from lungmask_kit import defaults
 from lungmask_kit.cli._options import (
     BatchSizeOpt,
     DeviceOpt,
+    DicomOpt,
     LabelsOpt,
     MaxOodScoreOpt,
     MinLungFractionOpt,
@@ -23,7 +24,7 @@ from lungmask_kit.cli._report import finish_run
 
 
 def segment(
-    input_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for png/jpg/jpeg/bmp/tif/tiff images.", metavar="DIR")],
+    input_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for png/jpg/jpeg/bmp/tif/tiff and DICOM (.dcm) images.", metavar="DIR")],
     out: OutOpt,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -40,6 +41,7 @@ def segment(
     min_est_dice: Annotated[float | None, typer.Option("--min-est-dice", min=0.0, max=1.0, help="QC: flag masks whose estimated Dice is under this [default: the model's calibrated value]. Re-flags without re-segmenting.")] = None,
     max_decoded_mb: Annotated[int, typer.Option("--max-decoded-mb", min=16, help="Memory for decoded images waiting for the model and the writers, in MiB (bounds memory by bytes, whatever --workers and --batch-size are).")] = defaults.MAX_DECODED_MB,
     tta: Annotated[bool, typer.Option("--tta", help="Also run each image mirrored: flip agreement sharpens est_dice (masks unchanged; about 2x model time).")] = False,
+    dicom: DicomOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -66,7 +68,7 @@ def segment(
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
         keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, tta=tta,
-        max_decoded_mb=max_decoded_mb,
+        max_decoded_mb=max_decoded_mb, dicom=dicom,
         overwrite=overwrite, progress=not quiet,
     )
     s = run_segment(input_dir, out, options)

@@ -9,6 +9,7 @@ import typer
 
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
+from lungmask_kit.training.trainer import EncoderWeights
 
 
 def train(
@@ -17,7 +18,7 @@ def train(
     arch: Annotated[str, typer.Option(help="segmentation_models_pytorch architecture.")] = defaults.SEGMENTER["arch"],
     encoder: Annotated[str, typer.Option(help="Encoder name.")] = defaults.SEGMENTER["encoder"],
     in_channels: Annotated[int, typer.Option("--in-channels", min=1, max=3, help="1 (grayscale) or 3.")] = 1,
-    encoder_weights: Annotated[str, typer.Option("--encoder-weights", help="imagenet (needs the network) or none.")] = "none",
+    encoder_weights: Annotated[EncoderWeights, typer.Option("--encoder-weights", help="none: random initialisation; imagenet: downloaded (needs the network).")] = EncoderWeights.none,
     epochs: EpochsOpt = defaults.TRAIN["epochs"],
     batch_size: BatchSizeOpt = defaults.TRAIN["batch_size"],
     lr: LrOpt = defaults.TRAIN["lr"],
@@ -32,22 +33,15 @@ def train(
 
     Example: lungkit train data/cxr-seg -o runs/seg --epochs 36
     """
-    from lungmask_kit.errors import LungkitError
-    from lungmask_kit.runtime import configure_threads, resolve_device
     from lungmask_kit.training.trainer import TrainSettings
     from lungmask_kit.training.trainer import train as run_train
 
-    if in_channels not in (1, 3):
-        raise LungkitError("--in-channels must be 1 or 3")
-    if encoder_weights not in ("imagenet", "none"):
-        raise LungkitError("--encoder-weights must be imagenet or none")
-    configure_threads()
     settings = TrainSettings(
         data=str(data), out=str(out), arch=arch, encoder=encoder, in_channels=in_channels,
-        encoder_weights=None if encoder_weights == "none" else encoder_weights, epochs=epochs,
+        encoder_weights=None if encoder_weights is EncoderWeights.none else encoder_weights.value, epochs=epochs,
         batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed, name=name,
     )
-    summary = run_train(settings, resolve_device(device), resume=resume, progress=not quiet,
+    summary = run_train(settings, device, resume=resume, progress=not quiet,
                         log=(lambda s: None) if quiet else typer.echo)
     typer.echo(f"best validation Dice (256 px) {summary['best_val_dice']:.4f}; weights: {out / 'best.safetensors'}")
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.cli._options import InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, WeightsOpt
+from lungmask_kit.cli._options import DicomOpt, InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, WeightsOpt
 from lungmask_kit.cli._report import finish_run
 
 
@@ -25,6 +25,7 @@ def variants(
     max_ood_score: MaxOodScoreOpt = None,
     weights: WeightsOpt = None,
     input_root: InputRootOpt = None,
+    dicom: DicomOpt = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes (0 = every core).")] = 0,
     glob: Annotated[str | None, typer.Option("--glob", help="Only image paths matching this pattern.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow --out to be the folder of the input manifest (replaces it).")] = False,
@@ -52,7 +53,7 @@ def variants(
     options = VariantsOptions(crop=crop, margin=margin, min_lung_fraction=min_lung_fraction, only=chosen,
                               resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
                               in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score,
-                              input_root=input_root)
+                              input_root=input_root, dicom=dicom)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
     finish_run(s, quiet, "lungkit variants summary", out)
 

@@ -17,7 +17,7 @@ import torch
 
 from lungmask_kit.derive import binarize_mask
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.imaging import read_gray
+from lungmask_kit.imaging import read_gray, read_model_view
 from lungmask_kit.metrics import dice
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, resize_mask
 from lungmask_kit.quality import (
@@ -59,7 +59,7 @@ def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: Postproces
     out: list[Observation] = []
     for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, unit="batch", leave=False):
         chunk = pairs[start:start + batch_size]
-        images = [read_gray(p.image) for p in chunk]
+        images = [read_model_view(p.image) for p in chunk]
         pred = segmenter.predict_batch(np.stack([segmenter.prepare(im) for im in images]), tta=True)
         for i, (pair, image) in enumerate(zip(chunk, images)):
             mask = clean_mask(pred.probabilities[i], post)
@@ -196,7 +196,7 @@ def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Pat
     import shutil
 
     from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, resolve_weights
-    from lungmask_kit.runtime import configure_threads, resolve_device
+    from lungmask_kit.runtime import prepare_device
     from lungmask_kit.training.data import find_pairs, split_pairs
 
     # bad data or an unusable split fails before anything is written
@@ -206,7 +206,7 @@ def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Pat
     if not by_patient:
         log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
     source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
-    torch_device = resolve_device(device)
+    torch_device = prepare_device(device)  # an unusable device fails before anything is written
     target = source
     if out is not None:
         out = Path(out)
@@ -214,6 +214,5 @@ def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Pat
         target = out / "model.safetensors"
         for src, dst in ((source, target), (_config_path(source), out / "config.json")):
             shutil.copyfile(src, dst)
-    configure_threads()
     model = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
     return {**model.report, "min_est_dice": model.min_est_dice, "weights": str(target)}

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.imaging import read_gray, to_unit_range
+from lungmask_kit.imaging import read_gray, read_model_view, to_unit_range
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list
 
 def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
     """-> image (size, size) float32 in [0, 1], mask (size, size) uint8 in {0, 1}."""
-    image = read_gray(pair.image)
+    image = read_model_view(pair.image)
     mask = read_gray(pair.mask)
     if image.shape != mask.shape:
         raise LungkitError(f"{pair.mask}: mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}")

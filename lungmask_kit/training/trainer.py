@@ -9,6 +9,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from lungmask_kit import __version__, defaults
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes
 from lungmask_kit.models.modeling import ModelConfig, build_model, save_model
-from lungmask_kit.runtime import tune_malloc
+from lungmask_kit.runtime import prepare_device
 from lungmask_kit.stats import pixel_mean_std
 from lungmask_kit.training.augment import eval_transform, train_transform
 from lungmask_kit.training.data import PairDataset, find_pairs, split_pairs
@@ -96,9 +97,14 @@ def _load_state(path: Path, model, optimizer) -> dict:
     return meta
 
 
+class EncoderWeights(str, Enum):
+    none = "none"  # random initialisation: works offline
+    imagenet = "imagenet"  # downloaded by segmentation_models_pytorch (needs the network)
+
+
 def train(
     settings: TrainSettings,
-    device: torch.device,
+    device: str | torch.device = "auto",
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -109,8 +115,9 @@ def train(
     state_path = out / "train_state"
     if resume and not state_path.with_suffix(".json").exists():
         raise LungkitError(f"--resume: no training state in {out}")
-    if device.type == "cpu":
-        tune_malloc()
+    if settings.in_channels not in (1, 3):
+        raise LungkitError(f"in_channels must be 1 or 3 (got {settings.in_channels})")
+    device = prepare_device(device)
     _seed_all(settings.seed)
 
     pairs = find_pairs(settings.data)

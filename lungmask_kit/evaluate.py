@@ -37,11 +37,15 @@ def _predictions(pred: Path) -> tuple[dict[str, Path], dict[str, float], dict[st
     if pred.is_file() and pred.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        from lungmask_kit.manifest import read_metadata, resolve_folder
+
         table = pq.read_table(pred)
         rows = table.select([c for c in ("path", "status", "mask_path", "est_dice") if c in table.column_names]).to_pylist()
         ok = [r for r in rows if r["status"] == "ok" and r["mask_path"]]
         est = {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None}
-        return {stem_key(r["path"]): pred.parent / r["mask_path"] for r in ok}, est, {stem_key(r["path"]): r["path"] for r in ok}
+        # a segment manifest's masks lie beside it; a variants manifest's where its masks_root says
+        masks_root = resolve_folder(pred, read_metadata(pred), "masks_root")
+        return {stem_key(r["path"]): masks_root / r["mask_path"] for r in ok}, est, {stem_key(r["path"]): r["path"] for r in ok}
     if pred.is_dir():
         rels = find_images(pred)
         return {stem_key(rel): pred / rel for rel in rels}, {}, {stem_key(rel): rel for rel in rels}

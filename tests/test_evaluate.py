@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from lungmask_kit.cli.app import main
@@ -41,3 +42,14 @@ def test_evaluate_cli_per_image_not_pooled(tmp_path):
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert s["dice"]["mean"] == pytest.approx((1 + 2 * 450 / 1350) / 2)  # per-image mean, not pooled
     assert s["dice"]["min"] == pytest.approx(2 * 450 / 1350)
+
+
+def test_evaluate_a_variants_manifest_reads_its_masks_where_they_are(tmp_path, example_images, example_masks):
+    """A variants manifest's mask_path is relative to its masks_root (the masks it was given), not to itself."""
+    from lungmask_kit.cli.app import main
+
+    out = tmp_path / "var"
+    assert main(["variants", "--images", str(example_images), "--masks", str(example_masks), "-o", str(out), "-q"]) == 0
+    assert main(["evaluate", str(out / "manifest.parquet"), "--truth", str(example_masks), "-o", str(tmp_path / "ev"), "-q"]) == 0
+    rows = pq.read_table(tmp_path / "ev" / "metrics.parquet").to_pylist()
+    assert len(rows) == 8 and all(r["status"] == "ok" and r["dice"] == 1.0 for r in rows)

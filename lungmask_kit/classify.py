@@ -368,29 +368,16 @@ def comparison_table(metrics: dict, settings: ClassifySettings) -> str:
     return "\n".join(lines)
 
 
-def _roc_png(metrics_probs: dict[str, tuple[list, list]], size: int = 480) -> bytes:
-    """A ROC plot drawn with OpenCV (no plotting library needed)."""
-    img = np.full((size, size, 3), 255, np.uint8)
-    pad = 50
-    span = size - 2 * pad
-
-    def pt(fpr, tpr):
-        return int(pad + fpr * span), int(size - pad - tpr * span)
-
-    cv2.rectangle(img, pt(0, 0), pt(1, 1), (0, 0, 0), 1)
-    cv2.line(img, pt(0, 0), pt(1, 1), (170, 170, 170), 1, cv2.LINE_AA)
-    colours = [(200, 80, 30), (40, 160, 40), (30, 30, 200), (150, 50, 150)]
-    for i, (variant, (labels, probs)) in enumerate(metrics_probs.items()):
-        if len(set(labels)) < 2:
-            continue
-        fpr, tpr = roc_curve(labels, probs)
-        points = np.array([pt(f, t) for f, t in zip(fpr, tpr)], np.int32)
-        colour = colours[i % len(colours)]
-        cv2.polylines(img, [points], False, colour, 2, cv2.LINE_AA)
-        cv2.putText(img, variant, (pad + span // 2 + 10, size - pad - 20 - 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.55, colour, 1, cv2.LINE_AA)
-    cv2.putText(img, "false positive rate", (size // 2 - 80, size - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "true positive rate", (8, pad - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return cv2.imencode(".png", img)[1].tobytes()
+def _roc_curves(metrics: dict, predictions: list[dict]) -> dict:
+    """{variant: (fpr, tpr, auc)} for the variants whose test split holds both classes."""
+    curves = {}
+    for variant, m in metrics.items():
+        labels = [p["label"] for p in predictions if p["variant"] == variant]
+        probs = [p["probability"] for p in predictions if p["variant"] == variant]
+        if len(set(labels)) == 2:
+            fpr, tpr = roc_curve(labels, probs)
+            curves[variant] = (fpr, tpr, m["roc_auc"])
+    return curves
 
 
 def _write_outputs(out, metrics, predictions, settings, info, how, n_train, n_test, seconds, checkpoint) -> None:
@@ -402,9 +389,10 @@ def _write_outputs(out, metrics, predictions, settings, info, how, n_train, n_te
     schema = pa.schema([("variant", pa.string()), ("image", pa.string()), ("patient_id", pa.string()),
                         ("label", pa.int8()), ("probability", pa.float64()), ("prediction", pa.int8())])
     write_table(pa.Table.from_pylist(predictions, schema=schema), out / "predictions.parquet")
-    by_variant = {v: ([p["label"] for p in predictions if p["variant"] == v], [p["probability"] for p in predictions if p["variant"] == v])
-                  for v in metrics}
-    atomic_write_bytes(out / "roc.png", _roc_png(by_variant))
+    from lungmask_kit.plots import metrics_png, roc_png
+
+    atomic_write_bytes(out / "roc.png", roc_png(_roc_curves(metrics, predictions)))
+    atomic_write_bytes(out / "metrics.png", metrics_png(metrics))
     report = [
         "# lungkit classify results", "",
         f"Positive class: `{info['positive']}` vs the rest ({', '.join(info['labels'])}). "
@@ -413,7 +401,7 @@ def _write_outputs(out, metrics, predictions, settings, info, how, n_train, n_te
         f"{settings.epochs} epochs, seed {settings.seed}, threshold {settings.threshold}. "
         f"Excluded: {info['excluded_error']} failed, {info['excluded_qc']} QC-flagged, {info['excluded_unlabelled']} unlabelled rows."
         + (f" Scored with checkpoint `{checkpoint}`." if checkpoint else ""),
-        "", comparison_table(metrics, settings), "",
+        "", comparison_table(metrics, settings), "", "![ROC per variant](roc.png) ![Metrics per variant](metrics.png)", "",
         f"Time: {seconds:.0f} s.", "",
         "If lungs-removed images score about as well as lungs-only ones, the classifier relies on what lies outside "
         "the lungs (source, text, devices, image style) rather than on lung findings.",

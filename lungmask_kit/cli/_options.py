@@ -55,3 +55,7 @@ DicomOpt = Annotated[
     typer.Option("--dicom", help="Also read files without an extension (or named by a UID, 1.2.840...) as DICOM; "
                  ".dcm/.dicom files are always read."),
 ]
+ReportOpt = Annotated[
+    bool,
+    typer.Option("--report", help="Also write the QC page OUT/report/index.html at the end (as `lungkit report OUT`)."),
+]

@@ -36,10 +36,17 @@ def echo_run_summary(s, title: str) -> None:
     ], title=title))
 
 
-def finish_run(s, quiet: bool, title: str, out) -> None:
-    """Summary, warnings and the exit status shared by segment and variants."""
+def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
+    """Summary, the QC report (--report), warnings and the exit status shared by segment and variants."""
     if not quiet:
         echo_run_summary(s, title)
+    if report:
+        from pathlib import Path
+
+        from lungmask_kit.cli.report import echo_report_summary
+        from lungmask_kit.report import ReportOptions, build_report
+
+        echo_report_summary(build_report(out, Path(out) / "report", ReportOptions(progress=not quiet)), quiet)
     if s.uncalibrated:
         typer.echo("lungkit: warning: the model has no quality statistics, so ood_score and est_dice are null; "
                    "fit them with `lungkit calibrate`", err=True)

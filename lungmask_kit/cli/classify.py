@@ -38,7 +38,8 @@ def classify(
     """Train one classifier per variant, test on held-out patients, and compare accuracy, sensitivity,
     specificity, precision, recall, F1 and ROC AUC.
 
-    Writes OUT/metrics.json, OUT/predictions.parquet, OUT/results.md, OUT/roc.png, OUT/checkpoints/.
+    Writes OUT/metrics.json, OUT/predictions.parquet, OUT/results.md, OUT/roc.png, OUT/metrics.png,
+    OUT/checkpoints/.
     Class imbalance: BCE weighted by n_negative / n_positive of the training split.
 
     Examples:

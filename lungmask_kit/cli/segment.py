@@ -18,6 +18,7 @@ from lungmask_kit.cli._options import (
     OutOpt,
     OverwriteOpt,
     QuietOpt,
+    ReportOpt,
     WeightsOpt,
 )
 from lungmask_kit.cli._report import finish_run
@@ -43,6 +44,7 @@ def segment(
     tta: Annotated[bool, typer.Option("--tta", help="Also run each image mirrored: flip agreement sharpens est_dice (masks unchanged; about 2x model time).")] = False,
     dicom: DicomOpt = False,
     overwrite: OverwriteOpt = False,
+    report: ReportOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment every image under DIR into OUT/masks, OUT/lungs, OUT/nolungs and OUT/manifest.parquet.
@@ -72,7 +74,7 @@ def segment(
         overwrite=overwrite, progress=not quiet,
     )
     s = run_segment(input_dir, out, options)
-    finish_run(s, quiet, "lungkit segment summary", out)
+    finish_run(s, quiet, "lungkit segment summary", out, report)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.cli._options import DicomOpt, InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, WeightsOpt
+from lungmask_kit.cli._options import DicomOpt, InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, ReportOpt, WeightsOpt
 from lungmask_kit.cli._report import finish_run
 
 
@@ -30,6 +30,7 @@ def variants(
     glob: Annotated[str | None, typer.Option("--glob", help="Only image paths matching this pattern.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow --out to be the folder of the input manifest (replaces it).")] = False,
     overwrite: OverwriteOpt = False,
+    report: ReportOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write OUT/lungs (image AND mask), OUT/nolungs (image AND NOT mask) and OUT/manifest.parquet.
@@ -55,7 +56,7 @@ def variants(
                               in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score,
                               input_root=input_root, dicom=dicom)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
-    finish_run(s, quiet, "lungkit variants summary", out)
+    finish_run(s, quiet, "lungkit variants summary", out, report)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,251 @@
+"""Builds the QC report of one run folder: reads its manifest's columns (never every image), picks what to show
+(every flagged image, the lowest-quality ones, a random sample, every failure), renders those overlays in
+threads, draws the figures and writes the pages into a temporary folder that then replaces REPORT whole."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lungmask_kit.discovery import inside
+from lungmask_kit.errors import LungkitError
+
+MARKER = ".lungkit-report"  # a folder holding it is ours to replace
+COLUMNS = ("path", "status", "error", "qc_pass", "qc_reason", "lung_area_fraction", "est_dice", "ood_score",
+           "ood_image_score", "ood_shape_score", "mask_path", "lungs_path", "nolungs_path", "crop_box", "width",
+           "height", "bit_depth", "label", "split", "source", "view", "modality")
+GROUP_COLUMNS = ("label", "split", "source", "view", "modality")
+FAILED_PER_PAGE = 500
+
+
+@dataclass
+class ReportOptions:
+    sample: int = 48  # random ok images shown
+    lowest: int = 48  # lowest-quality ok images shown
+    per_page: int = 120  # thumbnails per page of a flagged sheet
+    seed: int = 0
+    workers: int = 0  # rendering threads (0: one per usable core)
+    thumb_side: int = 224  # longest side of a thumbnail, px
+    large_side: int = 2048  # longest side of the linked overlay, px (native size up to this)
+    input_root: str | Path | None = None  # where the run's original images are now, if they moved
+    progress: bool = True
+
+
+@dataclass
+class ReportSummary:
+    index: str
+    pages: int = 0
+    images_shown: int = 0
+    flagged: int = 0
+    failed: int = 0
+    unrendered: int = 0  # shown as a placeholder: neither the original nor the run's variants could be read
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunData:
+    """The manifest's columns as lists (one entry per row), the run's metadata and where its files are."""
+
+    run: Path
+    meta: dict
+    cols: dict[str, list]
+    input_root: Path
+    masks_root: Path
+
+    @property
+    def n(self) -> int:
+        return len(self.cols["path"])
+
+    def value(self, name: str, i: int):
+        column = self.cols.get(name)
+        return None if column is None else column[i]
+
+
+def load_run(run: str | Path, input_root: str | Path | None = None) -> RunData:
+    """A run folder (or its manifest.parquet) -> RunData; a clear error for anything else."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lungmask_kit.manifest import read_metadata, resolve_folder
+
+    run = Path(run)
+    manifest = run if run.suffix == ".parquet" else run / "manifest.parquet"
+    if not manifest.is_file():
+        raise LungkitError(f"{run} is not a lungkit run folder (no manifest.parquet); give a segment or variants output")
+    try:
+        meta = read_metadata(manifest)
+        table = pq.read_table(manifest, columns=[c for c in COLUMNS if c in pq.read_schema(manifest).names])
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
+    if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
+        raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    return RunData(manifest.parent, meta, cols, resolve_folder(manifest, meta, "input_root", input_root),
+                   resolve_folder(manifest, meta, "masks_root"))
+
+
+def build_report(run: str | Path, report: str | Path, options: ReportOptions | None = None) -> ReportSummary:
+    """`lungkit report RUN -o REPORT`: REPORT/index.html, its pages, figures and overlays."""
+    from lungmask_kit.report.pages import write_pages
+    from lungmask_kit.report.select import select
+
+    t0 = time.perf_counter()
+    options = options or ReportOptions()
+    data = load_run(run, options.input_root)
+    report = Path(report)
+    _check_report_folder(report, data.run)
+    staging = report.parent / f".{report.name}.lungkit-tmp-{os.getpid()}"
+    _remove_stale_staging(report)
+    staging.mkdir(parents=True)
+    try:
+        (staging / MARKER).write_text("a lungkit report; `lungkit report` replaces this folder whole\n")
+        chosen = select(data, options)
+        cards, unrendered = render_cards(data, chosen.shown(), staging / "img", options)
+        pages = write_pages(data, chosen, cards, staging, options)
+        _fix_modes(staging)
+        _swap_into_place(staging, report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    flagged = sum(q is False for q in data.cols.get("qc_pass", []))
+    failed = sum(s == "error" for s in data.cols["status"])
+    return ReportSummary(str(report / "index.html"), pages, len(cards), flagged, failed, unrendered,
+                         time.perf_counter() - t0)
+
+
+def _check_report_folder(report: Path, run: Path) -> None:
+    if inside(run, report):
+        raise LungkitError(f"the report folder {report} would contain the run {run}: choose another -o")
+    if report.exists() and not report.is_dir():
+        raise LungkitError(f"{report} exists and is not a folder")
+    if report.is_dir() and any(report.iterdir()) and not (report / MARKER).is_file():
+        raise LungkitError(f"{report} is a non-empty folder that lungkit did not make: choose another -o")
+
+
+def _remove_stale_staging(report: Path) -> None:
+    """Staging folders of interrupted builds into the same REPORT."""
+    if report.parent.is_dir():
+        for stale in report.parent.glob(f".{report.name}.lungkit-tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fix_modes(folder: Path) -> None:
+    """Files and folders as the user's umask says (mkdtemp-style modes would hide a shared report)."""
+    from lungmask_kit.fileio import UMASK
+
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
+def _swap_into_place(staging: Path, report: Path) -> None:
+    """Replace REPORT with the finished staging folder: readers see the old report or the new one, whole."""
+    old = None
+    if report.exists():
+        old = report.parent / f".{report.name}.lungkit-old-{os.getpid()}"
+        os.replace(report, old)
+    os.replace(staging, report)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- overlays ---
+
+def image_name(path: str) -> str:
+    """A file name for a manifest path's overlays: stable, and safe whatever characters the path holds."""
+    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def render_cards(data: RunData, indices: list[int], folder: Path, options: ReportOptions) -> tuple[dict[int, dict], int]:
+    """Thumbnail and large overlay of each shown row, in threads: {row: card}, and how many are placeholders."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(options.workers or _usable_cores(), thread_name_prefix="lungkit-report") as pool:
+        futures = {i: pool.submit(_render_one, data, i, folder, options) for i in indices}
+        cards = {}
+        for i in tqdm(indices, disable=not options.progress, unit="img", desc="overlays"):
+            cards[i] = futures[i].result()
+    return cards, sum(c["placeholder"] for c in cards.values())
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _render_one(data: RunData, i: int, folder: Path, options: ReportOptions) -> dict:
+    from lungmask_kit.report.overlay import encode_jpeg, overlay, scaled_size
+
+    name = image_name(data.cols["path"][i])
+    image, mask = _image_and_mask(data, i)
+    placeholder = image is None
+    if placeholder:
+        image, mask = _placeholder(), None
+    thumb = overlay(image, mask, options.thumb_side)
+    (folder / f"{name}.jpg").write_bytes(encode_jpeg(thumb))
+    (folder / f"{name}-large.jpg").write_bytes(encode_jpeg(overlay(image, mask, options.large_side), 90))
+    w, h = scaled_size(image.shape, options.thumb_side)
+    return {"thumb": f"img/{name}.jpg", "large": f"img/{name}-large.jpg", "w": w, "h": h, "placeholder": placeholder}
+
+
+def _image_and_mask(data: RunData, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The original image as the model saw it (a DICOM windowed) and the run's mask; where the original is gone,
+    the image put back together from the run's lungs + nolungs outputs (they split it exactly)."""
+    from lungmask_kit.derive import binarize_mask
+    from lungmask_kit.discovery import wants_dicom
+    from lungmask_kit.imaging import ImageDecodeError, decode_image, read_gray
+
+    mask = None
+    mask_path = data.value("mask_path", i)
+    if mask_path:
+        try:
+            mask = binarize_mask(read_gray(data.masks_root / mask_path))
+        except (OSError, ImageDecodeError, ValueError):
+            mask = None
+    path = data.cols["path"][i]
+    try:
+        image = decode_image((data.input_root / path).read_bytes(), dicom=wants_dicom(path, True)).model_view
+    except (OSError, ImageDecodeError):
+        image = _from_variants(data, i)
+    if image is not None and mask is not None and mask.shape != image.shape:
+        mask = None  # a cropped variants run: the outline would not line up
+    return image, mask
+
+
+def _from_variants(data: RunData, i: int) -> np.ndarray | None:
+    from lungmask_kit.imaging import ImageDecodeError, read_gray
+
+    lungs, nolungs = data.value("lungs_path", i), data.value("nolungs_path", i)
+    if not lungs or not nolungs or data.value("crop_box", i):
+        return None
+    try:
+        a, b = read_gray(data.run / lungs), read_gray(data.run / nolungs)
+    except (OSError, ImageDecodeError):
+        return None
+    return a + b if a.shape == b.shape and a.dtype == b.dtype else None
+
+
+def _placeholder() -> np.ndarray:
+    import cv2
+
+    tile = np.full((240, 240), 60, np.uint8)
+    cv2.putText(tile, "image not found", (22, 126), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 220, 1, cv2.LINE_AA)
+    return tile
+
+
+def sample_indices(candidates: list[int], k: int, seed: int) -> list[int]:
+    """A reproducible random sample of row numbers, in manifest order."""
+    if len(candidates) <= k:
+        return list(candidates)
+    return sorted(random.Random(seed).sample(candidates, k))

@@ -1,0 +1,53 @@
+"""Mask overlays for the QC pages: pure functions on arrays.
+
+Shape contract: `image` (H, W) uint8 or uint16, `mask` (H, W) bool (or None); outputs are (h, w, 3) uint8 BGR,
+scaled so that the longest side is at most `max_side`. Inputs are never mutated.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+TINT_BGR = np.array([80, 200, 60], np.float32)  # green lungs
+OUTLINE_BGR = (0, 230, 255)  # yellow outline, visible on dark and bright film
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint8/uint16 -> uint8 for viewing: 16-bit stretched by its own min/max, as the model sees it."""
+    if image.dtype == np.uint8:
+        return image
+    lo, hi = float(image.min()), float(image.max())
+    return np.rint((image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1.0))).astype(np.uint8)
+
+
+def scaled_size(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) with the longest side at most `max_side`, aspect kept (never enlarged)."""
+    h, w = shape
+    scale = min(1.0, max_side / max(h, w))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | None, max_side: int, alpha: float = 0.28) -> np.ndarray:
+    """The image with the lungs tinted and outlined; without a mask, the image alone."""
+    size = scaled_size(image.shape, max_side)
+    gray = cv2.resize(to_display(image), size, interpolation=cv2.INTER_AREA)
+    bgr = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    if mask is None:
+        return bgr
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    tinted = bgr.astype(np.float32)
+    tinted[small] = (1 - alpha) * tinted[small] + alpha * TINT_BGR
+    out = np.rint(tinted).astype(np.uint8)
+    contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, OUTLINE_BGR, max(1, round(max(size) / 300)), cv2.LINE_AA)
+    return out
+
+
+def encode_jpeg(bgr: np.ndarray, quality: int = 85) -> bytes:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()

@@ -19,7 +19,6 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lungmask_kit import __version__, defaults
+from lungmask_kit.choices import Channels, Normalization, VariantChoice
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes
 from lungmask_kit.imaging import ImageDecodeError, read_gray, to_unit_range
@@ -37,24 +37,6 @@ from lungmask_kit.metrics import binary_classification_metrics, roc_curve
 from lungmask_kit.models.modeling import ModelConfig, build_model, load_model, save_model
 
 VARIANT_COLUMNS = {"original": None, "lungs": "lungs_path", "nolungs": "nolungs_path"}
-
-
-class VariantChoice(str, Enum):
-    """Which variants to train on (`all`: the three)."""
-    original = "original"
-    lungs = "lungs"
-    nolungs = "nolungs"
-    all = "all"
-
-
-class Normalization(str, Enum):
-    dataset = "dataset"  # mean/std of the training split
-    imagenet = "imagenet"
-
-
-class Channels(str, Enum):
-    gray = "gray"  # one channel
-    rgb = "rgb"  # gray replicated to three
 
 
 def variants_to_run(variant: str, checkpoint=None) -> tuple[str, ...]:

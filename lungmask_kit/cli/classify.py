@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lungmask_kit.classify import Channels, Normalization, VariantChoice
+from lungmask_kit.choices import Channels, Normalization, VariantChoice
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, InputRootOpt, LabelsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
 
 

@@ -9,7 +9,7 @@ import typer
 
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
-from lungmask_kit.training.trainer import EncoderWeights
+from lungmask_kit.choices import EncoderWeights
 
 
 def train(

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lungmask_kit.discovery import inside
 from lungmask_kit.errors import LungkitError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MARKER = ".lungkit-report"  # a folder holding it is ours to replace
 COLUMNS = ("path", "status", "error", "qc_pass", "qc_reason", "lung_area_fraction", "est_dice", "ood_score",
@@ -53,21 +56,44 @@ class ReportSummary:
 
 @dataclass
 class RunData:
-    """The manifest's columns as lists (one entry per row), the run's metadata and where its files are."""
+    """The manifest's columns (a pyarrow table: no Python object per row, so memory stays small on a 377k-row
+    corpus), the run's metadata and where its files are. Per-row Python values only for the rows shown."""
 
     run: Path
     meta: dict
-    cols: dict[str, list]
+    table: pa.Table
     input_root: Path
     masks_root: Path
 
     @property
     def n(self) -> int:
-        return len(self.cols["path"])
+        return self.table.num_rows
+
+    def has(self, name: str) -> bool:
+        return name in self.table.column_names and self.table.column(name).null_count < self.n
 
     def value(self, name: str, i: int):
-        column = self.cols.get(name)
-        return None if column is None else column[i]
+        return self.table.column(name)[int(i)].as_py() if name in self.table.column_names else None
+
+    def values(self, name: str, rows) -> list:
+        """A column's Python values at some row numbers (None for a column the manifest lacks)."""
+        if name not in self.table.column_names:
+            return [None] * len(rows)
+        return self.table.column(name).take(np.asarray(rows, np.int64)).to_pylist()
+
+    def numbers(self, name: str) -> np.ndarray:
+        """A numeric column as float64, NaN where null (all NaN for a column the manifest lacks)."""
+        if name not in self.table.column_names:
+            return np.full(self.n, np.nan)
+        return self.table.column(name).cast("float64").to_numpy(zero_copy_only=False)
+
+    def equals(self, name: str, value) -> np.ndarray:
+        """Bool per row: the column holds `value` (null is not equal)."""
+        import pyarrow.compute as pc
+
+        if name not in self.table.column_names:
+            return np.zeros(self.n, bool)
+        return pc.fill_null(pc.equal(self.table.column(name), value), False).to_numpy(zero_copy_only=False)
 
 
 def load_run(run: str | Path, input_root: str | Path | None = None) -> RunData:
@@ -88,8 +114,7 @@ def load_run(run: str | Path, input_root: str | Path | None = None) -> RunData:
         raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
     if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
         raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
-    cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    return RunData(manifest.parent, meta, cols, resolve_folder(manifest, meta, "input_root", input_root),
+    return RunData(manifest.parent, meta, table.combine_chunks(), resolve_folder(manifest, meta, "input_root", input_root),
                    resolve_folder(manifest, meta, "masks_root"))
 
 
@@ -116,8 +141,7 @@ def build_report(run: str | Path, report: str | Path, options: ReportOptions | N
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    flagged = sum(q is False for q in data.cols.get("qc_pass", []))
-    failed = sum(s == "error" for s in data.cols["status"])
+    flagged, failed = int(data.equals("qc_pass", False).sum()), int(data.equals("status", "error").sum())
     return ReportSummary(str(report / "index.html"), pages, len(cards), flagged, failed, unrendered,
                          time.perf_counter() - t0)
 
@@ -187,7 +211,7 @@ def _usable_cores() -> int:
 def _render_one(data: RunData, i: int, folder: Path, options: ReportOptions) -> dict:
     from lungmask_kit.report.overlay import encode_jpeg, overlay, scaled_size
 
-    name = image_name(data.cols["path"][i])
+    name = image_name(data.value("path", i))
     image, mask = _image_and_mask(data, i)
     placeholder = image is None
     if placeholder:
@@ -213,7 +237,7 @@ def _image_and_mask(data: RunData, i: int) -> tuple[np.ndarray | None, np.ndarra
             mask = binarize_mask(read_gray(data.masks_root / mask_path))
         except (OSError, ImageDecodeError, ValueError):
             mask = None
-    path = data.cols["path"][i]
+    path = data.value("path", i)
     try:
         image = decode_image((data.input_root / path).read_bytes(), dicom=wants_dicom(path, True)).model_view
     except (OSError, ImageDecodeError):
@@ -242,10 +266,3 @@ def _placeholder() -> np.ndarray:
     tile = np.full((240, 240), 60, np.uint8)
     cv2.putText(tile, "image not found", (22, 126), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 220, 1, cv2.LINE_AA)
     return tile
-
-
-def sample_indices(candidates: list[int], k: int, seed: int) -> list[int]:
-    """A reproducible random sample of row numbers, in manifest order."""
-    if len(candidates) <= k:
-        return list(candidates)
-    return sorted(random.Random(seed).sample(candidates, k))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from lungmask_kit.report.build import FAILED_PER_PAGE, GROUP_COLUMNS, ReportOptions, RunData
 from lungmask_kit.report.select import Selection
 
@@ -81,28 +83,36 @@ def _sheet_pages(env, folder, stem, title, rows, data, cards, options, common, d
     for number, chunk in enumerate(chunks, 1):
         title_n = title if len(chunks) == 1 else f"{title} (page {number} of {len(chunks)})"
         template.stream(title=title_n, description=description, pager=_pager(stem, len(chunks), number),
-                        cards=[_card(data, i, cards[i]) for i in chunk], **common,
+                        cards=_cards(data, chunk, cards), **common,
                         ).dump(str(folder / _page_name(stem, number)), encoding="utf-8")
     return len(chunks)
 
 
-def _card(data: RunData, i: int, card: dict) -> dict:
-    measures = []
-    for column, name, fmt in (("est_dice", "est", "{:.3f}"), ("ood_score", "ood", "{:.2f}"),
-                              ("ood_shape_score", "shape", "{:.2f}"), ("lung_area_fraction", "area", "{:.3f}")):
-        value = data.value(column, i)
-        if value is not None and not (column == "ood_shape_score" and data.value("ood_score", i) is not None):
-            measures.append(f"{name} {fmt.format(value)}")
-    label = " · ".join(str(v) for v in (data.value("label", i), data.value("view", i), data.value("source", i)) if v)
-    return {**card, "path": data.cols["path"][i], "measures": " · ".join(measures) or "-", "label": label,
-            "reason": data.value("qc_reason", i) or ("image not found" if card["placeholder"] else "")}
+CARD_COLUMNS = ("path", "est_dice", "ood_score", "ood_shape_score", "lung_area_fraction", "label", "view", "source",
+                "qc_reason")
+
+
+def _cards(data: RunData, rows: list[int], rendered: dict[int, dict]) -> list[dict]:
+    """What each thumbnail's caption says: path, quality measures, label / view / source, QC reasons."""
+    values = {c: data.values(c, rows) for c in CARD_COLUMNS}
+    cards = []
+    for k, i in enumerate(rows):
+        v = {c: values[c][k] for c in CARD_COLUMNS}
+        measures = [f"{name} {fmt.format(v[c])}" for c, name, fmt in (
+            ("est_dice", "est", "{:.3f}"), ("ood_score", "ood", "{:.2f}"), ("ood_shape_score", "shape", "{:.2f}"),
+            ("lung_area_fraction", "area", "{:.3f}")) if v[c] is not None and not (c == "ood_shape_score" and v["ood_score"] is not None)]
+        card = rendered[i]
+        cards.append({**card, "path": v["path"], "measures": " · ".join(measures) or "-",
+                      "label": " · ".join(str(v[c]) for c in ("label", "view", "source") if v[c]),
+                      "reason": v["qc_reason"] or ("image not found" if card["placeholder"] else "")})
+    return cards
 
 
 def _failed_pages(env, folder, failed, data, common) -> int:
     chunks = [failed[k:k + FAILED_PER_PAGE] for k in range(0, len(failed), FAILED_PER_PAGE)]
     template = env.get_template("failed.html.j2")
     for number, chunk in enumerate(chunks, 1):
-        rows = [(data.cols["path"][i], data.value("error", i) or "") for i in chunk]
+        rows = list(zip(data.values("path", chunk), (e or "" for e in data.values("error", chunk))))
         template.stream(title="Failed images" + (f" (page {number} of {len(chunks)})" if len(chunks) > 1 else ""),
                         description=f"{len(failed)} image(s) could not be segmented; each error in one line.",
                         pager=_pager("failed", len(chunks), number), rows=rows, **common,
@@ -123,10 +133,8 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
 
 
 def _totals(data: RunData) -> dict:
-    status, qc = data.cols["status"], data.cols.get("qc_pass", [])
-    ok = sum(s == "ok" for s in status)
-    flagged = sum(q is False for q in qc)
-    return {"images": data.n, "ok": ok, "flagged": flagged, "failed": sum(s == "error" for s in status),
+    ok, flagged = int(data.equals("status", "ok").sum()), int(data.equals("qc_pass", False).sum())
+    return {"images": data.n, "ok": ok, "flagged": flagged, "failed": int(data.equals("status", "error").sum()),
             "flagged_pct": f"{100 * flagged / ok:.1f}% of segmented" if ok else "-"}
 
 
@@ -135,49 +143,51 @@ def _tables(data: RunData) -> list[dict]:
 
     tables = []
     reasons: dict[str, int] = {}
-    for passed, reason in zip(data.cols.get("qc_pass", []), data.cols.get("qc_reason", [])):
-        if passed is False:
-            for part in (reason or "unspecified").split("; "):
-                reasons[short_reason(part)] = reasons.get(short_reason(part), 0) + 1
+    for reason in data.values("qc_reason", np.flatnonzero(data.equals("qc_pass", False))):
+        for part in (reason or "unspecified").split("; "):
+            reasons[short_reason(part)] = reasons.get(short_reason(part), 0) + 1
     if reasons:
         tables.append({"name": "QC reason", "header": ["images"], "rows": sorted(([k, v] for k, v in reasons.items()), key=lambda r: -r[1])})
     for column in ("status", *GROUP_COLUMNS):
-        if column in data.cols and any(v is not None for v in data.cols[column]):
+        if data.has(column):
             tables.append(_group_table(data, column))
     return tables
 
 
 def _group_table(data: RunData, column: str) -> dict:
-    counts: dict[str, list[int]] = {}
-    qc = data.cols.get("qc_pass", [None] * data.n)
-    for value, status, passed in zip(data.cols[column], data.cols["status"], qc):
-        c = counts.setdefault("(none)" if value is None else str(value), [0, 0, 0, 0])
-        c[0] += 1
-        c[1] += status == "ok"
-        c[2] += passed is False
-        c[3] += status == "error"
-    rows = [[k, n, ok, flagged, failed, f"{100 * flagged / ok:.1f}%" if ok else "-"]
-            for k, (n, ok, flagged, failed) in sorted(counts.items(), key=lambda kv: -kv[1][0])]
+    """Images, ok, flagged, failed and the flag rate per value of a column (counted with numpy, not per row)."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(data.table.column(column).cast("string")).combine_chunks()
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1  # 0: null
+    names = ["(none)"] + encoded.dictionary.to_pylist()
+    count = {key: np.bincount(codes, weights=weights, minlength=len(names)).astype(int) for key, weights in (
+        ("n", None), ("ok", data.equals("status", "ok")), ("flagged", data.equals("qc_pass", False)),
+        ("failed", data.equals("status", "error")))}
+    rows = [[names[k], count["n"][k], count["ok"][k], count["flagged"][k], count["failed"][k],
+             f"{100 * count['flagged'][k] / count['ok'][k]:.1f}%" if count["ok"][k] else "-"]
+            for k in np.argsort(-count["n"], kind="stable") if count["n"][k]]
     return {"name": column, "header": ["images", "ok", "flagged", "failed", "flagged / ok"], "rows": rows}
 
 
 def _figures(data: RunData, folder: Path) -> list[dict]:
     import cv2
-    import numpy as np
 
     from lungmask_kit.plots import histogram_png
 
-    qc, thresholds = data.cols.get("qc_pass", []), data.meta.get("qc") or {}
+    thresholds = data.meta.get("qc") or {}
+    passed_rows, flagged_rows = data.equals("qc_pass", True), data.equals("qc_pass", False)
     (folder / "fig").mkdir(exist_ok=True)
     figures = []
     for column, (title, xlabel, key, name) in HISTOGRAMS.items():
-        values = data.cols.get(column)
-        if values is None or not any(v is not None for v in values):
+        if not data.has(column):
             continue
-        passed = [v for v, q in zip(values, qc) if v is not None and q is True]
-        flagged = [v for v, q in zip(values, qc) if v is not None and q is False]
-        shown = [v for v in passed + flagged if v > 0]
-        log_x = column.startswith("ood") and bool(shown) and max(shown) / min(shown) > 50
+        values = data.numbers(column)
+        passed = values[passed_rows & ~np.isnan(values)]
+        flagged = values[flagged_rows & ~np.isnan(values)]
+        shown = np.concatenate([passed, flagged])
+        shown = shown[shown > 0]
+        log_x = column.startswith("ood") and shown.size > 0 and shown.max() / shown.min() > 50
         limit = thresholds.get(key)
         png = histogram_png(passed, flagged, title, xlabel, [(limit, name)] if limit is not None else [], log_x=log_x)
         (folder / "fig" / f"{column}.png").write_bytes(png)

@@ -1,11 +1,17 @@
 """What the report shows: every flagged image (one sheet per QC reason), the lowest-quality ok images, a random
-sample of ok images, and every failure. Chosen from the manifest's columns alone."""
+sample of ok images, and every failure. Chosen from the manifest's columns alone, with numpy over whole columns
+(only the flagged rows' reasons become Python strings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from lungmask_kit.qc import short_reason
+
+# ordering of "lowest quality", first column the run has: (column, +1 lowest first / -1 highest first)
+QUALITY_COLUMNS = (("est_dice", 1), ("ood_score", -1), ("ood_shape_score", -1), ("lung_area_fraction", 1))
 
 
 @dataclass
@@ -24,35 +30,38 @@ class Selection:
         return sorted(rows)
 
 
-def quality_order(data) -> tuple[str, list[int]]:
-    """Ok rows, worst first: by est_dice when the run has it, else by ood_score (highest first), else by lung
-    area (smallest first); rows without the value last, ties by manifest order."""
-    ok = [i for i, s in enumerate(data.cols["status"]) if s == "ok"]
-    for column, worst_first in (("est_dice", 1), ("ood_score", -1), ("ood_shape_score", -1), ("lung_area_fraction", 1)):
-        values = data.cols.get(column)
-        if values is not None and any(values[i] is not None for i in ok):
-            known = sorted((i for i in ok if values[i] is not None), key=lambda i: (worst_first * values[i], i))
-            return column, known + [i for i in ok if values[i] is None]
+def quality_order(data, ok: np.ndarray) -> tuple[str, np.ndarray]:
+    """Ok row numbers, worst first by the first quality column the run has; rows without the value last, ties
+    in manifest order."""
+    for column, direction in QUALITY_COLUMNS:
+        values = data.numbers(column)[ok]
+        known = ~np.isnan(values)
+        if known.any():
+            order = np.lexsort((ok[known], direction * values[known]))
+            return column, np.concatenate([ok[known][order], ok[~known]])
     return "", ok
 
 
-def select(data, options) -> Selection:
-    from lungmask_kit.report.build import sample_indices
+def sample_rows(candidates: np.ndarray, k: int, seed: int) -> list[int]:
+    """A reproducible random sample of row numbers, in manifest order."""
+    if len(candidates) <= k:
+        return candidates.tolist()
+    return sorted(np.random.default_rng(seed).choice(candidates, k, replace=False).tolist())
 
+
+def select(data, options) -> Selection:
     chosen = Selection()
-    status = data.cols["status"]
-    ok = [i for i, s in enumerate(status) if s == "ok"]
-    chosen.sample = sample_indices(ok, options.sample, options.seed)
-    chosen.lowest_by, order = quality_order(data)
-    chosen.lowest = order[: options.lowest]
-    rank = {i: r for r, i in enumerate(order)}
-    qc_pass, reasons = data.cols.get("qc_pass", []), data.cols.get("qc_reason", [])
-    for i, passed in enumerate(qc_pass):
-        if passed is False:
-            for part in (reasons[i] or "unspecified").split("; "):
-                chosen.by_reason.setdefault(short_reason(part), []).append(i)
-    for members in chosen.by_reason.values():
-        members.sort(key=lambda i: (rank.get(i, len(rank)), i))
+    ok = np.flatnonzero(data.equals("status", "ok"))
+    chosen.sample = sample_rows(ok, options.sample, options.seed)
+    chosen.lowest_by, order = quality_order(data, ok)
+    chosen.lowest = order[: options.lowest].tolist()
+    rank = np.full(data.n, data.n, np.int64)
+    rank[order] = np.arange(len(order))
+    flagged = np.flatnonzero(data.equals("qc_pass", False))
+    flagged = flagged[np.lexsort((flagged, rank[flagged]))]  # worst first
+    for i, reason in zip(flagged.tolist(), data.values("qc_reason", flagged)):
+        for part in (reason or "unspecified").split("; "):
+            chosen.by_reason.setdefault(short_reason(part), []).append(i)
     chosen.by_reason = dict(sorted(chosen.by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])))
-    chosen.failed = [i for i, s in enumerate(status) if s == "error"]
+    chosen.failed = np.flatnonzero(data.equals("status", "error")).tolist()
     return chosen

@@ -9,7 +9,6 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -95,11 +94,6 @@ def _load_state(path: Path, model, optimizer) -> dict:
             state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
-
-
-class EncoderWeights(str, Enum):
-    none = "none"  # random initialisation: works offline
-    imagenet = "imagenet"  # downloaded by segmentation_models_pytorch (needs the network)
 
 
 def train(

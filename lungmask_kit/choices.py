@@ -1,0 +1,29 @@
+"""The fixed choices of the commands' settings, as Enums (the CLI offers exactly these; the library checks them).
+Kept free of heavy imports so that the command line starts fast."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class VariantChoice(str, Enum):
+    """Which variants `classify` trains on (`all`: the three)."""
+    original = "original"
+    lungs = "lungs"
+    nolungs = "nolungs"
+    all = "all"
+
+
+class Normalization(str, Enum):
+    dataset = "dataset"  # mean/std of the training split
+    imagenet = "imagenet"
+
+
+class Channels(str, Enum):
+    gray = "gray"  # one channel
+    rgb = "rgb"  # gray replicated to three
+
+
+class EncoderWeights(str, Enum):
+    none = "none"  # random initialisation: works offline
+    imagenet = "imagenet"  # downloaded by segmentation_models_pytorch (needs the network)

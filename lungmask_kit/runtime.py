@@ -137,6 +137,8 @@ class WarningTally(logging.Handler):
         self._saved = warnings.catch_warnings()
         self._saved.__enter__()
         warnings.simplefilter("always")  # count every one, not the first per code location
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=hidden)  # what Python hides by default stays hidden
         warnings.showwarning = self._show
         self._loggers = [(logging.getLogger(n), logging.getLogger(n).propagate) for n in self._names]
         for logger, _ in self._loggers:

@@ -71,6 +71,8 @@ class _Task:
     out_rel: str  # output relative path (.png)
     extra: dict  # label, patient_id, split and header columns carried over from a manifest
     dicom: bool = False  # read as DICOM even without the preamble (named .dcm, or found by segment/variants --dicom)
+    mask_rle: dict | None = None  # the mask itself, from a published masks-only dataset (no mask file)
+    expected_sha256: str | None = None  # the image the published mask was made for
 
 
 def _settings_key(options: VariantsOptions, gate: _ShapeGate | None) -> str:
@@ -135,6 +137,40 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
     return tasks, images_root, masks_root, carried
 
 
+def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
+                        ) -> tuple[list[_Task], Path, Path, "pa.Table | None"]:
+    """The rows of a dataset made by `lungkit publish --masks-only`: each mask from its RLE, each image from
+    --input-root, checked against the sha256 it was published with."""
+    import fnmatch
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((dataset / "data").glob("*.parquet"))
+    if not files:
+        raise LungkitError(f"{dataset} is neither a manifest nor a dataset made by lungkit publish (no data/*.parquet)")
+    try:
+        table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise LungkitError(f"{dataset}: unreadable Parquet file ({type(err).__name__})") from err
+    if "mask_rle" not in table.column_names or "path" not in table.column_names:
+        raise LungkitError(f"{dataset} has no mask_rle column: a full dataset already holds its lungs and nolungs "
+                           "(variants rebuilds them from a --masks-only one)")
+    if input_root is None or not Path(input_root).is_dir():
+        raise LungkitError("a masks-only dataset holds no images: give the folder of its source images with --input-root")
+    own = {f.name for f in FIELDS}
+    rows = [r for r in table.select([c for c in table.column_names if c in own or c == "mask_rle"]).to_pylist()
+            if not glob or fnmatch.fnmatch(r["path"], glob)]
+    fallback = output_names([r["path"] for r in rows])
+    images_root, tasks = Path(input_root), []
+    for r in rows:  # the file names the original run used, where the dataset kept them
+        name = r["lungs_path"].split("/", 1)[1] if (r.get("lungs_path") or "").startswith("lungs/") else fallback[r["path"]]
+        tasks.append(_Task(r["path"], str(images_root / r["path"]), None, None, name, {k: r.get(k) for k in _CARRIED},
+                           wants_dicom(r["path"], dicom=True), mask_rle=r["mask_rle"], expected_sha256=r.get("sha256")))
+    others = [c for c in table.column_names if c not in own and c != "mask_rle"]
+    return tasks, images_root, dataset, (table.select(["path", *others]) if others else None)
+
+
 @dataclass(frozen=True)
 class _ShapeGate:
     """The shape part of the input gate for masks made elsewhere, scored at the model's input size."""
@@ -180,6 +216,24 @@ def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tu
     return row
 
 
+def _mask_data(task: _Task) -> tuple[str, object]:
+    """(sha256 identifying the mask, its undecoded form): a file's bytes, or a published RLE."""
+    if task.mask_rle is not None:
+        return hashlib.sha256(json.dumps(task.mask_rle, sort_keys=True).encode()).hexdigest(), task.mask_rle
+    if task.mask is None:
+        raise LookupError("no mask for this image")
+    data = read_regular_file(task.mask, defaults.MAX_FILE_BYTES)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _decode_mask(task: _Task, data) -> np.ndarray:
+    if task.mask_rle is not None:
+        from lungmask_kit import rle
+
+        return rle.decode(data).astype(np.uint8) * 255
+    return decode_image(data, dicom=wants_dicom(task.mask_rel or "")).pixels
+
+
 def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
                   gate: _ShapeGate | None) -> dict:
     row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra}
@@ -198,15 +252,14 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         row["error"] = f"image: {err}"
         return row
     row.update(sha256=hashlib.sha256(data).hexdigest(), file_bytes=len(data))
-    if task.mask is None:
-        row["error"] = "no mask for this image"
+    if task.expected_sha256 and row["sha256"] != task.expected_sha256:
+        row["error"] = "image differs from the one the mask was published for (sha256 mismatch): not the same file"
         return row
     try:
-        mask_bytes = read_regular_file(task.mask, defaults.MAX_FILE_BYTES)
-    except InputReadError as err:
+        mask_sha, mask_data = _mask_data(task)
+    except (InputReadError, LookupError) as err:
         row["error"] = f"mask: {err}"
         return row
-    mask_sha = hashlib.sha256(mask_bytes).hexdigest()
     row["mask_sha256"] = mask_sha
     paths = {v: f"{v}/{task.out_rel}" for v in options.only}
     if done == (row["sha256"], mask_sha) and all((out_dir / p).is_file() for p in paths.values()):
@@ -218,8 +271,8 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         return row
     row.update({k: v for k, v in image.header.items() if v is not None})
     try:
-        mask_pixels = decode_image(mask_bytes, dicom=wants_dicom(task.mask_rel or "")).pixels
-    except ImageDecodeError as err:
+        mask_pixels = _decode_mask(task, mask_data)
+    except (ImageDecodeError, ValueError) as err:
         row["error"] = f"mask: {err}"
         return row
     pixels = image.pixels
@@ -266,7 +319,10 @@ def run_variants(
     bad = set(options.only) - set(VARIANTS)
     if bad or not options.only:
         raise LungkitError(f"--only takes {', '.join(VARIANTS)} (got {', '.join(options.only) or 'nothing'})")
-    if manifest is not None:
+    if manifest is not None and Path(manifest).is_dir():  # a dataset made by lungkit publish --masks-only
+        tasks, images_root, masks_root, carried = _tasks_from_dataset(Path(manifest), options.glob, options.input_root)
+        manifest = None
+    elif manifest is not None:
         manifest = Path(manifest)
         if not manifest.is_file():
             raise LungkitError(f"manifest not found: {manifest}")

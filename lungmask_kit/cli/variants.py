@@ -14,7 +14,7 @@ from lungmask_kit.cli._report import finish_run
 
 def variants(
     out: OutOpt,
-    manifest: Annotated[Path | None, typer.Argument(help="A segment manifest.parquet (or use --images and --masks).")] = None,
+    manifest: Annotated[Path | None, typer.Argument(help="A segment manifest.parquet, or a dataset made by `lungkit publish --masks-only` (with --input-root); or use --images and --masks.")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Folder of images.")] = None,
     masks: Annotated[Path | None, typer.Option("--masks", help="Folder of masks matched to images by relative path / stem (COVID-QU-Ex 'lung masks' folders work as they are).")] = None,
     crop: Annotated[bool, typer.Option("--crop", help="Crop outputs to the lungs' bounding box.")] = False,

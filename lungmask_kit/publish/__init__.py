@@ -1,0 +1,5 @@
+"""`lungkit publish`: a run folder -> a Hugging Face / Croissant / COCO-RLE dataset with a card and checksums."""
+
+from lungmask_kit.publish.build import PublishOptions, PublishSummary, publish
+
+__all__ = ["PublishOptions", "PublishSummary", "publish"]

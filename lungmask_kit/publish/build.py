@@ -1,0 +1,348 @@
+"""`lungkit publish`: a run folder -> a derived corpus others can load, verify and cite.
+
+Full mode writes Parquet shards per split whose image columns (image, mask, lungs, nolungs) are Hugging Face
+`Image` features (PNG bytes); masks-only mode writes the masks as COCO run-length encodings with each source
+image's relative path and sha256, for sources whose images may not be redistributed. Both add a dataset card,
+`croissant.json` and `SHA256SUMS`. The dataset is built in `.DATASET.lungkit-partial` beside it, shard by shard
+(a killed run resumes from its last finished shard), and swapped into place whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lungmask_kit.discovery import inside
+from lungmask_kit.errors import LungkitError
+
+MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
+PROGRESS = ".progress.json"
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+IMAGE_COLUMNS = ("image", "mask", "lungs", "nolungs")
+# manifest columns that only mean something inside the run folder, or on rows never published
+RUN_ONLY = {"full": ("status", "error", "mask_path", "lungs_path", "nolungs_path"), "masks": ("status", "error")}
+ROW_GROUP_BYTES = 64 << 20  # image bytes per Parquet row group: readers hold one row group at a time
+READ_CHUNK = 64  # rows read ahead in threads
+
+
+@dataclass
+class PublishOptions:
+    masks_only: bool = False
+    include_flagged: bool = False
+    name: str | None = None  # dataset name (default: the run folder's name)
+    license: str | None = None  # licence id for the card (default: summarised from a licence column)
+    shard_mb: int = 500  # Parquet shard size, MB of image bytes (full mode)
+    input_root: str | Path | None = None  # where the run's original images are now
+    workers: int = 0  # reading threads (0: one per usable core)
+    progress: bool = True
+
+
+@dataclass
+class PublishSummary:
+    folder: str
+    mode: str
+    rows: dict[str, int] = field(default_factory=dict)  # split -> published rows
+    excluded_flagged: int = 0
+    excluded_failed: int = 0
+    files: int = 0
+    total_bytes: int = 0
+    resumed_shards: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Source:
+    """A run's manifest, its metadata and where its files are."""
+
+    manifest: Path
+    table: pa.Table
+    meta: dict
+    run: Path
+    input_root: Path
+    masks_root: Path
+
+
+def load_source(run: str | Path, input_root: str | Path | None = None) -> Source:
+    from lungmask_kit.manifest import read_metadata, resolve_folder
+
+    run = Path(run)
+    manifest = run if run.suffix == ".parquet" else run / "manifest.parquet"
+    if not manifest.is_file():
+        raise LungkitError(f"{run} is not a lungkit run folder (no manifest.parquet); give a segment or variants output")
+    try:
+        meta, table = read_metadata(manifest), pq.read_table(manifest)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
+    if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
+        raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
+    return Source(manifest, table, meta, manifest.parent, resolve_folder(manifest, meta, "input_root", input_root),
+                  resolve_folder(manifest, meta, "masks_root"))
+
+
+def eligible(table: pa.Table, include_flagged: bool) -> tuple[pa.Table, int, int]:
+    """(rows to publish, flagged rows left out, failed rows left out): failed never, flagged unless asked."""
+    import pyarrow.compute as pc
+
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
+    flagged = pc.fill_null(pc.equal(table.column("qc_pass"), False), False) if "qc_pass" in table.column_names else pc.equal(ok, False)
+    keep = ok if include_flagged else pc.and_(ok, pc.invert(flagged))
+    n_failed = len(table) - pc.sum(ok).as_py() if len(table) else 0
+    n_flagged = 0 if include_flagged else pc.sum(pc.and_(ok, flagged)).as_py() or 0
+    return table.filter(keep), n_flagged, n_failed
+
+
+def split_names(table: pa.Table) -> list[str]:
+    """Each row's split: its `split` value made a valid Hugging Face split name; rows without one are `train`
+    when no row has a split, else `unassigned`."""
+    import re
+
+    values = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(table)
+    default = "train" if all(v is None for v in values) else "unassigned"
+    return [re.sub(r"\W+", "_", v).strip("_") or default if v else default for v in values]
+
+
+def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None = None) -> PublishSummary:
+    """`lungkit publish RUN -o DATASET`."""
+    from lungmask_kit.publish.card import write_card, write_croissant, write_sha256sums
+
+    t0 = time.perf_counter()
+    options = options or PublishOptions()
+    source = load_source(run, options.input_root)
+    dataset = Path(dataset)
+    _check_dataset_folder(dataset, source.run)
+    table, n_flagged, n_failed = eligible(source.table, options.include_flagged)
+    if table.num_rows == 0:
+        raise LungkitError(f"nothing to publish in {source.manifest}: no image passed QC and ran without error "
+                           "(--include-flagged also publishes flagged images)")
+    splits = split_names(table)
+    table = table.drop_columns(["split"]) if "split" in table.column_names else table
+    table = table.append_column("split", pa.array(splits, pa.string()))
+    mode = "masks" if options.masks_only else "full"
+    staging = dataset.parent / f".{dataset.name}.lungkit-partial"
+    state = _Progress.open(staging, _publish_key(source, options))
+    summary = PublishSummary(str(dataset), "masks-only" if options.masks_only else "full",
+                             excluded_flagged=n_flagged, excluded_failed=n_failed)
+    rows_of = {}
+    for i, split in enumerate(splits):
+        rows_of.setdefault(split, []).append(i)
+    for split, rows in sorted(rows_of.items()):
+        summary.resumed_shards += _write_split(source, table.take(pa.array(rows, pa.int64())), split, staging, state, options)
+        summary.rows[split] = len(rows)
+    files = sorted(p.relative_to(staging).as_posix() for p in (staging / "data").glob("*.parquet"))
+    write_card(staging, source, _published_columns(table, mode), summary, options, files)
+    write_croissant(staging, source, _published_columns(table, mode), summary, options, files)
+    (staging / MARKER).write_text("a dataset written by `lungkit publish`; a re-run replaces this folder whole\n")
+    state.remove()
+    write_sha256sums(staging)
+    _fix_modes(staging)
+    _swap_into_place(staging, dataset)
+    published = [p for p in dataset.rglob("*") if p.is_file()]
+    summary.files, summary.total_bytes = len(published), sum(p.stat().st_size for p in published)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _published_columns(table: pa.Table, mode: str) -> pa.Table:
+    """The manifest's columns others get: its own run-folder paths and status columns dropped."""
+    return table.drop_columns([c for c in RUN_ONLY[mode] if c in table.column_names])
+
+
+def _check_dataset_folder(dataset: Path, run: Path) -> None:
+    if inside(run, dataset) or inside(dataset, run):
+        raise LungkitError(f"the dataset folder {dataset} and the run {run} must not contain each other")
+    if dataset.exists() and not dataset.is_dir():
+        raise LungkitError(f"{dataset} exists and is not a folder")
+    if dataset.is_dir() and any(dataset.iterdir()) and not (dataset / MARKER).is_file():
+        raise LungkitError(f"{dataset} is a non-empty folder that lungkit publish did not make: choose another -o")
+
+
+def _publish_key(source: Source, options: PublishOptions) -> str:
+    """What a partial build must share with this one to be resumed: the manifest's bytes and the options that
+    change the shards."""
+    digest = hashlib.sha256(source.manifest.read_bytes()).hexdigest()
+    payload = [digest, options.masks_only, options.include_flagged, options.shard_mb, 1]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+class _Progress:
+    """The shards a partial build finished, per split, in `.progress.json` inside the staging folder."""
+
+    def __init__(self, staging: Path, key: str, done: dict):
+        self.staging, self.key, self.done = staging, key, done
+
+    @classmethod
+    def open(cls, staging: Path, key: str) -> "_Progress":
+        path = staging / PROGRESS
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") != key:  # another manifest or other options: start over
+            shutil.rmtree(staging, ignore_errors=True)
+            saved = {"done": {}}
+        (staging / "data").mkdir(parents=True, exist_ok=True)
+        state = cls(staging, key, saved["done"])
+        listed = {f for d in state.done.values() for f, _ in d.get("shards", [])}
+        for stray in (staging / "data").iterdir():  # a shard being written when the run was killed
+            if stray.name not in listed:
+                stray.unlink()
+        return state
+
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        return [tuple(s) for s in self.done.get(split, {}).get("shards", [])]
+
+    def add(self, split: str, name: str, rows: int, complete: bool = False) -> None:
+        entry = self.done.setdefault(split, {"shards": [], "complete": False})
+        entry["shards"].append([name, rows])
+        entry["complete"] = complete
+        self._save()
+
+    def finish(self, split: str, renamed: list[tuple[str, int]]) -> None:
+        self.done[split] = {"shards": [list(s) for s in renamed], "complete": True}
+        self._save()
+
+    def complete(self, split: str) -> bool:
+        return bool(self.done.get(split, {}).get("complete"))
+
+    def _save(self) -> None:
+        from lungmask_kit.fileio import atomic_write_bytes
+
+        atomic_write_bytes(self.staging / PROGRESS, json.dumps({"key": self.key, "done": self.done}).encode())
+
+    def remove(self) -> None:
+        (self.staging / PROGRESS).unlink(missing_ok=True)
+
+
+def _write_split(source: Source, table: pa.Table, split: str, staging: Path, state: _Progress,
+                 options: PublishOptions) -> int:
+    """The split's shards, resuming after the ones a killed run finished; returns how many were reused."""
+    if state.complete(split):
+        return len(state.shards(split))
+    done = state.shards(split)
+    start = sum(rows for _, rows in done)
+    writer = _ShardWriter(staging / "data", split, len(done), options, state)
+    rows = table.slice(start)
+    pending = _row_payloads(source, rows, options)
+    for batch in pending:
+        writer.add(batch)
+    writer.close()
+    shards = state.shards(split)
+    renamed = []
+    for k, (name, n) in enumerate(shards):  # the Hugging Face convention: split-00000-of-00003.parquet
+        final = f"{split}-{k:05d}-of-{len(shards):05d}.parquet"
+        os.replace(staging / "data" / name, staging / "data" / final)
+        renamed.append((final, n))
+    state.finish(split, renamed)
+    return len(done)
+
+
+def _row_payloads(source: Source, rows: pa.Table, options: PublishOptions):
+    """The split's rows in chunks, each a pyarrow table with its image or RLE columns added; files are read in
+    threads, at most READ_CHUNK rows ahead."""
+    from lungmask_kit.publish.payload import full_payload, masks_payload
+
+    make = masks_payload if options.masks_only else full_payload
+    workers = options.workers or _usable_cores()
+    records = rows.to_pylist() if rows.num_rows <= READ_CHUNK else None
+    with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-publish") as pool:
+        for start in range(0, rows.num_rows, READ_CHUNK):
+            chunk = records[start:start + READ_CHUNK] if records is not None else rows.slice(start, READ_CHUNK).to_pylist()
+            extra = list(pool.map(lambda r: make(source, r), chunk))
+            yield _chunk_table(rows.slice(start, READ_CHUNK), extra, options)
+
+
+def _chunk_table(rows: pa.Table, extra: list[dict], options: PublishOptions) -> pa.Table:
+    """The published rows of a chunk: the manifest's columns others get, then the images or the RLE."""
+    rows = _published_columns(rows, "masks" if options.masks_only else "full")
+    rows = rows.drop_columns([c for c in ("mask_rle", *IMAGE_COLUMNS) if c in rows.column_names])
+    if options.masks_only:
+        return rows.append_column(pa.field("mask_rle", RLE), pa.array([e["mask_rle"] for e in extra], RLE))
+    for name in IMAGE_COLUMNS:
+        rows = rows.append_column(pa.field(name, HF_IMAGE), pa.array([e[name] for e in extra], HF_IMAGE))
+    return rows
+
+
+class _ShardWriter:
+    """Rows into `split-NNNNN.parquet` files of about shard_mb, row groups of about ROW_GROUP_BYTES; each
+    finished shard is recorded in the progress file, so a killed run resumes after it."""
+
+    def __init__(self, folder: Path, split: str, index: int, options: PublishOptions, state: _Progress):
+        self.folder, self.split, self.index, self.state = folder, split, index, state
+        self.limit = options.shard_mb << 20
+        self.writer = None
+        self.bytes = self.rows = 0
+        self.group: list[pa.Table] = []
+        self.group_bytes = 0
+
+    def add(self, chunk: pa.Table) -> None:
+        self.group.append(chunk)
+        self.group_bytes += chunk.nbytes
+        if self.group_bytes >= ROW_GROUP_BYTES:
+            self._flush_group()
+        if self.bytes >= self.limit:
+            self._close_shard()
+
+    def _flush_group(self) -> None:
+        if not self.group:
+            return
+        table = pa.concat_tables(self.group)
+        if self.writer is None:
+            from lungmask_kit.publish.card import hf_schema_metadata
+
+            self.path = self.folder / f"{self.split}-{self.index:05d}.parquet"
+            schema = table.schema.with_metadata(hf_schema_metadata(table.schema))
+            self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")
+        self.writer.write_table(table.replace_schema_metadata(self.writer.schema.metadata), row_group_size=len(table))
+        self.bytes += self.group_bytes
+        self.rows += len(table)
+        self.group, self.group_bytes = [], 0
+
+    def _close_shard(self) -> None:
+        self._flush_group()
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.state.add(self.split, self.path.name, self.rows)
+        self.writer, self.bytes, self.rows = None, 0, 0
+        self.index += 1
+
+    def close(self) -> None:
+        self._close_shard()
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _fix_modes(folder: Path) -> None:
+    from lungmask_kit.fileio import UMASK
+
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
+def _swap_into_place(staging: Path, dataset: Path) -> None:
+    old = None
+    if dataset.exists():
+        old = dataset.parent / f".{dataset.name}.lungkit-old-{os.getpid()}"
+        os.replace(dataset, old)
+    os.replace(staging, dataset)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def image_struct(data: bytes, name: str) -> dict:
+    return {"bytes": data, "path": str(PurePosixPath(name).with_suffix(".png"))}

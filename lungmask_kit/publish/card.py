@@ -1,0 +1,275 @@
+"""The files that describe a published dataset: Hugging Face features in each shard's schema, the dataset card
+(README.md with a Hugging Face YAML header and datasheet sections), `croissant.json` (MLCommons Croissant 1.0
+with its Responsible-AI fields) and `SHA256SUMS`. Nothing in them names the machine that made them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from lungmask_kit import __version__
+
+_HF_DTYPES = {pa.string(): "string", pa.large_string(): "large_string", pa.bool_(): "bool", pa.int8(): "int8",
+              pa.int16(): "int16", pa.int32(): "int32", pa.int64(): "int64", pa.float32(): "float32",
+              pa.float64(): "float64", pa.binary(): "binary"}
+LICENCE_COLUMNS = ("license", "licence")
+_LICENCE_IDS = {  # how label files write a licence -> the Hugging Face licence id
+    "cc by 4.0": "cc-by-4.0", "cc by 3.0": "cc-by-3.0", "cc by-sa 4.0": "cc-by-sa-4.0", "cc by-nc 4.0": "cc-by-nc-4.0",
+    "cc by-nc-sa 4.0": "cc-by-nc-sa-4.0", "cc by-nc-nd 4.0": "cc-by-nc-nd-4.0", "cc0": "cc0-1.0", "cc0 1.0": "cc0-1.0",
+    "mit": "mit", "apache-2.0": "apache-2.0",
+}
+
+
+def hf_feature(t: pa.DataType) -> dict:
+    """A Hugging Face `datasets` feature (as stored in Parquet metadata) for an Arrow type."""
+    from lungmask_kit.publish.build import HF_IMAGE
+
+    if t == HF_IMAGE:
+        return {"_type": "Image"}
+    if pa.types.is_struct(t):
+        return {t.field(i).name: hf_feature(t.field(i).type) for i in range(t.num_fields)}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return {"_type": "Sequence", "feature": hf_feature(t.value_type)}
+    return {"dtype": _HF_DTYPES.get(t, str(t)), "_type": "Value"}
+
+
+def hf_schema_metadata(schema: pa.Schema) -> dict:
+    """The `huggingface` schema metadata that makes `datasets` load the image columns as `Image` features."""
+    features = {f.name: hf_feature(f.type) for f in schema}
+    return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+
+
+def licence_id(text: str | None) -> str:
+    if not text:
+        return "unknown"
+    return _LICENCE_IDS.get(text.strip().lower(), "other")
+
+
+def licence_summary(table: pa.Table, given: str | None) -> tuple[str, list[tuple[str, int]]]:
+    """(licence id for the YAML header, [(licence as written, images)]): the user's --license when given; else
+    the single licence every row shares; `other` when rows differ."""
+    column = next((c for c in LICENCE_COLUMNS if c in table.column_names), None)
+    counts = Counter(table.column(column).to_pylist()).most_common() if column else []
+    counts = [(k if k else "unspecified", n) for k, n in counts]
+    if given:
+        return given, counts
+    if len(counts) == 1:
+        return licence_id(counts[0][0]), counts
+    return ("other" if counts else "unknown"), counts
+
+
+def size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
+def dataset_name(source, options) -> str:
+    return options.name or source.run.name
+
+
+def _counts(table: pa.Table, column: str) -> list[tuple[str, int]]:
+    if column not in table.column_names or table.column(column).null_count == len(table):
+        return []
+    return [(("(none)" if k is None else str(k)), n) for k, n in Counter(table.column(column).to_pylist()).most_common()]
+
+
+def _reasons(table: pa.Table) -> list[tuple[str, int]]:
+    from lungmask_kit.qc import short_reason
+
+    if "qc_reason" not in table.column_names:
+        return []
+    return Counter(short_reason(p) for r in table.column("qc_reason").to_pylist() if r for p in r.split("; ")).most_common()
+
+
+def _table_md(title: str, rows: list[tuple[str, int]]) -> list[str]:
+    if not rows:
+        return []
+    return [f"| {title} | images |", "|---|---:|", *(f"| {k} | {n} |" for k, n in rows), ""]
+
+
+def write_card(folder: Path, source, table: pa.Table, summary, options, files: list[str]) -> None:
+    """README.md: a Hugging Face YAML header and a datasheet."""
+    meta, name = source.meta, dataset_name(source, options)
+    licence, licences = licence_summary(table, options.license)
+    splits = sorted(summary.rows)
+    header = ["---", f"pretty_name: {json.dumps(name)}", f"license: {licence}",
+              "task_categories:", "- image-segmentation", *(["- image-classification"] if _counts(table, "label") else []),
+              "tags:", "- medical", "- chest-x-ray", "- lung-segmentation", "- lungkit",
+              f"size_categories:\n- {size_category(table.num_rows)}", "configs:", "- config_name: default", "  data_files:",
+              *(f"  - split: {s}\n    path: data/{s}-*" for s in splits), "---", ""]
+    body = _card_body(name, meta, table, summary, options, licence, licences, files)
+    (folder / "README.md").write_text("\n".join(header + body) + "\n", encoding="utf-8")
+
+
+def _card_body(name, meta, table, summary, options, licence, licences, files) -> list[str]:
+    mode = summary.mode
+    calibration = (meta.get("quality") or {}).get("calibration") or {}
+    qc = meta.get("qc") or {}
+    lines = [f"# {name}", "",
+             f"Lung masks{'' if mode == 'masks-only' else ', lungs-only and lungs-removed images'} of {table.num_rows} chest "
+             f"X-rays, made with lungkit {meta.get('lungkit_version', '?')} (`lungkit {meta.get('command', 'segment')}` then "
+             f"`lungkit publish{' --masks-only' if mode == 'masks-only' else ''}`).", "",
+             "## Motivation", "",
+             "Derived corpora for checking whether a chest X-ray classifier looks at the lungs: train and compare it on "
+             "the original images, the lungs only (image AND mask) and the lungs removed (image AND NOT mask).", "",
+             "## Composition", ""]
+    lines += [f"- Splits: {', '.join(f'{s} ({n})' for s, n in sorted(summary.rows.items()))}."]
+    if mode == "full":
+        lines += ["- Each row: `image` (the source image as PNG, 16-bit where the source is), `mask` (PNG, 0 background / "
+                  "255 lung, native size), `lungs`, `nolungs` (PNG, same size and depth as the image), and the manifest's "
+                  "columns (lungkit's `manifests/SCHEMA.md`)."]
+    else:
+        lines += ["- Each row: `mask_rle` (the mask as a COCO run-length encoding: `size` = [height, width], `counts` = "
+                  "pycocotools' compressed RLE string, column-major), `path` (the source image relative to its corpus "
+                  "root) and `sha256` (of the source file), and the manifest's columns. No image is included: rebuild "
+                  "lungs / lungs-removed images with `lungkit variants DATASET --input-root YOUR_IMAGES -o OUT`, which "
+                  "checks every image's sha256."]
+    lines += [f"- Left out: {summary.excluded_failed} image(s) that failed, "
+              + (f"{summary.excluded_flagged} flagged by QC." if not options.include_flagged else
+                 "none flagged by QC (flagged images are included; `qc_pass`/`qc_reason` say which).")]
+    lines += ["", *_table_md("label", _counts(table, "label")), *_table_md("split", _counts(table, "split")),
+              *_table_md("source", _counts(table, "source")), *_table_md("QC reason (included flagged images)", _reasons(table))]
+    lines += ["## Collection process", "",
+              f"- lungkit {meta.get('lungkit_version', '?')}, model `{meta.get('model_name', 'masks from elsewhere')}`"
+              + (f" (weights sha256 `{meta['weights_sha256']}`)" if meta.get("weights_sha256") else "") + ".",
+              f"- Settings key `{meta.get('settings_key', '?')}`; post-processing {json.dumps(meta.get('postprocess', {}))}.",
+              f"- QC thresholds: {json.dumps(qc)}.", "",
+              "## Preprocessing", "",
+              "Grayscale at native bit depth (colour converted to luminance; a DICOM's Modality LUT applied, MONOCHROME1 "
+              "inverted); the model saw each image resized to its input size and normalised; masks were cleaned (small "
+              "objects removed, small holes filled) and brought back to native size.", "",
+              "## Known limits", "",
+              "- The masks follow the annotation convention of the model's training data (the bundled model: V7 Labs' "
+              "outlines, which include the lung behind the heart shadow); other conventions differ by a few Dice points.",
+              f"- Measured quality: {_quality_sentence(calibration, qc)}",
+              "- `est_dice` is the model's own estimate of each mask's Dice against a careful annotation, not a measurement; "
+              "`ood_score` above 1 means the image is unlike the frontal chest X-rays the model was calibrated on.", "",
+              "## Uses", "",
+              "Shortcut audits of chest X-ray classifiers, lung-region analyses, pre-training lung segmenters. Not for "
+              "clinical use: no mask here was checked by a clinician.", "",
+              "## Licences", ""]
+    if licences:
+        lines += [f"Licence of the images, per source row (`license` column); the card's licence is `{licence}`:", "",
+                  *_table_md("licence", licences)]
+    else:
+        lines += [f"`{licence}`" + (" (given by the publisher)." if options.license else " (no licence column in the manifest)."), ""]
+    lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.0), "
+              "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file).", "",
+              "## Citation", "", "Cite the sources of the images (see the licence table) and lungkit:", "", "```bibtex",
+              "@software{lungkit,", "  title = {lungkit: batch lung masks for chest X-ray datasets},",
+              f"  version = {{{meta.get('lungkit_version', __version__)}}},", "}", "```"]
+    return lines
+
+
+def _quality_sentence(calibration: dict, qc: dict) -> str:
+    parts = []
+    if calibration.get("val_dice_mean") is not None:
+        parts.append(f"mean Dice {calibration['val_dice_mean']:.3f} on the model's {calibration.get('n_val_images', '?')} "
+                     f"validation images ({calibration.get('n_val_patients', '?')} patients)")
+    cv = calibration.get("est_dice_cv")
+    if cv:
+        parts.append(f"est_dice tracks the measured Dice with Spearman {cv['spearman']:.2f} and mean absolute error "
+                     f"{cv['mae']:.3f} ({calibration.get('est_dice_cv_method', 'cross-validated')})")
+    if qc.get("min_est_dice") is not None:
+        parts.append(f"images under est_dice {qc['min_est_dice']:g} are flagged")
+    return ("; ".join(parts) or "see the model card of the model named above") + "."
+
+
+# --- Croissant ---
+
+_CONTEXT = {
+    "@language": "en", "@vocab": "https://schema.org/", "sc": "https://schema.org/",
+    "cr": "http://mlcommons.org/croissant/", "rai": "http://mlcommons.org/croissant/RAI/",
+    "dct": "http://purl.org/dc/terms/", "citeAs": "cr:citeAs", "column": "cr:column", "conformsTo": "dct:conformsTo",
+    "data": {"@id": "cr:data", "@type": "@json"}, "dataType": {"@id": "cr:dataType", "@type": "@vocab"},
+    "examples": {"@id": "cr:examples", "@type": "@json"}, "extract": "cr:extract", "field": "cr:field",
+    "fileProperty": "cr:fileProperty", "fileObject": "cr:fileObject", "fileSet": "cr:fileSet", "format": "cr:format",
+    "includes": "cr:includes", "isLiveDataset": "cr:isLiveDataset", "jsonPath": "cr:jsonPath", "key": "cr:key",
+    "md5": "cr:md5", "parentField": "cr:parentField", "path": "cr:path", "recordSet": "cr:recordSet",
+    "references": "cr:references", "regex": "cr:regex", "repeated": "cr:repeated", "replace": "cr:replace",
+    "separator": "cr:separator", "source": "cr:source", "subField": "cr:subField", "transform": "cr:transform",
+    "samplingRate": "cr:samplingRate", "equivalentProperty": "cr:equivalentProperty",
+}
+_CR_TYPES = {"string": "sc:Text", "large_string": "sc:Text", "bool": "sc:Boolean", "int8": "sc:Integer",
+             "int16": "sc:Integer", "int32": "sc:Integer", "int64": "sc:Integer", "float": "sc:Float",
+             "double": "sc:Float"}
+
+
+def _cr_field(name: str, t: pa.DataType) -> dict | None:
+    from lungmask_kit.publish.build import HF_IMAGE
+
+    source = {"fileSet": {"@id": "parquet-files"}, "extract": {"column": name}}
+    base = {"@type": "cr:Field", "@id": f"default/{name}", "name": name}
+    if t == HF_IMAGE:
+        return {**base, "description": f"{name} as PNG", "dataType": "sc:ImageObject",
+                "source": {**source, "transform": {"jsonPath": "bytes"}}}
+    if pa.types.is_struct(t) and name == "mask_rle":
+        return {**base, "description": "COCO run-length encoding of the lung mask (pycocotools compressed RLE, "
+                "column-major)", "dataType": "sc:Text", "source": {**source, "transform": {"jsonPath": "counts"}}}
+    if str(t) in _CR_TYPES:
+        return {**base, "dataType": _CR_TYPES[str(t)], "source": source}
+    return None  # lists (pixel_spacing, crop_box): in the Parquet files, not described field by field here
+
+
+def write_croissant(folder: Path, source, table: pa.Table, summary, options, files: list[str]) -> None:
+    from lungmask_kit.publish.build import HF_IMAGE, RLE
+
+    meta, name = source.meta, dataset_name(source, options)
+    licence, licences = licence_summary(table, options.license)
+    schema = table.schema
+    if summary.mode == "full":
+        schema = pa.schema(list(schema) + [pa.field(c, HF_IMAGE) for c in ("image", "mask", "lungs", "nolungs")])
+    else:
+        schema = pa.schema(list(schema) + [pa.field("mask_rle", RLE)])
+    fields = [f for f in (_cr_field(fld.name, fld.type) for fld in schema) if f is not None]
+    doc = {
+        "@context": _CONTEXT, "@type": "sc:Dataset", "name": name,
+        "conformsTo": ["http://mlcommons.org/croissant/1.0", "http://mlcommons.org/croissant/RAI/1.0"],
+        "description": f"Lung masks of {table.num_rows} chest X-rays made with lungkit ({summary.mode} mode); see README.md.",
+        "license": licence,
+        "version": "1.0.0", "citeAs": "lungkit, batch lung masks for chest X-ray datasets",
+        "datePublished": meta.get("finished_at", "")[:10] or None,
+        "keywords": ["chest X-ray", "lung segmentation", "medical imaging"],
+        "rai:dataCollection": "Masks predicted by a lung segmentation model over an existing chest X-ray corpus; no new "
+                              "images were acquired.",
+        "rai:dataCollectionType": ["Machine-generated"],
+        "rai:dataPreprocessingProtocol": ["Grayscale at native depth; resize to the model's input; threshold, remove small "
+                                          "objects, fill small holes; masks resized back to native size."],
+        "rai:dataAnnotationProtocol": f"Model {meta.get('model_name', 'external masks')} (lungkit {meta.get('lungkit_version', '?')}); "
+                                      "no human checked individual masks.",
+        "rai:dataLimitations": ["Masks follow the annotation convention of the model's training data.",
+                                "est_dice is an estimate, not a measurement; QC flags are heuristics."],
+        "rai:dataBiases": ["The source corpus's mix of sites, devices and diseases carries over; flag rates per label "
+                           "and source are in README.md."],
+        "rai:personalSensitiveInformation": ["Medical images. Columns copied from DICOM headers (patient_id, study/series/SOP "
+                                             "UIDs) identify patients unless the source was de-identified."],
+        "rai:dataUseCases": ["Shortcut audits of chest X-ray classifiers; lung-region analyses. Not for clinical use."],
+        "rai:dataSocialImpact": "Helps show whether diagnostic classifiers rely on cues outside the lungs.",
+        "rai:dataReleaseMaintenancePlan": ["Regenerate with lungkit publish from the run; SHA256SUMS pins every file."],
+        "distribution": [{"@type": "cr:FileSet", "@id": "parquet-files", "name": "parquet-files",
+                          "encodingFormat": "application/x-parquet", "includes": "data/*.parquet"}],
+        "recordSet": [{"@type": "cr:RecordSet", "@id": "default", "name": "default",
+                       "description": "One record per published image.", "field": fields}],
+    }
+    if licences:
+        doc["rai:dataLimitations"].append("Image licences differ per row: " + ", ".join(f"{k} ({n})" for k, n in licences))
+    (folder / "croissant.json").write_text(json.dumps({k: v for k, v in doc.items() if v is not None}, indent=2) + "\n",
+                                           encoding="utf-8")
+
+
+def write_sha256sums(folder: Path) -> None:
+    """`sha256sum -c` format over every file but itself, sorted, paths relative to the dataset folder."""
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        lines.append(f"{digest.hexdigest()}  {path.relative_to(folder).as_posix()}")
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")

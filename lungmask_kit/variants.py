@@ -257,7 +257,10 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         return row
     try:
         mask_sha, mask_data = _mask_data(task)
-    except (InputReadError, LookupError) as err:
+    except LookupError as err:
+        row["error"] = str(err)
+        return row
+    except InputReadError as err:
         row["error"] = f"mask: {err}"
         return row
     row["mask_sha256"] = mask_sha

@@ -27,3 +27,14 @@ class Channels(str, Enum):
 class EncoderWeights(str, Enum):
     none = "none"  # random initialisation: works offline
     imagenet = "imagenet"  # downloaded by segmentation_models_pytorch (needs the network)
+
+
+class Init(str, Enum):
+    scratch = "scratch"  # random initialisation
+    imagenet = "imagenet"  # timm's ImageNet weights (needs the network)
+    segmenter = "segmenter"  # the bundled segmenter's DenseNet121 encoder (chest X-rays; offline)
+
+
+class CacheKind(str, Enum):
+    memory = "memory"
+    disk = "disk"  # memory-mapped under OUT/.cache, removed at the end

@@ -123,3 +123,24 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a plain file"
+
+
+def apply_umask(folder: Path) -> None:
+    """A folder tree's modes as the user's umask says (0755 / 0644 with umask 022): what a staging folder made
+    by another route (tempfile, a library) may not have."""
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
+def replace_folder(staging: Path, dest: Path) -> None:
+    """Put a finished staging folder where `dest` is, replacing it: readers see the old folder or the new one,
+    whole (two renames on one filesystem; the old one is deleted last)."""
+    import shutil
+
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.lungkit-old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

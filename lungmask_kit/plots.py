@@ -62,18 +62,23 @@ def histogram_png(passed: Sequence[float], flagged: Sequence[float], title: str,
     return _png(fig)
 
 
-def roc_png(curves: dict[str, tuple[Sequence[float], Sequence[float], float | None]]) -> bytes:
-    """ROC curves, one per variant: {variant: (fpr, tpr, auc)}; the AUC is in the legend."""
+def roc_png(curves: dict[str, tuple], bands: dict[str, tuple] | None = None) -> bytes:
+    """ROC curves, one per variant: {variant: (fpr, tpr, auc[, (lo, hi)])}, the AUC (and its interval) in the
+    legend; `bands`: {variant: (fpr grid, tpr low, tpr high)} drawn as a shaded 95% band."""
     fig, ax = _figure(5.0, 4.6)
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="chance")
-    for variant, (fpr, tpr, auc) in curves.items():
-        label = f"{variant} (AUC {auc:.3f})" if auc is not None else f"{variant} (AUC n/a)"
+    for variant, (grid, lo, hi) in (bands or {}).items():
+        ax.fill_between(grid, lo, hi, color=VARIANT_COLOURS.get(variant), alpha=0.15, linewidth=0, step="post")
+    for variant, (fpr, tpr, auc, *ci) in curves.items():
+        label = f"{variant} (AUC {auc:.3f}" if auc is not None else f"{variant} (AUC n/a"
+        label += f", 95% CI {ci[0][0]:.2f}-{ci[0][1]:.2f})" if ci and ci[0] else ")"
         ax.plot(fpr, tpr, linewidth=2, color=VARIANT_COLOURS.get(variant), label=label, drawstyle="steps-post")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.005)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title("ROC on the test split", fontsize=10)
+    ax.set_title("ROC on the test split" + (" (seed-averaged prediction; AUC: mean over seeds)" if bands else ""),
+                 fontsize=9 if bands else 10)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -81,7 +86,8 @@ def roc_png(curves: dict[str, tuple[Sequence[float], Sequence[float], float | No
 
 
 def metrics_png(metrics: dict[str, dict], names: Sequence[str] = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")) -> bytes:
-    """Grouped bars: each metric (x) for each variant (colour), value printed on the bar."""
+    """Grouped bars: each metric (x) for each variant (colour), value printed on the bar, and the metric's 95%
+    interval (`<metric>_ci95`) as an error bar where the metrics carry one."""
     fig, ax = _figure(7.0, 3.6)
     variants = list(metrics)
     width = 0.8 / max(len(variants), 1)
@@ -89,8 +95,11 @@ def metrics_png(metrics: dict[str, dict], names: Sequence[str] = ("accuracy", "s
     for i, variant in enumerate(variants):
         values = [metrics[variant].get(n) for n in names]
         heights = [v if v is not None else 0.0 for v in values]
+        cis = [metrics[variant].get(f"{n}_ci95") for n in names]
+        errors = np.array([[h - c[0], c[1] - h] if c and v is not None else [0, 0] for h, v, c in zip(heights, values, cis)]).T
         bars = ax.bar(x + (i - (len(variants) - 1) / 2) * width, heights, width, label=variant,
-                      color=VARIANT_COLOURS.get(variant))
+                      color=VARIANT_COLOURS.get(variant), yerr=np.clip(errors, 0, None) if any(cis) else None,
+                      capsize=2, error_kw={"linewidth": 0.8})
         for bar, v in zip(bars, values):
             ax.annotate("n/a" if v is None else f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
@@ -100,4 +109,29 @@ def metrics_png(metrics: dict[str, dict], names: Sequence[str] = ("accuracy", "s
     ax.set_title("Metrics per variant", fontsize=10)
     ax.legend(fontsize=8, ncols=len(variants), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def saliency_png(examples: dict[str, tuple]) -> bytes:
+    """Grad-CAM maps over the images: a row per variant, a column per example image; each panel's title gives
+    the share of the map inside the lungs (outlined)."""
+    from matplotlib.figure import Figure
+
+    variants = list(examples)
+    cols = max(len(e[0]) for e in examples.values())
+    fig = Figure(figsize=(2.1 * cols, 2.3 * len(variants)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(variants), cols, squeeze=False)
+    for r, variant in enumerate(variants):
+        images, cams, masks, names = examples[variant]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_axis_off()
+            if c >= len(images):
+                continue
+            cam = cams[c] / cams[c].max() if cams[c].max() > 0 else cams[c]
+            inside = float((cams[c] * masks[c]).sum() / cams[c].sum()) if cams[c].sum() > 0 else float("nan")
+            ax.imshow(images[c], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+            ax.contour(masks[c], levels=[0.5], colors="white", linewidths=0.6)
+            ax.set_title(f"{variant}: {inside:.0%} in lungs", fontsize=8)
     return _png(fig)

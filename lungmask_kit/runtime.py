@@ -8,10 +8,12 @@ import os
 import sys
 import threading
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from lungmask_kit.errors import LungkitError
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -37,6 +39,8 @@ def tune_malloc() -> bool:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, with a clear error when CUDA is absent."""
+    import torch  # here, not at the top: report, publish and the CLI use this module without torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -53,8 +57,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def prepare_device(device: "str | torch.device" = "auto") -> torch.device:
+def prepare_device(device: str | torch.device = "auto") -> torch.device:
     """What every command does before its model runs: resolve the device, set threads, tune malloc on the CPU."""
+    import torch
+
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     configure_threads()
     if dev.type == "cpu":
@@ -78,6 +84,7 @@ def configure_threads(torch_threads: int | None = None) -> int:
     after each one took the cores from torch and OpenCV (end-to-end -16% on 2 cores before this limit).
     """
     import cv2
+    import torch
 
     n = torch_threads or available_cores()
     torch.set_num_threads(n)

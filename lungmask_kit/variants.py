@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 
 import numpy as np
@@ -37,6 +37,9 @@ from lungmask_kit.manifest import (
     resolve_folder,
 )
 from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
@@ -103,7 +106,7 @@ _CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "se
 
 
 def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | None = None
-                         ) -> tuple[list[_Task], Path, Path, "pa.Table | None"]:
+                         ) -> tuple[list[_Task], Path, Path, pa.Table | None]:
     """The image-mask pairs a manifest names, and its columns beyond lungkit's own (a label file's source,
     licence, finding, ...) keyed by path, to be carried into the variants manifest."""
     import fnmatch
@@ -138,7 +141,7 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
 
 
 def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
-                        ) -> tuple[list[_Task], Path, Path, "pa.Table | None"]:
+                        ) -> tuple[list[_Task], Path, Path, pa.Table | None]:
     """The rows of a dataset made by `lungkit publish --masks-only`: each mask from its RLE, each image from
     --input-root, checked against the sha256 it was published with."""
     import fnmatch

@@ -22,6 +22,10 @@ MISTAKES = [
     (["classify", "m.parquet", "-o", "out", "--normalize", "z"], "Invalid value for '--normalize'"),
     (["classify", "m.parquet", "-o", "out", "--channels", "bgr"], "Invalid value for '--channels'"),
     (["train", "data", "-o", "out", "--encoder-weights", "hub"], "Invalid value for '--encoder-weights'"),
+    (["classify", "m.parquet", "-o", "out", "--init", "hub"], "Invalid value for '--init'"),
+    (["classify", "m.parquet", "-o", "out", "--seeds", "0"], "Invalid value for '--seeds'"),
+    (["publish", "run"], "Missing option '--out'"),
+    (["report"], "Missing argument 'OUT'"),
     (["stats"], "Missing argument 'DIR'"),
     (["evaluate"], "Missing argument"),
 ]
@@ -60,7 +64,7 @@ def test_completion_can_be_installed(capsys):
     (["classify", "missing.parquet", "-o", "{tmp}/out"], "manifest not found"),
     (["stats", "{tmp}/nowhere"], "input folder not found"),
     (["train", "{tmp}/nowhere", "-o", "{tmp}/out", "--in-channels", "2"], "in_channels must be 1 or 3"),
-    (["segment", "{example}", "-o", "{tmp}/out", "--device", "tpu"], "unknown device"),
+    (["segment", "{example}", "-o", "{tmp}/out", "--device", "tpu", "-q"], "unknown device"),  # -q: no busy-machine warning
 ])
 def test_library_errors_are_one_line_exit_2(argv, message, tmp_path, example_images, capsys):
     assert main([a.format(tmp=tmp_path, example=example_images) for a in argv]) in (2, 3)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lungmask_kit.choices import Channels, Normalization, VariantChoice
+from lungmask_kit.choices import CacheKind, Channels, Init, Normalization, VariantChoice
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, InputRootOpt, LabelsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
 
 
@@ -18,7 +18,13 @@ def classify(
     normalize: Annotated[Normalization, typer.Option("--normalize", help="dataset: mean/std of the training split; imagenet: ImageNet's.")] = Normalization.dataset,
     channels: Annotated[Channels, typer.Option("--channels", help="gray: 1 channel; rgb: gray replicated to 3.")] = Channels.gray,
     arch: Annotated[str, typer.Option("--arch", help="Any timm model name.")] = "resnet18",
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="ImageNet weights from the hub (needs the network).")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Same as --init imagenet (needs the network).")] = False,
+    init: Annotated[Init, typer.Option("--init", help="scratch; imagenet (needs the network); segmenter: a DenseNet121 started from the bundled segmenter's encoder (offline).")] = Init.scratch,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Models per variant (seeds SEED, SEED+1, ...); metrics are their mean with patient-bootstrap 95% intervals.")] = 3,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap replicates for the intervals and comparisons.")] = 1000,
+    saliency: Annotated[bool, typer.Option("--saliency/--no-saliency", help="Grad-CAM share of attribution inside the lungs (saliency_in_lungs).")] = True,
+    leakage: Annotated[bool, typer.Option("--leakage/--no-leakage", help="With a source column: predict the source from each variant, and leave-one-source-out evaluation.")] = True,
+    cache: Annotated[CacheKind, typer.Option("--cache", help="memory, or disk: a memory-mapped image cache under OUT/.cache (flat memory for 100k+ images).")] = CacheKind.memory,
     image_size: Annotated[int, typer.Option("--image-size", min=32, help="Square input size.")] = 224,
     epochs: EpochsOpt = 10,
     batch_size: BatchSizeOpt = 32,
@@ -35,12 +41,13 @@ def classify(
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """Train one classifier per variant, test on held-out patients, and compare accuracy, sensitivity,
-    specificity, precision, recall, F1 and ROC AUC.
+    """A shortcut audit: --seeds classifiers per variant on held-out patients; accuracy, sensitivity, specificity,
+    precision, recall, F1 and ROC AUC with patient-bootstrap 95% intervals; paired comparisons of the variants;
+    Grad-CAM share inside the lungs; with a source column, source prediction and leave-one-source-out.
 
     Writes OUT/metrics.json, OUT/predictions.parquet, OUT/results.md, OUT/roc.png, OUT/metrics.png,
-    OUT/checkpoints/.
-    Class imbalance: BCE weighted by n_negative / n_positive of the training split.
+    OUT/saliency.png, OUT/checkpoints/. Class imbalance: BCE weighted by n_negative / n_positive of the
+    training split.
 
     Examples:
 
@@ -54,7 +61,9 @@ def classify(
     if eval_only != (checkpoint is not None):
         raise LungkitError("--eval-only and --checkpoint go together")
     settings = ClassifySettings(
-        variants=variants_to_run(variant.value, checkpoint), normalize=normalize.value, channels=channels.value, arch=arch, pretrained=pretrained,
+        variants=variants_to_run(variant.value, checkpoint), normalize=normalize.value, channels=channels.value, arch=arch,
+        pretrained=pretrained, init="imagenet" if pretrained and init is Init.scratch else init.value, seeds=seeds,
+        bootstrap=bootstrap, saliency=saliency, leakage=leakage, cache=cache.value,
         image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, test_fraction=test_fraction,
         positive=positive, include_flagged=include_flagged, labels_from_folders=labels_from_folders,
         input_root=str(input_root) if input_root else None,

@@ -16,13 +16,15 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lungmask_kit.discovery import inside
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import apply_umask, replace_folder
+from lungmask_kit.runtime import available_cores
 
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
 PROGRESS = ".progress.json"
@@ -144,8 +146,8 @@ def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None
     (staging / MARKER).write_text("a dataset written by `lungkit publish`; a re-run replaces this folder whole\n")
     state.remove()
     write_sha256sums(staging)
-    _fix_modes(staging)
-    _swap_into_place(staging, dataset)
+    apply_umask(staging)
+    replace_folder(staging, dataset)
     published = [p for p in dataset.rglob("*") if p.is_file()]
     summary.files, summary.total_bytes = len(published), sum(p.stat().st_size for p in published)
     summary.seconds = time.perf_counter() - t0
@@ -252,7 +254,7 @@ def _row_payloads(source: Source, rows: pa.Table, options: PublishOptions):
     from lungmask_kit.publish.payload import full_payload, masks_payload
 
     make = masks_payload if options.masks_only else full_payload
-    workers = options.workers or _usable_cores()
+    workers = options.workers or available_cores()
     records = rows.to_pylist() if rows.num_rows <= READ_CHUNK else None
     with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-publish") as pool:
         for start in range(0, rows.num_rows, READ_CHUNK):
@@ -318,31 +320,3 @@ class _ShardWriter:
 
     def close(self) -> None:
         self._close_shard()
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _fix_modes(folder: Path) -> None:
-    from lungmask_kit.fileio import UMASK
-
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
-
-
-def _swap_into_place(staging: Path, dataset: Path) -> None:
-    old = None
-    if dataset.exists():
-        old = dataset.parent / f".{dataset.name}.lungkit-old-{os.getpid()}"
-        os.replace(dataset, old)
-    os.replace(staging, dataset)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def image_struct(data: bytes, name: str) -> dict:
-    return {"bytes": data, "path": str(PurePosixPath(name).with_suffix(".png"))}

@@ -17,6 +17,8 @@ import numpy as np
 
 from lungmask_kit.discovery import inside
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import apply_umask, replace_folder
+from lungmask_kit.runtime import available_cores
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -136,8 +138,8 @@ def build_report(run: str | Path, report: str | Path, options: ReportOptions | N
         chosen = select(data, options)
         cards, unrendered = render_cards(data, chosen.shown(), staging / "img", options)
         pages = write_pages(data, chosen, cards, staging, options)
-        _fix_modes(staging)
-        _swap_into_place(staging, report)
+        apply_umask(staging)
+        replace_folder(staging, report)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -162,23 +164,8 @@ def _remove_stale_staging(report: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _fix_modes(folder: Path) -> None:
-    """Files and folders as the user's umask says (mkdtemp-style modes would hide a shared report)."""
-    from lungmask_kit.fileio import UMASK
-
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 
-def _swap_into_place(staging: Path, report: Path) -> None:
-    """Replace REPORT with the finished staging folder: readers see the old report or the new one, whole."""
-    old = None
-    if report.exists():
-        old = report.parent / f".{report.name}.lungkit-old-{os.getpid()}"
-        os.replace(report, old)
-    os.replace(staging, report)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- overlays ---
@@ -193,7 +180,7 @@ def render_cards(data: RunData, indices: list[int], folder: Path, options: Repor
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(options.workers or _usable_cores(), thread_name_prefix="lungkit-report") as pool:
+    with ThreadPoolExecutor(options.workers or available_cores(), thread_name_prefix="lungkit-report") as pool:
         futures = {i: pool.submit(_render_one, data, i, folder, options) for i in indices}
         cards = {}
         for i in tqdm(indices, disable=not options.progress, unit="img", desc="overlays"):
@@ -201,11 +188,6 @@ def render_cards(data: RunData, indices: list[int], folder: Path, options: Repor
     return cards, sum(c["placeholder"] for c in cards.values())
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _render_one(data: RunData, i: int, folder: Path, options: ReportOptions) -> dict:

@@ -24,6 +24,7 @@ from lungmask_kit.runtime import prepare_device
 from lungmask_kit.stats import pixel_mean_std
 from lungmask_kit.training.augment import eval_transform, train_transform
 from lungmask_kit.training.data import PairDataset, find_pairs, split_pairs
+from lungmask_kit.training.loop import train_epoch
 from lungmask_kit.training.losses import ComboLoss
 
 
@@ -163,34 +164,22 @@ def train(
         start_epoch, best_dice, history = meta["epoch"] + 1, meta["best_dice"], meta["history"]
         log(f"resuming after epoch {meta['epoch'] + 1} (best val Dice {best_dice:.4f})")
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     for epoch in range(start_epoch, settings.epochs):
         _seed_all(settings.seed + epoch)  # epoch-level seeding makes --resume reproduce the same batches
         loader = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, drop_last=len(train_ds) > settings.batch_size)
-        model.train()
-        running, n_seen, t_epoch = 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
+        t_epoch = time.perf_counter()
+
+        def set_lr(i: int, epoch: int = epoch) -> None:
             for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, total_steps, warmup, settings.lr)
-            x = x.to(device, memory_format=torch.channels_last)
-            y = y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.item() * len(x)
-            n_seen += len(x)
-            bar.set_postfix(loss=f"{running / n_seen:.4f}")
+                g["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, warmup, settings.lr)
+
+        train_loss = train_epoch(model, loader, lambda logits, y: loss_fn(logits.float(), y), optimizer, device,
+                                 f"epoch {epoch + 1}/{settings.epochs}", progress, before_step=set_lr)
         val_loss, dices = _validate(model, val_ds, loss_fn, device, settings.batch_size, use_amp)
         row = {
             "epoch": epoch + 1,
-            "train_loss": round(running / max(n_seen, 1), 5),
+            "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
             "val_dice_mean": round(float(dices.mean()), 5),
             "val_dice_min": round(float(dices.min()), 5),

@@ -142,6 +142,24 @@ def resolve_folder(manifest: str | Path, meta: dict, key: str = "input_root", ov
     return candidate
 
 
+def open_run_manifest(run: str | Path, columns: tuple[str, ...] | None = None) -> tuple[Path, dict, pa.Table]:
+    """A segment or variants run folder (or its manifest.parquet) -> (manifest path, metadata, table with
+    `columns` where the file has them, else all); a one-line LungkitError for anything else."""
+    run = Path(run)
+    manifest = run if run.suffix == ".parquet" else run / "manifest.parquet"
+    if not manifest.is_file():
+        raise LungkitError(f"{run} is not a lungkit run folder (no manifest.parquet); give a segment or variants output")
+    try:
+        meta = read_metadata(manifest)
+        names = pq.read_schema(manifest).names
+        table = pq.read_table(manifest, columns=[c for c in columns if c in names] if columns else None)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
+    if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
+        raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
+    return manifest, meta, table
+
+
 def read_metadata(path: str | Path) -> dict:
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(b"lungkit")

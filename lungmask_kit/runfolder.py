@@ -129,3 +129,16 @@ def remove_outputs(out: Path, rows: list[dict], command: str) -> int:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def check_replaceable(dest: Path, run: Path, marker: str, maker: str, allow_inside_run: bool = False) -> None:
+    """Refuse an output folder that a build would replace whole unless `maker` made it (its `marker` file):
+    a non-empty folder of the user's, a file, or one that holds the run (or lies in it, unless allowed)."""
+    from lungmask_kit.discovery import inside
+
+    if inside(run, dest) or (not allow_inside_run and inside(dest, run)):
+        raise LungkitError(f"the folder {dest} and the run {run} must not contain each other: choose another -o")
+    if dest.exists() and not dest.is_dir():
+        raise LungkitError(f"{dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / marker).is_file():
+        raise LungkitError(f"{dest} is a non-empty folder that {maker} did not make: choose another -o")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungmask_kit.classify.audit import METRICS, interval, patient_draws
+from lungmask_kit.classify.audit import METRICS, patient_draws
 from lungmask_kit.fileio import atomic_write_bytes
 from lungmask_kit.metrics import roc_auc, roc_curve
 
@@ -154,5 +154,3 @@ def _leakage_lines(result: dict) -> list[str]:
         lines.append("")
     return lines
 
-
-__all__ = ["write_outputs", "comparison_table", "interval"]

@@ -34,6 +34,7 @@ class _Run:
     log: Callable[[str], None]
     predictions: list[dict] = field(default_factory=list)
     examples: dict = field(default_factory=dict)  # variant -> (images, cams, masks) of a few test images
+    norms: dict = field(default_factory=dict)  # (variant, training images) -> normalisation, once for all seeds
 
     def dataset(self, variant: str, samples: list[Sample], targets, norm, augment: bool, classes: int = 1) -> CachedImages:
         array, rows = self.cache.rows(variant, samples)
@@ -42,7 +43,10 @@ class _Run:
 
     def train(self, variant: str, train: list[Sample], seed: int, targets=None, classes: int = 1, task: str = "covid"):
         """A fresh model of this variant trained with `seed`: (model, config, normalisation)."""
-        norm = normalisation(self.settings, self.cache, variant, train)
+        key = (variant, tuple(s.image for s in train))
+        if key not in self.norms:
+            self.norms[key] = normalisation(self.settings, self.cache, variant, train)
+        norm = self.norms[key]
         config = classifier_config(self.settings, variant, *norm[:2], norm[2], classes, task)
         torch.manual_seed(seed)  # the same initial weights for every variant of a seed
         model = build_classifier(config, self.settings.init).to(self.device).to(memory_format=torch.channels_last)

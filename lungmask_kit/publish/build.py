@@ -21,9 +21,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lungmask_kit.discovery import inside
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import apply_umask, replace_folder
+from lungmask_kit.runfolder import check_replaceable
 from lungmask_kit.runtime import available_cores
 
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
@@ -75,18 +75,9 @@ class Source:
 
 
 def load_source(run: str | Path, input_root: str | Path | None = None) -> Source:
-    from lungmask_kit.manifest import read_metadata, resolve_folder
+    from lungmask_kit.manifest import open_run_manifest, resolve_folder
 
-    run = Path(run)
-    manifest = run if run.suffix == ".parquet" else run / "manifest.parquet"
-    if not manifest.is_file():
-        raise LungkitError(f"{run} is not a lungkit run folder (no manifest.parquet); give a segment or variants output")
-    try:
-        meta, table = read_metadata(manifest), pq.read_table(manifest)
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
-    if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
-        raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
+    manifest, meta, table = open_run_manifest(run)
     return Source(manifest, table, meta, manifest.parent, resolve_folder(manifest, meta, "input_root", input_root),
                   resolve_folder(manifest, meta, "masks_root"))
 
@@ -121,7 +112,7 @@ def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None
     options = options or PublishOptions()
     source = load_source(run, options.input_root)
     dataset = Path(dataset)
-    _check_dataset_folder(dataset, source.run)
+    check_replaceable(dataset, source.run, MARKER, "lungkit publish")
     table, n_flagged, n_failed = eligible(source.table, options.include_flagged)
     if table.num_rows == 0:
         raise LungkitError(f"nothing to publish in {source.manifest}: no image passed QC and ran without error "
@@ -159,15 +150,6 @@ def _published_columns(table: pa.Table, mode: str) -> pa.Table:
     return table.drop_columns([c for c in RUN_ONLY[mode] if c in table.column_names])
 
 
-def _check_dataset_folder(dataset: Path, run: Path) -> None:
-    if inside(run, dataset) or inside(dataset, run):
-        raise LungkitError(f"the dataset folder {dataset} and the run {run} must not contain each other")
-    if dataset.exists() and not dataset.is_dir():
-        raise LungkitError(f"{dataset} exists and is not a folder")
-    if dataset.is_dir() and any(dataset.iterdir()) and not (dataset / MARKER).is_file():
-        raise LungkitError(f"{dataset} is a non-empty folder that lungkit publish did not make: choose another -o")
-
-
 def _publish_key(source: Source, options: PublishOptions) -> str:
     """What a partial build must share with this one to be resumed: the manifest's bytes and the options that
     change the shards."""
@@ -203,10 +185,8 @@ class _Progress:
     def shards(self, split: str) -> list[tuple[str, int]]:
         return [tuple(s) for s in self.done.get(split, {}).get("shards", [])]
 
-    def add(self, split: str, name: str, rows: int, complete: bool = False) -> None:
-        entry = self.done.setdefault(split, {"shards": [], "complete": False})
-        entry["shards"].append([name, rows])
-        entry["complete"] = complete
+    def add(self, split: str, name: str, rows: int) -> None:
+        self.done.setdefault(split, {"shards": [], "complete": False})["shards"].append([name, rows])
         self._save()
 
     def finish(self, split: str, renamed: list[tuple[str, int]]) -> None:

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lungmask_kit.discovery import inside
-from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import apply_umask, replace_folder
+from lungmask_kit.runfolder import check_replaceable
 from lungmask_kit.runtime import available_cores
 
 if TYPE_CHECKING:
@@ -100,22 +99,9 @@ class RunData:
 
 def load_run(run: str | Path, input_root: str | Path | None = None) -> RunData:
     """A run folder (or its manifest.parquet) -> RunData; a clear error for anything else."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from lungmask_kit.manifest import open_run_manifest, resolve_folder
 
-    from lungmask_kit.manifest import read_metadata, resolve_folder
-
-    run = Path(run)
-    manifest = run if run.suffix == ".parquet" else run / "manifest.parquet"
-    if not manifest.is_file():
-        raise LungkitError(f"{run} is not a lungkit run folder (no manifest.parquet); give a segment or variants output")
-    try:
-        meta = read_metadata(manifest)
-        table = pq.read_table(manifest, columns=[c for c in COLUMNS if c in pq.read_schema(manifest).names])
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
-    if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
-        raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
+    manifest, meta, table = open_run_manifest(run, COLUMNS)
     return RunData(manifest.parent, meta, table.combine_chunks(), resolve_folder(manifest, meta, "input_root", input_root),
                    resolve_folder(manifest, meta, "masks_root"))
 
@@ -129,7 +115,7 @@ def build_report(run: str | Path, report: str | Path, options: ReportOptions | N
     options = options or ReportOptions()
     data = load_run(run, options.input_root)
     report = Path(report)
-    _check_report_folder(report, data.run)
+    check_replaceable(report, data.run, MARKER, "lungkit report", allow_inside_run=True)
     staging = report.parent / f".{report.name}.lungkit-tmp-{os.getpid()}"
     _remove_stale_staging(report)
     staging.mkdir(parents=True)
@@ -146,15 +132,6 @@ def build_report(run: str | Path, report: str | Path, options: ReportOptions | N
     flagged, failed = int(data.equals("qc_pass", False).sum()), int(data.equals("status", "error").sum())
     return ReportSummary(str(report / "index.html"), pages, len(cards), flagged, failed, unrendered,
                          time.perf_counter() - t0)
-
-
-def _check_report_folder(report: Path, run: Path) -> None:
-    if inside(run, report):
-        raise LungkitError(f"the report folder {report} would contain the run {run}: choose another -o")
-    if report.exists() and not report.is_dir():
-        raise LungkitError(f"{report} exists and is not a folder")
-    if report.is_dir() and any(report.iterdir()) and not (report / MARKER).is_file():
-        raise LungkitError(f"{report} is a non-empty folder that lungkit did not make: choose another -o")
 
 
 def _remove_stale_staging(report: Path) -> None:
@@ -210,6 +187,8 @@ def _image_and_mask(data: RunData, i: int) -> tuple[np.ndarray | None, np.ndarra
     the image put back together from the run's lungs + nolungs outputs (they split it exactly)."""
     from lungmask_kit.derive import binarize_mask
     from lungmask_kit.discovery import wants_dicom
+    from lungmask_kit import defaults
+    from lungmask_kit.fileio import read_regular_file
     from lungmask_kit.imaging import ImageDecodeError, decode_image, read_gray
 
     mask = None
@@ -221,7 +200,8 @@ def _image_and_mask(data: RunData, i: int) -> tuple[np.ndarray | None, np.ndarra
             mask = None
     path = data.value("path", i)
     try:
-        image = decode_image((data.input_root / path).read_bytes(), dicom=wants_dicom(path, True)).model_view
+        data_bytes = read_regular_file(data.input_root / path, defaults.MAX_FILE_BYTES)
+        image = decode_image(data_bytes, dicom=wants_dicom(path, True)).model_view
     except (OSError, ImageDecodeError):
         image = _from_variants(data, i)
     if image is not None and mask is not None and mask.shape != image.shape:

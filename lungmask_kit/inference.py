@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from lungmask_kit.accel import prepare_on_device
 from lungmask_kit.errors import WeightsError
 from lungmask_kit.imaging import prepare_input
 from lungmask_kit.models.modeling import load_bundle
@@ -51,6 +53,11 @@ class Segmenter:
                 self.quality = QualityModel.from_config(self.config.quality, loaded.quality_tensors)
             except (KeyError, ValueError, TypeError) as err:
                 raise WeightsError(f"the quality statistics stored with {loaded.path} are unusable: {err}") from err
+        # with CUDA the native image is resized and normalised on the device, and gray JPEGs decoded there
+        self.prepares_on_device = device.type == "cuda"
+        self.decodes_jpeg_on_device = device.type == "cuda"
+        self.max_batch: int | None = None  # set when CUDA ran out of memory
+        self.oom_batches: list[int] = []  # the batch sizes that ran out of memory
         self._deepest: torch.Tensor | None = None
         self.model.encoder.register_forward_hook(self._keep_deepest)
 
@@ -58,6 +65,7 @@ class Segmenter:
         self._deepest = outputs[-1]
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """(H, W) -> (C, S, S) float32 on the host (the CPU path; `prepare_on_device` does it on a GPU)."""
         c = self.config
         return prepare_input(pixels, c.input_size, c.mean, c.std, c.in_channels)
 
@@ -65,23 +73,88 @@ class Segmenter:
         """(N, C, S, S) float32 -> (N, S, S) float32 probabilities."""
         return self.predict_batch(batch, pad_to).probabilities
 
-    @torch.inference_mode()
-    def predict_batch(self, batch: np.ndarray, pad_to: int | None = None, tta: bool = False) -> BatchPrediction:
-        """Probabilities plus the pooled encoder features of the same forward pass; `tta` adds a mirrored pass.
+    def predict_batch(self, batch, pad_to: int | None = None, tta: bool = False) -> BatchPrediction:
+        return self.start(batch, pad_to, tta)()
 
-        `pad_to` zero-pads a short batch: CPU kernels differ by batch size at the 1e-6 level, so a fixed
-        batch size keeps masks byte-identical however a run was interrupted and resumed.
+    def start(self, inputs, pad_to: int | None = None, tta: bool = False) -> Callable[[], BatchPrediction]:
+        """Launch the model on a batch; the returned call waits for it and gives the probabilities, the pooled
+        encoder features of the same forward pass and, with `tta`, a mirrored pass. On a GPU the work is queued
+        and the call returns at once, so the host prepares the next batch meanwhile.
+
+        `inputs`: host-prepared (C, S, S) arrays, or native (H, W) images when `prepares_on_device`. `pad_to`
+        zero-pads a short batch: CPU kernels differ by batch size at the 1e-6 level, so a fixed batch size
+        keeps masks byte-identical however a run was interrupted, resumed or sharded. A CUDA out-of-memory
+        error halves the batch and tries again (from then on for the whole run; no image is lost).
         """
-        n = len(batch)
+        launched, i = [], 0
+        while i < len(inputs):
+            size = min(len(inputs) - i, self.max_batch or len(inputs))
+            pad = min(pad_to, self.max_batch or pad_to) if pad_to else None
+            try:
+                launched.append(self._launch(inputs[i:i + size], pad, tta))
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self._shrink(size)
+                continue
+            i += size
+        return lambda: _concatenate([wait() for wait in launched])
+
+    def _shrink(self, size: int) -> None:
+        self.max_batch = max(1, size // 2)
+        self.oom_batches.append(size)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _launch(self, inputs, pad_to: int | None, tta: bool) -> Callable[[], BatchPrediction]:
+        n = len(inputs)
+        x = self._device_batch(inputs)
         if pad_to and n < pad_to:
-            batch = np.concatenate([batch, np.zeros((pad_to - n, *batch.shape[1:]), batch.dtype)])
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        probs = self._forward(x)
-        pooled = pooled_features(self._deepest[:n]).cpu().numpy()
-        flipped = self._forward(x.flip(-1)).flip(-1)[:n].cpu().numpy() if tta else None
-        return BatchPrediction(probs[:n].cpu().numpy(), pooled, flipped)
+            x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
+        x = x.contiguous(memory_format=torch.channels_last)
+        probs = self._forward(x)[:n]
+        pooled = pooled_features(self._deepest[:n])
+        flipped = self._forward(x.flip(-1)).flip(-1)[:n] if tta else None
+        host = [t if t is None else t.to("cpu", non_blocking=True) for t in (probs, pooled, flipped)]
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+
+        def wait() -> BatchPrediction:
+            if done is not None:
+                done.synchronize()
+            return BatchPrediction(*(t if t is None else t.numpy() for t in host))
+
+        return wait
+
+    def _device_batch(self, inputs) -> torch.Tensor:
+        if self.prepares_on_device:
+            c = self.config
+            return prepare_on_device(list(inputs), c.input_size, c.mean, c.std, c.in_channels, self.device)
+        batch = torch.from_numpy(np.stack(inputs))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             logits = self.model(x)
         return torch.sigmoid(logits.float())[:, 0]
+
+
+def _concatenate(parts: list[BatchPrediction]) -> BatchPrediction:
+    if len(parts) == 1:
+        return parts[0]
+    flipped = None if parts[0].flipped is None else np.concatenate([p.flipped for p in parts])
+    return BatchPrediction(np.concatenate([p.probabilities for p in parts]),
+                           np.concatenate([p.pooled for p in parts]), flipped)
+
+
+def oom_note(segmenter: Segmenter) -> str | None:
+    """One line for the run's summary when CUDA ran out of memory (None if it never did)."""
+    if not segmenter.oom_batches:
+        return None
+    return (f"CUDA ran out of memory {len(segmenter.oom_batches)} time(s) (first at a batch of "
+            f"{segmenter.oom_batches[0]}); the run went on with batches of {segmenter.max_batch}, no image lost")

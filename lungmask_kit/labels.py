@@ -147,3 +147,42 @@ def write_label_report(out: Path, unmatched: list[LabelRow], conflicts: list[Lab
         for r in rows:
             w.writerow([r.path, r.label, r.patient_id, r.split, r.source_file, problem])
     atomic_write_bytes(out / "unmatched_labels.csv", buf.getvalue().encode())
+
+
+# header columns a label file may also give (e.g. cxr-cls's view): the label fills them where the header did not
+_LABEL_FILLS = ("view", "modality", "study_uid", "series_uid", "sop_uid")
+
+
+def labels_update(matched: dict):
+    """A manifest update from the label files: label and split are set (null for an unlabelled image);
+    patient_id is the label's, else a DICOM's PatientID; the files' other columns (source, licence, finding,
+    ...) become string columns; a header column (view, modality, ...) is filled where the image had none; a
+    name the manifest measures itself (width, ...) keeps the manifest's value."""
+    import pyarrow as pa
+
+    from lungmask_kit.manifest import SEGMENT_FIELDS
+
+    def set_strings(table, name, values):
+        array = pa.array(values, pa.string())
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            return table.set_column(i, table.schema.field(i), array)
+        return table.append_column(pa.field(name, pa.string()), array)
+
+    def update(table):
+        paths = table.column("path").to_pylist()
+        labelled = [matched.get(p) for p in paths]
+        for col in ("label", "split"):
+            table = set_strings(table, col, [getattr(m, col) if m else None for m in labelled])
+        own = table.column("patient_id").to_pylist()
+        table = set_strings(table, "patient_id", [(m and m.patient_id) or o for m, o in zip(labelled, own)])
+        extras = [dict(m.extra) if m else {} for m in labelled]
+        names = sorted({k for e in extras for k in e} - ({f.name for f in SEGMENT_FIELDS} - set(_LABEL_FILLS)))
+        for name in names:
+            values = [e.get(name) for e in extras]
+            if name in _LABEL_FILLS:
+                values = [o if o is not None else v for o, v in zip(table.column(name).to_pylist(), values)]
+            table = set_strings(table, name, values)
+        return table
+
+    return update

@@ -70,8 +70,50 @@ def schema(fields: list[pa.Field], metadata: dict | None = None) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+class Row(dict):
+    """A manifest row: a dict whose keys must be columns of its schema, so a misspelt key fails where it is
+    set instead of vanishing from the manifest. Subclasses name their columns (`row_type`)."""
+
+    columns: frozenset[str] = frozenset()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in self.columns:
+            raise KeyError(f"{key!r} is not a column of {type(self).__name__}")
+        super().__setitem__(key, value)
+
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __or__(self, other):  # row | {...} stays checked
+        new = type(self)(self)
+        new.update(other)
+        return new
+
+
+def row_type(name: str, fields: list[pa.Field]) -> type[Row]:
+    return type(name, (Row,), {"columns": frozenset(f.name for f in fields)})
+
+
+SegmentRow = row_type("SegmentRow", SEGMENT_FIELDS)
+VariantsRow = row_type("VariantsRow", SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS)
+
+
 def to_table(rows: list[dict], fields: list[pa.Field], metadata: dict | None = None) -> pa.Table:
+    """Rows -> a table of `fields`. A key that is not one of them is an error, never silently dropped."""
     names = [f.name for f in fields]
+    unknown = set().union(*rows) - set(names) if rows else set()
+    if unknown:
+        raise KeyError(f"not manifest columns: {', '.join(sorted(unknown))}")
     columns = {n: [r.get(n) for r in rows] for n in names}
     return pa.Table.from_pydict(columns, schema=schema(fields, metadata))
 
@@ -89,19 +131,21 @@ def write_table(table: pa.Table, path: str | Path) -> None:
 
 
 class PartWriter:
-    """Appends batches of rows as numbered Parquet parts under OUT/.manifest-parts/."""
+    """Appends batches of rows as Parquet parts under OUT/.manifest-parts/, named by the time they were written
+    (part-<ns>-<writer>.parquet): sorted by name they are in write order, so the last row for an image wins
+    across runs, and shards writing side by side never pick the same name."""
 
-    def __init__(self, out: Path, fields: list[pa.Field]):
+    def __init__(self, out: Path, fields: list[pa.Field], tag: str | None = None):
         self.dir = out / PARTS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fields = fields
-        existing = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
-        self.next_index = max(existing, default=-1) + 1
+        self.tag = tag or f"p{os.getpid()}"
+        self._last = 0
 
     def write(self, rows: list[dict]) -> None:
         if rows:
-            write_table(to_table(rows, self.fields), self.dir / f"part-{self.next_index:06d}.parquet")
-            self.next_index += 1
+            self._last = max(time.time_ns(), self._last + 1)
+            write_table(to_table(rows, self.fields), self.dir / f"part-{self._last:020d}-{self.tag}.parquet")
 
 
 def carry_columns(table: pa.Table, carried: pa.Table) -> pa.Table:
@@ -245,7 +289,7 @@ def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Fi
     parts = out / PARTS_DIR
     if parts.is_dir():
         for p in parts.iterdir():
-            if p.name.startswith(("part-", TMP_PREFIX)):
+            if p.name.startswith(("part-", "shard-", TMP_PREFIX)):
                 os.unlink(p)
         try:
             parts.rmdir()
@@ -274,6 +318,7 @@ class RunSummary:
     output_folders: list[str] = field(default_factory=list)  # where the images went
     removed_stale: int = 0  # earlier rows dropped because their input left the input folder (outputs deleted)
     warnings: list[str] = field(default_factory=list)  # e.g. damaged manifest files set aside
+    next_step: str = ""  # what the user does next (a shard: merge once every shard has finished)
     uncalibrated: bool = False  # the model had no quality statistics
 
     @property

@@ -1,23 +1,30 @@
-"""An output folder as a run: one live run at a time (a lock), one kind of run (a marker), a writable check,
-and the removal of lungkit's own outputs whose input has left the input folder.
+"""An output folder as a run: who may write to it (locks, shards), what kind of run it holds (a marker),
+which images it has finished (the resume map), and the merged manifest at the end (finalize, stale outputs).
 
-`segment` and `variants` both go through `open_run`; a second live run into the same folder is refused,
-another command's run (or a run of another input folder) is refused unless `--overwrite`.
+`segment` and `variants` both run inside a `RunFolder`. One unsharded run at a time; shards of one split
+(`--shard K/N`) run side by side, each alone in its part of the images, and `lungkit merge` (or a plain
+re-run) makes the one manifest. Another command's run (or a run of another input folder) is refused unless
+`--overwrite`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import atomic_write_bytes
+from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
 
 RUN_FILE = ".lungkit-run.json"
 LOCK_FILE = ".lungkit.lock"
+SHARD_LOCK = ".lungkit-shard-{tag}.lock"
 OUTPUT_COLUMNS = {"segment": ("mask_path", "lungs_path", "nolungs_path"), "variants": ("lungs_path", "nolungs_path")}
 
 
@@ -30,34 +37,123 @@ def check_writable(out: Path) -> None:
         raise LungkitError(f"cannot write to output folder {out}: {err.strerror or err}") from err
 
 
-class RunLock:
-    """An exclusive advisory lock on OUT/.lungkit.lock for the life of a run. The kernel drops it when the
-    process dies, so the lock of a killed run is taken over by the next one without a stale-lock dance."""
+@dataclass(frozen=True)
+class Shard:
+    """Part K of N of a run's images: an image belongs to shard hash(path) mod N, so the split is the same in
+    every process and an image stays in its shard when files are added elsewhere in the folder."""
 
-    def __init__(self, out: Path):
-        self.path = out / LOCK_FILE
-        self.fd: int | None = None
+    index: int  # K, 1-based
+    count: int  # N
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+        if not m or not 1 <= int(m[1]) <= int(m[2]):
+            raise LungkitError(f"--shard takes K/N with 1 <= K <= N, e.g. 3/8 (got {text!r})")
+        return cls(int(m[1]), int(m[2]))
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:04d}of{self.count:04d}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, path: str) -> bool:
+        digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
+
+
+def _flock(fd: int, flags: int) -> bool:
+    """Take a lock without waiting; False when another process holds it. A filesystem without locks (some
+    NFS or Lustre mounts) is an error, not a silent pass: shards would then be unsafe."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, flags | fcntl.LOCK_NB)
+        return True
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise LungkitError(f"cannot lock files in this folder ({err.strerror or err}): its filesystem does not "
+                           "support flock (on Lustre, mount with -o flock)") from err
+
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+
+
+def _write_holder(fd: int, text: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text.encode(), 0)
+
+
+class RunLock:
+    """Advisory locks on OUT for the life of a run. An unsharded run (and `merge`) holds OUT/.lungkit.lock
+    exclusively; a shard holds it shared plus its own shard lock exclusively, so shards of one split run
+    together while an unsharded run, a second copy of a shard, or a shard of another split is refused. The
+    kernel drops the locks when the process dies: a killed run's locks are taken over without a stale-lock dance."""
+
+    def __init__(self, out: Path, shard: Shard | None = None):
+        import fcntl
+
+        self.out, self.path, self.shard = out, out / LOCK_FILE, shard
+        self.fds: list[int] = []
+        self._mode = fcntl.LOCK_SH if shard else fcntl.LOCK_EX
 
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        me = f"pid {os.getpid()} on {socket.gethostname()}" + (f", shard {self.shard}" if self.shard else "")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise LungkitError(f"another lungkit run ({holder}) is writing to {self.path.parent}; "
-                               "wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self.fd = fd
-        return self
+            fd = self._take(self.path, self._mode)
+            if self.shard is None:
+                _write_holder(fd, me)
+                return self
+            self._refuse_other_splits()
+            _write_holder(self._take(self.out / SHARD_LOCK.format(tag=self.shard.tag), fcntl.LOCK_EX), me)
+            _write_holder(fd, f"shards of {self.shard.count}, e.g. {me}")
+            return self
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _take(self, path: Path, mode: int) -> int:
+        fd = _open_lock(path)
+        self.fds.append(fd)
+        if not _flock(fd, mode):
+            holder = _holder(fd)
+            if path == self.path:
+                raise LungkitError(f"another lungkit run ({holder}) is writing to {self.out}; "
+                                   "wait for it to finish or choose another --out")
+            raise LungkitError(f"shard {self.shard} is already running into {self.out} ({holder})")
+        return fd
+
+    def _refuse_other_splits(self) -> None:
+        """Shards of another N would cover the same images twice at the same time."""
+        import fcntl
+
+        for lock in self.out.glob(SHARD_LOCK.format(tag="*")):
+            m = re.search(r"(\d{4})of(\d{4})\.lock$", lock.name)
+            if not m or int(m[2]) == self.shard.count:
+                continue
+            fd = _open_lock(lock)
+            try:
+                if not _flock(fd, fcntl.LOCK_EX):
+                    raise LungkitError(f"shards {int(m[1])}/{int(m[2])} of another split are running into {self.out}; "
+                                       f"every shard of one output folder must use the same N")
+            finally:
+                os.close(fd)  # closing drops the probe's lock
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the lock; the file stays for the next run
-            self.fd = None
+        for fd in reversed(self.fds):
+            os.close(fd)  # closing releases the lock; the files stay for the next run
+        self.fds = []
 
 
 @dataclass(frozen=True)
@@ -142,3 +238,97 @@ def check_replaceable(dest: Path, run: Path, marker: str, maker: str, allow_insi
         raise LungkitError(f"{dest} exists and is not a folder")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / marker).is_file():
         raise LungkitError(f"{dest} is a non-empty folder that {maker} did not make: choose another -o")
+
+
+SHARD_RECORD = "shard-{tag}.json"  # in the parts folder: a finished shard's settings, for `lungkit merge`
+
+
+class RunFolder:
+    """One run into OUT, from the lock to the merged manifest.
+
+    Entering checks that OUT is writable, takes the lock and claims the folder for `kind` (another kind only
+    with `overwrite`); `start()` marks it once the run really begins. `done(key, columns)` is the resume map,
+    `parts` the writer of this run's manifest parts, `finalize(...)` the merged manifest. Only an exclusive
+    run (no shard) sweeps temp files: a shard must not delete the temp files of the shards beside it.
+    """
+
+    def __init__(self, out: Path, kind: RunKind, fields: list, overwrite: bool = False, shard: Shard | None = None,
+                 manifest_name: str = "manifest.parquet"):
+        self.out, self.kind, self.fields, self.overwrite, self.shard = out, kind, fields, overwrite, shard
+        self.manifest_name = manifest_name
+        self.warnings: list[str] = []  # damaged manifest files set aside
+        self._lock = RunLock(out, shard)
+
+    def __enter__(self) -> "RunFolder":
+        check_writable(self.out)
+        self._lock.__enter__()
+        try:
+            replaced = claim(self.out, self.kind, self.manifest_name, self.overwrite)
+            # whose outputs the earlier rows name (another command's, when --overwrite replaces its run)
+            self.previous_command = replaced.command if replaced else self.kind.command
+            if self.shard is None:
+                remove_stale_temps(self.out)
+        except BaseException:
+            self._lock.__exit__()
+            raise
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is not None and self.shard is None:
+                remove_stale_temps(self.out)  # interrupted or failed: no temp file stays behind
+        finally:
+            self._lock.__exit__()
+
+    def start(self) -> None:
+        mark(self.out, self.kind)
+
+    def done(self, key: str, columns: tuple[str, ...]) -> dict[str, tuple]:
+        """manifest path -> `columns` of the images finished earlier (status ok) with settings `key`; none with
+        --overwrite (the earlier manifest stays until this run's replaces it)."""
+        from lungmask_kit.manifest import previous_table
+
+        prev = None if self.overwrite else previous_table(self.out, self.manifest_name, self.fields, self.warnings)
+        if prev is None:
+            return {}
+        cols = prev.select(["path", "status", "settings_key", *columns]).to_pydict()
+        return {p: tuple(cols[c][i] for c in columns) for i, p in enumerate(cols["path"])
+                if cols["status"][i] == "ok" and cols["settings_key"][i] == key}
+
+    @property
+    def parts(self):
+        from lungmask_kit.manifest import PartWriter
+
+        if not hasattr(self, "_parts"):
+            self._parts = PartWriter(self.out, self.fields, tag=f"s{self.shard.tag}" if self.shard else None)
+        return self._parts
+
+    def write_shard_record(self, record: dict) -> None:
+        """What `lungkit merge` needs to finish the run once every shard is done."""
+        from lungmask_kit.manifest import PARTS_DIR
+
+        path = self.out / PARTS_DIR / SHARD_RECORD.format(tag=self.shard.tag)
+        atomic_write_bytes(path, json.dumps({"shard": str(self.shard), **record}, sort_keys=True).encode())
+
+    def finalize(self, paths: list[str], metadata: dict, update=None,
+                 keep_other: Callable[[str], bool] | None = None):
+        """The merged manifest (manifest.finalize) and the outputs of dropped rows removed; (table, dropped)."""
+        from lungmask_kit.manifest import finalize
+
+        table, dropped = finalize(self.out, self.manifest_name, paths, self.fields, metadata, update=update,
+                                  keep_other=keep_other, damaged=self.warnings)
+        remove_outputs(self.out, dropped, self.previous_command)
+        return table, len(dropped)
+
+
+def shard_records(out: Path) -> list[dict]:
+    """The records of the shards that finished into OUT (unreadable ones are skipped: their shard reruns)."""
+    from lungmask_kit.manifest import PARTS_DIR
+
+    records = []
+    for path in sorted((out / PARTS_DIR).glob(SHARD_RECORD.format(tag="*"))):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records

@@ -1,10 +1,9 @@
-"""The batch segmentation engine behind `lungkit segment`.
+"""`lungkit segment`: masks, lungs-only and lungs-removed images and a manifest for a folder of CXRs.
 
-Pipeline (all threads; OpenCV and torch release the GIL): decode threads read, hash, decode and resize
-images ahead of the model; the main thread runs the model on batches; writer threads post-process, derive
-the variants and write PNGs atomically. Each finished batch becomes a manifest part, so an interrupted run
-loses at most the batches in flight, and the next run skips images already done with the same content hash
-and settings. Forked DataLoader workers were slower here and calling cv2.setNumThreads() in one hung.
+This module holds the job: the units that read one image (`ImageReader`) and write one image's outputs
+(`OutputWriter`), which every engine shares, and the orchestration around them (`run_segment`,
+`merge_shards`). The pipeline itself is `engine.run_local` (threads on one machine) or `engines.ray.run_ray`
+(Ray Data across machines); the output folder's locks, resume map and merged manifest are `runfolder`'s.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,19 +22,21 @@ import numpy as np
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import derive_variants
 from lungmask_kit.discovery import find_images, inside, output_names, output_path_problem, wants_dicom
+from lungmask_kit.engine import ByteBudget, EngineSettings, Item, run_local
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
-from lungmask_kit.labels import write_label_report
-from lungmask_kit.manifest import SEGMENT_FIELDS, PartWriter, RunSummary, finalize, folder_entries, previous_table
+from lungmask_kit.labels import labels_update, write_label_report
+from lungmask_kit.manifest import SEGMENT_FIELDS, RunSummary, SegmentRow, folder_entries
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
 from lungmask_kit.qc import QCThresholds, qc_update
-from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
+from lungmask_kit.runfolder import RunFolder, RunKind, Shard, confined, shard_records
 
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
 # Bump when the bytes written for the same input and settings change.
 OUTPUT_FORMAT = 2  # 2: quality columns (ood_score, est_dice)
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -58,19 +57,12 @@ class SegmentOptions:
     tta: bool = False  # a mirrored pass adds flip agreement to est_dice (masks are unchanged)
     dicom: bool = False  # also read extensionless / UID-named files as DICOM (.dcm is always read)
     max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
+    gpu_decode: bool = True  # with CUDA, decode gray JPEGs with nvJPEG
+    shard: str | None = None  # "K/N": only this part of the images; `merge_shards` makes the manifest
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS)
     overwrite: bool = False
     progress: bool = True
-
-
-@dataclass
-class _Item:
-    rel: str
-    row: dict
-    pixels: np.ndarray | None = None
-    model_input: np.ndarray | None = None
-    pooled: np.ndarray | None = None
-    flipped: np.ndarray | None = None
-    held: int = 0  # bytes taken from the run's ByteBudget
 
 
 def manifest_path(rel: str) -> str:
@@ -78,9 +70,12 @@ def manifest_path(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bool = False) -> str:
+def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bool = False,
+                 batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False) -> str:
     """Identifies everything that changes the written files and quality columns; resume redoes images whose
-    key differs. QC thresholds are not in it: they re-flag at the end of every run without re-segmenting."""
+    key differs. The batch size and the device are in it: a model batch of another size, or fp16 on a GPU,
+    moves probabilities at the 1e-6 level and so can move a mask pixel. QC thresholds are not: they re-flag
+    at the end of every run without re-segmenting."""
     payload = {
         "weights": weights_sha256,
         "input": [config.input_size, list(config.mean), list(config.std), config.in_channels],
@@ -88,84 +83,220 @@ def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bo
         "format": OUTPUT_FORMAT,
         "quality": config.quality and {k: v for k, v in config.quality.items() if k not in ("max_ood_score", "min_est_dice", "report")},
         "tta": tta,
+        "batch": batch_size,
+        "device": device_type + ("+nvjpeg" if gpu_decode else ""),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# header columns a label file may also give (e.g. cxr-cls's view): the label fills them where the header did not
-_LABEL_FILLS = ("view", "modality", "study_uid", "series_uid", "sop_uid")
-
-
-def labels_update(matched: dict):
-    """A manifest update from the label files: label and split are set (null for an unlabelled image);
-    patient_id is the label's, else a DICOM's PatientID; the files' other columns (source, licence, finding,
-    ...) become string columns; a header column (view, modality, ...) is filled where the image had none; a
-    name the manifest measures itself (width, ...) keeps the manifest's value."""
-    import pyarrow as pa
-
-    def set_strings(table, name, values):
-        array = pa.array(values, pa.string())
-        if name in table.column_names:
-            i = table.column_names.index(name)
-            return table.set_column(i, table.schema.field(i), array)
-        return table.append_column(pa.field(name, pa.string()), array)
-
-    def update(table):
-        paths = table.column("path").to_pylist()
-        labelled = [matched.get(p) for p in paths]
-        for col in ("label", "split"):
-            table = set_strings(table, col, [getattr(m, col) if m else None for m in labelled])
-        own = table.column("patient_id").to_pylist()
-        table = set_strings(table, "patient_id", [(m and m.patient_id) or o for m, o in zip(labelled, own)])
-        extras = [dict(m.extra) if m else {} for m in labelled]
-        names = sorted({k for e in extras for k in e} - ({f.name for f in SEGMENT_FIELDS} - set(_LABEL_FILLS)))
-        for name in names:
-            values = [e.get(name) for e in extras]
-            if name in _LABEL_FILLS:
-                values = [o if o is not None else v for o, v in zip(table.column(name).to_pylist(), values)]
-            table = set_strings(table, name, values)
-        return table
-
-    return update
 
 
 class _OutputWriteError(LungkitError):
     pass
 
 
-class ByteBudget:
-    """Decoded pixels held between decoding and writing, in bytes (thread-safe). The run submits more decode
-    work only while the bytes held plus an estimate for the decodes in progress fit the budget, so memory is
-    bounded by bytes whatever --workers and --batch-size are (one image always proceeds, however large)."""
+@dataclass(frozen=True)
+class Task:
+    """One image of the run: its path under the input folder, its output file name, and the sha256 it had when
+    an earlier run finished it with the same settings (None if none did)."""
 
-    def __init__(self, limit: int):
-        import threading
-
-        self.limit = limit
-        self.held = 0
-        self.largest = 0
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> None:
-        with self._lock:
-            self.held += n
-            self.largest = max(self.largest, n)
-
-    def give_back(self, n: int) -> None:
-        with self._lock:
-            self.held -= n
-
-    def room_for(self, undecoded: int) -> bool:
-        """Whether one more decode fits, counting each decode under way as the largest image seen so far."""
-        with self._lock:
-            if not self.largest:  # nothing measured yet (or only skipped images): two decodes at a time
-                return undecoded < 2
-            return self.held + (undecoded + 1) * self.largest <= self.limit
+    rel: str
+    out_name: str
+    done_sha256: str | None = None
 
 
-def _footprint(pixels: np.ndarray) -> int:
+@dataclass(frozen=True)
+class _DeviceJpeg:
+    """A gray JPEG left undecoded for nvJPEG (decoded on the GPU with its batch)."""
+
+    data: bytes
+
+
+def _footprint(height: int, width: int, itemsize: int) -> int:
     # the image plus the mask and the two variants made from it
-    return pixels.nbytes * 3 + pixels.size
+    return height * width * (3 * itemsize + 1)
+
+
+@dataclass
+class ImageReader:
+    """Reads, hashes, decodes and prepares one image for the model; never raises for bad input (the row says
+    what went wrong). Plain data, so Ray ships it to its tasks."""
+
+    root: Path
+    out: Path
+    key: str
+    config: object  # the model's ModelConfig: input size, mean, std, channels
+    dicom: bool = False
+    prepare_on_host: bool = True  # False: the engine's device resizes and normalises
+    jpeg_on_device: bool = False  # leave gray JPEGs undecoded for nvJPEG
+
+    def output_rel(self, kind: str, task: Task) -> str:
+        return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
+
+    def read(self, task: Task) -> Item:
+        try:
+            return self._read(task)
+        except Exception as err:  # an unforeseen failure costs one image, never the batch
+            row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key,
+                             error=f"unexpected error while reading: {type(err).__name__}: {err}")
+            return Item(task, row)
+
+    def _read(self, task: Task) -> Item:
+        row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key)
+        item = Item(task, row)
+        problem = output_path_problem(self.out, self.output_rel("lungs", task))
+        if problem:
+            row["error"] = problem
+            return item
+        try:
+            data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
+        except InputReadError as err:
+            row["error"] = str(err)
+            return item
+        sha = hashlib.sha256(data).hexdigest()
+        row.update(sha256=sha, file_bytes=len(data))
+        if task.done_sha256 == sha and all((self.out / self.output_rel(k, task)).is_file() for k in OUTPUT_DIRS):
+            row["status"] = "skipped"
+            return item
+        if self.jpeg_on_device:
+            size = _device_jpeg_size(data)
+            if size is not None:
+                item.model_input, item.held = _DeviceJpeg(data), _footprint(size[1], size[0], 1)
+                return item
+        try:
+            decoded = decode_image(data, dicom=wants_dicom(task.rel, self.dicom))
+        except ImageDecodeError as err:
+            row.update(err.header, error=str(err))
+            return item
+        self.accept(item, decoded)
+        return item
+
+    def accept(self, item: Item, decoded) -> None:
+        """Fill the row from a decoded image and make the model input (on the host unless the device does)."""
+        h, w = decoded.pixels.shape
+        item.row.update(decoded.header, width=w, height=h, bit_depth=decoded.bit_depth,
+                        source_channels=decoded.source_channels)
+        view = decoded.model_view
+        if self.prepare_on_host:
+            c = self.config
+            from lungmask_kit.imaging import prepare_input
+
+            view = prepare_input(view, c.input_size, c.mean, c.std, c.in_channels)
+        item.model_input = view
+        item.pixels = decoded.pixels
+        item.held = _footprint(h, w, decoded.pixels.itemsize)
+
+    def pixels(self, task: Task) -> np.ndarray:
+        """The kept pixels of an image read before (the Ray engine's write tasks decode it again rather than
+        ship it between machines)."""
+        data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
+        return decode_image(data, dicom=wants_dicom(task.rel, self.dicom)).pixels
+
+
+def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG for nvJPEG, after the checks the host decoder makes (size, completeness)."""
+    from lungmask_kit.accel import gray_jpeg_size
+    from lungmask_kit.imaging import _jpeg_complete
+
+    size = gray_jpeg_size(data)
+    if size is None or size[0] * size[1] > defaults.MAX_IMAGE_PIXELS or not _jpeg_complete(data):
+        return None  # the host decoder says what is wrong, or decodes what nvJPEG does not take
+    return size
+
+
+@dataclass
+class OutputWriter:
+    """Post-processes one prediction, scores its quality and writes the mask and the variants atomically;
+    returns the finished row. Plain data (the quality model is numpy), so Ray ships it to its workers."""
+
+    out: Path
+    post: PostprocessSettings
+    quality: object | None  # quality.QualityModel
+
+    def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction) -> SegmentRow:
+        probability, pooled, flipped = prediction
+        small = clean_mask(probability, self.post)
+        if self.quality is not None:
+            flipped_mask = None if flipped is None else clean_mask(flipped, self.post)
+            row.update(self.quality.assess(probability, small, pooled, flipped_mask, self.post).as_row())
+        mask = resize_mask(small, pixels.shape)
+        images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
+        paths = {kind: f"{folder}/{manifest_path(task.out_name)}" for kind, folder in OUTPUT_DIRS.items()}
+        try:
+            for kind, image in images.items():
+                atomic_write_bytes(self.out / paths[kind], encode_png(image), fsync=False)
+        except OSError as err:
+            raise _OutputWriteError(f"cannot write outputs to {self.out}: {err.strerror or err}"
+                                    + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
+        row.update(
+            mask_path=paths["mask"], lungs_path=paths["lungs"], nolungs_path=paths["nolungs"],
+            lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(small),
+            status="ok", error=None,
+        )
+        return row
+
+
+def failed_row(row: SegmentRow, err: Exception) -> SegmentRow:
+    return row | {"status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
+
+
+class _LocalSteps:
+    """The segment units for `engine.run_local`: the reader and writer above, the loaded model, and the byte
+    budget that bounds the decoded images held between them."""
+
+    def __init__(self, reader: ImageReader, writer: OutputWriter, segmenter, budget: ByteBudget, pad_to: int, tta: bool):
+        self.reader, self.writer, self.segmenter, self.budget = reader, writer, segmenter, budget
+        self.pad_to, self.tta = pad_to, tta
+        self.asynchronous = segmenter.device.type == "cuda"
+
+    def read(self, task: Task) -> Item:
+        item = self.reader.read(task)
+        self.budget.take(item.held)  # given back by write(), whatever happens there
+        return item
+
+    def predict(self, items: list[Item]) -> Callable[[], None]:
+        self._decode_jpegs_on_device([it for it in items if isinstance(it.model_input, _DeviceJpeg)])
+        items = [it for it in items if it.model_input is not None]
+        if not items:
+            return lambda: None
+        wait = self.segmenter.start([it.model_input for it in items], pad_to=self.pad_to, tta=self.tta)
+
+        def finish() -> None:
+            pred = wait()
+            for i, it in enumerate(items):
+                it.model_input = True  # the input is spent; what is left says the image goes to the writers
+                it.prediction = (pred.probabilities[i], pred.pooled[i], None if pred.flipped is None else pred.flipped[i])
+
+        return finish
+
+    def _decode_jpegs_on_device(self, items: list[Item]) -> None:
+        """nvJPEG for the batch's gray JPEGs; one it does not decode is decoded on the host (or fails there)."""
+        from lungmask_kit.accel import decode_jpegs
+        from lungmask_kit.imaging import DecodedImage
+
+        if not items:
+            return
+        for it, tensor in zip(items, decode_jpegs([it.model_input.data for it in items], self.segmenter.device)):
+            data, it.model_input = it.model_input.data, None
+            try:
+                decoded = DecodedImage(tensor.cpu().numpy(), 1) if tensor is not None else decode_image(data)
+            except ImageDecodeError as err:
+                it.row["error"] = str(err)
+                self.budget.give_back(it.held)
+                continue
+            self.budget.give_back(it.held)
+            self.reader.accept(it, decoded)
+            self.budget.take(it.held)
+            if tensor is not None:
+                it.model_input = tensor  # already on the device
+
+    def write(self, item: Item) -> dict:
+        try:
+            return self.writer.write(item.task, item.row, item.pixels, item.prediction)
+        finally:
+            self.budget.give_back(item.held)
+            item.pixels = item.prediction = None
+
+    def failed(self, item: Item, err: Exception) -> dict:
+        return failed_row(item.row, err)
 
 
 def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> list[str]:
@@ -180,17 +311,30 @@ def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> l
     return rels
 
 
+def _check_options(options: SegmentOptions) -> Shard | None:
+    if options.engine not in ENGINES:
+        raise LungkitError(f"unknown engine {options.engine!r} (use {' or '.join(ENGINES)})")
+    if options.shard is None:
+        return None
+    shard = Shard.parse(options.shard)
+    if options.overwrite:
+        raise LungkitError("--overwrite cannot be combined with --shard: run the shards into a new or emptied folder")
+    return shard
+
+
 def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> RunSummary:
-    """`lungkit segment`: masks, variants and a manifest for every image under `input_dir`."""
+    """`lungkit segment`: masks, variants and a manifest for every image under `input_dir` (with
+    `options.shard`, for this shard's part of them, leaving the manifest to `merge_shards`)."""
     t_start = time.perf_counter()
+    shard = _check_options(options)
     root, out = Path(input_dir), Path(out)
     rels = _discover(root, out, options.glob, options.dicom)
-    check_writable(out)
     from lungmask_kit.runtime import WarningTally
 
-    with RunLock(out), WarningTally() as tally:
-        run = _SegmentRun(root, out, rels, options)
-        run.pipeline()
+    kind = RunKind("segment", os.path.realpath(root))
+    with RunFolder(out, kind, SEGMENT_FIELDS, options.overwrite, shard, MANIFEST_NAME) as folder, WarningTally() as tally:
+        run = _SegmentRun(root, folder, rels, options)
+        run.execute()
         summary = run.finish(t_start)
     if tally.summary():
         summary.warnings.append(tally.summary())
@@ -198,255 +342,106 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
 
 
 class _SegmentRun:
-    """One locked run into OUT: resume state, the decode -> model -> write pipeline, and the final manifest."""
+    """One run into a locked RunFolder: the model and settings, the engine, and the manifest (or shard record)."""
 
-    def __init__(self, root: Path, out: Path, rels: list[str], options: SegmentOptions):
+    def __init__(self, root: Path, folder: RunFolder, rels: list[str], options: SegmentOptions):
         from lungmask_kit.inference import Segmenter
-        from lungmask_kit.labels import match_labels, read_labels
         from lungmask_kit.runtime import prepare_device
 
-        self.root, self.out, self.rels, self.options = root, out, rels, options
-        label_rows = read_labels(options.labels) if options.labels else []
+        self.root, self.folder, self.out, self.options = root, folder, folder.out, options
         self.summary = RunSummary(found=len(rels))
-        kind = RunKind("segment", os.path.realpath(root))
-        replaced = claim(out, kind, MANIFEST_NAME, options.overwrite)
-        # whose outputs the earlier rows name (another command's, when --overwrite replaces its run)
-        self.previous_command = replaced.command if replaced else "segment"
-        remove_stale_temps(out)
+        self.labels = _Labels(options.labels, [manifest_path(r) for r in rels])
         self.device = prepare_device(options.device)
         self.segmenter = Segmenter(options.weights, self.device)
-        mark(out, kind)  # the weights loaded: from here on the folder holds this run
+        folder.start()  # the weights loaded: from here on the folder holds this run
         self.post = PostprocessSettings(
             threshold=self.segmenter.config.threshold if options.threshold is None else options.threshold,
             min_object_fraction=options.min_object_fraction,
             max_hole_fraction=options.max_hole_fraction,
             keep_largest=options.keep_largest,
         )
-        self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta)
+        self.segmenter.decodes_jpeg_on_device &= options.gpu_decode
+        self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
+                                options.batch_size, self.device.type, self.segmenter.decodes_jpeg_on_device)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
-        self.out_names = output_names(rels)
-        self.keys = {rel: manifest_path(rel) for rel in rels}
-        self.done = self._resume_map()
-        self.matched, self.unmatched, self.conflicts = match_labels(list(self.keys.values()), label_rows)
-        self.parts = PartWriter(out, SEGMENT_FIELDS)
-        self.budget = ByteBudget(options.max_decoded_mb << 20)
+        self.paths = [manifest_path(r) for r in rels]
+        done = folder.done(self.key, ("sha256",))
+        names = output_names(rels)
+        self.tasks = [Task(r, names[r], (done.get(p) or (None,))[0]) for r, p in zip(rels, self.paths)
+                      if folder.shard is None or folder.shard.owns(p)]
+        self.summary.found = len(self.tasks)
 
-    def _resume_map(self) -> dict[str, str]:
-        """manifest path -> sha256 of the images finished earlier with these settings (none with --overwrite:
-        the earlier manifest stays until this run's replaces it)."""
-        done: dict[str, str] = {}
-        prev = None if self.options.overwrite else previous_table(self.out, MANIFEST_NAME, SEGMENT_FIELDS, self.summary.warnings)
-        if prev is not None:
-            cols = prev.select(["path", "sha256", "status", "settings_key"]).to_pydict()
-            for p, sha, status, k in zip(cols["path"], cols["sha256"], cols["status"], cols["settings_key"]):
-                if status == "ok" and k == self.key:
-                    done[p] = sha
-        return done
-
-    def output_rel(self, kind: str, rel: str) -> str:
-        return f"{OUTPUT_DIRS[kind]}/{manifest_path(self.out_names[rel])}"
-
-    # --- decode threads ---
-    def decode(self, rel: str) -> _Item:
-        try:
-            return self._decode(rel)
-        except Exception as err:  # an unforeseen failure costs one image, never the batch
-            row = {"path": self.keys[rel], "status": "error", "settings_key": self.key,
-                   "error": f"unexpected error while reading: {type(err).__name__}: {err}"}
-            return _Item(rel, row)
-
-    def _decode(self, rel: str) -> _Item:
-        row = {"path": self.keys[rel], "status": "error", "settings_key": self.key}
-        item = _Item(rel, row)
-        problem = output_path_problem(self.out, self.output_rel("lungs", rel))
-        if problem:
-            row["error"] = problem
-            return item
-        try:
-            data = read_regular_file(self.root / rel, defaults.MAX_FILE_BYTES)
-        except InputReadError as err:
-            row["error"] = str(err)
-            return item
-        sha = hashlib.sha256(data).hexdigest()
-        row.update(sha256=sha, file_bytes=len(data))
-        if self.done.get(row["path"]) == sha and all((self.out / self.output_rel(k, rel)).is_file() for k in OUTPUT_DIRS):
-            row["status"] = "skipped"
-            return item
-        try:
-            decoded = decode_image(data, dicom=wants_dicom(rel, self.options.dicom))
-        except ImageDecodeError as err:
-            row.update(err.header, error=str(err))
-            return item
-        h, w = decoded.pixels.shape
-        row.update(decoded.header, width=w, height=h, bit_depth=decoded.bit_depth, source_channels=decoded.source_channels)
-        item.model_input = self.segmenter.prepare(decoded.model_view)
-        item.pixels = decoded.pixels
-        item.held = _footprint(decoded.pixels)
-        self.budget.take(item.held)  # given back by write(), whatever happens there
-        return item
-
-    # --- writer threads ---
-    def write(self, item: _Item, probability: np.ndarray) -> dict:
-        try:
-            return self._write(item, probability)
-        finally:
-            self.budget.give_back(item.held)
-            item.pixels = item.flipped = None
-
-    def _write(self, item: _Item, probability: np.ndarray) -> dict:
-        row, out = item.row, self.out
-        small = clean_mask(probability, self.post)
-        if self.segmenter.quality is not None:
-            flipped = None if item.flipped is None else clean_mask(item.flipped, self.post)
-            row.update(self.segmenter.quality.assess(probability, small, item.pooled, flipped, self.post).as_row())
-        mask = resize_mask(small, item.pixels.shape)
-        images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(item.pixels, mask)}
-        try:
-            for kind, pixels in images.items():
-                atomic_write_bytes(out / self.output_rel(kind, item.rel), encode_png(pixels), fsync=False)
-        except OSError as err:
-            raise _OutputWriteError(f"cannot write outputs to {out}: {err.strerror or err}"
-                                    + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
-        row.update(
-            mask_path=self.output_rel("mask", item.rel),
-            lungs_path=self.output_rel("lungs", item.rel),
-            nolungs_path=self.output_rel("nolungs", item.rel),
-            lung_area_fraction=round(lung_area_fraction(mask), 6),
-            n_components=count_components(small),
-            status="ok",
-            error=None,
-        )
-        return row
-
-    # --- main thread ---
-    def flush(self, batch: list[tuple[_Item, Future | None]], bar) -> None:
-        rows = []
-        for item, fut in batch:
-            row = item.row
-            if fut is not None:
-                try:
-                    row = fut.result()
-                except _OutputWriteError:
-                    raise
-                except Exception as err:  # a bug must not cost the batch: record it on the image
-                    row = {**item.row, "status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
-            if row["status"] == "skipped":
-                self.summary.skipped += 1
-                continue  # the earlier row stays authoritative
-            if row["status"] == "error":
-                self.summary.errors.append((row["path"], row.get("error") or ""))
-            rows.append(row)
-        self.summary.processed += len(rows)
-        self.parts.write(rows)
-        bar.update(len(batch))
-
-    def pipeline(self) -> None:
-        """Decode pool -> model batches -> writer pool -> manifest parts, with bounded work in flight. On an
-        interrupt the work in flight finishes or is dropped, and no temp file is left behind."""
+    def execute(self) -> None:
         from tqdm.auto import tqdm
 
-        from lungmask_kit.runtime import available_cores
-
         self.t_pipeline = time.perf_counter()
-        bar = tqdm(total=len(self.rels), unit="img", disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
-        workers = self.options.workers or available_cores()
+        bar = tqdm(total=len(self.tasks), unit="img", disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-decode") as decoder, \
-                    ThreadPoolExecutor(workers, thread_name_prefix="lungkit-write") as writer:
-                self._run_batches(decoder, writer, workers, bar)
-        except BaseException:
-            remove_stale_temps(self.out)
-            raise
+            if self.options.engine == "ray":
+                from lungmask_kit.engines.ray import run_ray
+
+                run_ray(self.reader(), self.writer(), self.segmenter, self.tasks, self.options, self.record, bar)
+            else:
+                self._run_local(bar)
         finally:
             bar.close()
 
-    def _run_batches(self, decoder, writer, workers: int, bar) -> None:
-        batch_size = self.options.batch_size
-        prefetch = 2 * batch_size + workers
+    def reader(self) -> ImageReader:
+        seg = self.segmenter
+        return ImageReader(self.root, self.out, self.key, seg.config, self.options.dicom,
+                           prepare_on_host=not seg.prepares_on_device, jpeg_on_device=seg.decodes_jpeg_on_device)
+
+    def writer(self) -> OutputWriter:
+        return OutputWriter(self.out, self.post, self.segmenter.quality)
+
+    def _run_local(self, bar) -> None:
+        from lungmask_kit.runtime import available_cores
+
+        o = self.options
+        settings = EngineSettings(o.batch_size, o.workers or available_cores(), o.max_decoded_mb << 20, o.progress)
+        budget = ByteBudget(settings.max_decoded_bytes)
         # every model batch has the same size, however the run was interrupted, so masks are byte-identical;
         # a folder smaller than one batch is not padded beyond its own size
-        pad_to = min(batch_size, len(self.rels))
-        queue: deque[Future] = deque()
-        pending = iter(self.rels)
-        in_flight: deque[list] = deque()
-        exhausted = False
+        steps = _LocalSteps(self.reader(), self.writer(), self.segmenter, budget,
+                            pad_to=min(o.batch_size, max(len(self.paths), 1)), tta=o.tta)
+        run_local(steps, self.tasks, settings, self.record, budget, bar)
 
-        def fill(force: bool = False) -> None:
-            """Submit decodes while the count and the byte budget allow; `force`: one regardless (nothing
-            else holds memory, so one image always proceeds, however large)."""
-            nonlocal exhausted
-            while len(queue) < prefetch and not exhausted:
-                if not force and not self.budget.room_for(sum(not f.done() for f in queue)):
-                    return
-                rel = next(pending, None)
-                if rel is None:
-                    exhausted = True
-                    return
-                queue.append(decoder.submit(self.decode, rel))
-                force = False
-
-        fill(force=True)
-        try:
-            while queue or not exhausted:
-                if not queue:  # the budget is full of images being written: wait for them, then go on
-                    if in_flight:
-                        self.flush(in_flight.popleft(), bar)
-                        fill()
-                    else:
-                        fill(force=True)
-                    continue
-                # a batch holds `batch_size` images for the model plus any skipped or failed ones met on the way
-                batch_items: list[_Item] = []
-                n_model = 0
-                while queue and n_model < batch_size:
-                    batch_items.append(queue.popleft().result())
-                    n_model += batch_items[-1].model_input is not None
-                    fill()
-                to_model = [it for it in batch_items if it.model_input is not None]
-                futures: dict[int, Future] = {}
-                if to_model:
-                    pred = self.segmenter.predict_batch(np.stack([it.model_input for it in to_model]), pad_to=pad_to,
-                                                        tta=self.options.tta)
-                    for i, it in enumerate(to_model):
-                        it.model_input = None
-                        it.pooled = pred.pooled[i]
-                        it.flipped = None if pred.flipped is None else pred.flipped[i]
-                        futures[id(it)] = writer.submit(self.write, it, pred.probabilities[i])
-                in_flight.append([(it, futures.get(id(it))) for it in batch_items])
-                while len(in_flight) > 2:
-                    self.flush(in_flight.popleft(), bar)
-                fill()
-            while in_flight:
-                self.flush(in_flight.popleft(), bar)
-        except BaseException:
-            for f in queue:
-                f.cancel()
-            raise
+    def record(self, rows: list[dict]) -> None:
+        """A finished batch's rows become a manifest part (skipped images keep their earlier row)."""
+        s = self.summary
+        kept = []
+        for row in rows:
+            if row["status"] == "skipped":
+                s.skipped += 1
+                continue
+            if row["status"] == "error":
+                s.errors.append((row["path"], row.get("error") or ""))
+            kept.append(row)
+        s.processed += len(kept)
+        self.folder.parts.write(kept)
 
     def finish(self, t_start: float) -> RunSummary:
-        """The merged manifest: this run's rows, earlier rows of images outside this --glob, QC and labels;
-        rows whose input left the input folder (all earlier rows of other images, with --overwrite) are dropped
-        with their outputs."""
-        s, out = self.summary, self.out
+        from lungmask_kit.inference import oom_note
 
-        def update(table):  # labels are (re)set only when label files were given: a plain re-run keeps them
-            table = labels_update(self.matched)(table) if self.options.labels else table
-            return qc_update(self.thresholds)(table)
-
-        def keep_other(path: str) -> bool:
-            return not self.options.overwrite and confined(path) and os.path.lexists(self.root / path)
-
-        table, dropped = finalize(out, MANIFEST_NAME, list(self.keys.values()), SEGMENT_FIELDS, self._metadata(),
-                                  update=update, keep_other=keep_other, damaged=s.warnings)
-        remove_outputs(out, dropped, self.previous_command)
-        s.removed_stale = len(dropped)
-        s.count(table)
+        s = self.summary
         s.uncalibrated = self.segmenter.quality is None
-        s.manifest = str(out / MANIFEST_NAME)
-        s.output_folders = [str(out / d) for d in OUTPUT_DIRS.values()]
-        if self.unmatched or self.conflicts:
-            s.unmatched_labels, s.label_conflicts = len(self.unmatched), len(self.conflicts)
-            write_label_report(out, self.unmatched, self.conflicts)
+        if oom_note(self.segmenter):
+            s.warnings.append(oom_note(self.segmenter))
+        if self.folder.shard is None:
+            _finish_manifest(self.folder, self.root, self.paths, self.labels, self.thresholds, self._metadata(), s)
+        else:
+            self.folder.write_shard_record({
+                "input_root": os.path.relpath(self.root.resolve(), self.out.resolve()),
+                "glob": self.options.glob, "dicom": self.options.dicom,
+                "labels": [os.path.abspath(p) for p in self.options.labels],
+                "thresholds": self.thresholds.as_dict(), "metadata": self._metadata(),
+            })
+            s.ok = s.processed - len(s.errors)
+            s.failed = len(s.errors)
+            s.next_step = (f"shard {self.folder.shard} done; when all {self.folder.shard.count} shards have finished, "
+                           f"`lungkit merge {self.out}` writes the manifest")
+            s.output_folders = [str(self.out / d) for d in OUTPUT_DIRS.values()]
+        s.warnings[:0] = self.folder.warnings
         s.seconds = time.perf_counter() - t_start
         s.pipeline_seconds = time.perf_counter() - self.t_pipeline
         return s
@@ -467,10 +462,99 @@ class _SegmentRun:
             "quality": _quality_metadata(self.segmenter.quality, options.tta),
             "settings_key": self.key,
             "device": str(self.device),
+            "engine": options.engine,
             "batch_size": options.batch_size,
             "labels": [str(p) for p in options.labels],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+
+class _Labels:
+    """The label files matched to the run's images (read once; reset on the manifest only when given)."""
+
+    def __init__(self, files: list, paths: list[str]):
+        from lungmask_kit.labels import match_labels, read_labels
+
+        self.given = bool(files)
+        rows = read_labels(files) if files else []
+        self.matched, self.unmatched, self.conflicts = match_labels(paths, rows)
+
+
+def _finish_manifest(folder: RunFolder, root: Path, paths: list[str], labels: _Labels, thresholds: QCThresholds,
+                     metadata: dict, s: RunSummary) -> None:
+    """The merged manifest: the rows of `paths`, earlier rows of images outside this --glob, QC and labels; rows
+    whose input left the input folder (all earlier rows of other images, with --overwrite) are dropped with their
+    outputs. Shared by a plain run and `merge_shards`."""
+    out = folder.out
+
+    def update(table):  # labels are (re)set only when label files were given: a plain re-run keeps them
+        table = labels_update(labels.matched)(table) if labels.given else table
+        return qc_update(thresholds)(table)
+
+    def keep_other(path: str) -> bool:
+        return not folder.overwrite and confined(path) and os.path.lexists(root / path)
+
+    table, s.removed_stale = folder.finalize(paths, metadata, update=update, keep_other=keep_other)
+    s.count(table)
+    s.manifest = str(out / MANIFEST_NAME)
+    s.output_folders = [str(out / d) for d in OUTPUT_DIRS.values()]
+    if labels.unmatched or labels.conflicts:
+        s.unmatched_labels, s.label_conflicts = len(labels.unmatched), len(labels.conflicts)
+        write_label_report(out, labels.unmatched, labels.conflicts)
+
+
+def merge_shards(out: str | Path) -> RunSummary:
+    """`lungkit merge`: the one manifest of a sharded run, from the parts its shards wrote into OUT. Refused
+    while a shard still runs, and while an image of the input folder has no row yet (its shard did not finish)."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    record = _shard_record(out)
+    root = (out / record["input_root"]).resolve()
+    rels = _discover(root, out, record["glob"], record["dicom"])
+    paths = [manifest_path(r) for r in rels]
+    kind = RunKind("segment", os.path.realpath(root))
+    with RunFolder(out, kind, SEGMENT_FIELDS, manifest_name=MANIFEST_NAME) as folder:
+        _check_complete(folder, paths, record)
+        s = RunSummary(found=len(paths))
+        labels = _Labels(record["labels"], paths)
+        metadata = {**record["metadata"], "shards": Shard.parse(record["shard"]).count,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _finish_manifest(folder, root, paths, labels, QCThresholds(**record["thresholds"]), metadata, s)
+        s.warnings[:0] = folder.warnings
+    s.seconds = s.pipeline_seconds = time.perf_counter() - t_start
+    return s
+
+
+def _shard_record(out: Path) -> dict:
+    if not (out / MANIFEST_NAME).exists() and not out.is_dir():
+        raise LungkitError(f"output folder not found: {out}")
+    records = shard_records(out)
+    if not records:
+        raise LungkitError(f"{out} holds no finished shard to merge (run `lungkit segment DIR -o {out} --shard K/N` first)")
+    first = records[0]
+    for r in records[1:]:
+        same = all(r.get(k) == first.get(k) for k in ("input_root", "glob", "dicom")) and \
+            r["metadata"]["settings_key"] == first["metadata"]["settings_key"] and \
+            Shard.parse(r["shard"]).count == Shard.parse(first["shard"]).count
+        if not same:
+            raise LungkitError(f"the shards in {out} were run with different inputs or settings "
+                               f"(shards {first['shard']} and {r['shard']}); re-run them alike")
+    return first
+
+
+def _check_complete(folder: RunFolder, paths: list[str], record: dict) -> None:
+    from lungmask_kit.manifest import previous_table
+
+    prev = previous_table(folder.out, MANIFEST_NAME, SEGMENT_FIELDS, folder.warnings)
+    have = set(prev.column("path").to_pylist()) if prev is not None else set()
+    missing = [p for p in paths if p not in have]
+    if not missing:
+        return
+    count = Shard.parse(record["shard"]).count
+    shards = sorted({k for p in missing for k in range(1, count + 1) if Shard(k, count).owns(p)})
+    raise LungkitError(f"{len(missing)} image(s) have no row yet, e.g. {missing[0]}: shard(s) "
+                       f"{', '.join(f'{k}/{count}' for k in shards)} did not finish; run them again (they resume), "
+                       "then merge")
 
 
 def quality_thresholds(quality, options) -> QCThresholds:

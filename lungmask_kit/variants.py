@@ -22,21 +22,19 @@ from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file, remove_stale_temps
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.manifest import (
     SEGMENT_FIELDS,
     VARIANTS_EXTRA_FIELDS,
-    PartWriter,
-    carry_columns,
     RunSummary,
-    finalize,
-    previous_table,
+    VariantsRow,
+    carry_columns,
     folder_entries,
     read_metadata,
     resolve_folder,
 )
-from lungmask_kit.runfolder import RunKind, RunLock, check_writable, claim, confined, mark, remove_outputs
+from lungmask_kit.runfolder import RunFolder, RunKind, confined
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -202,9 +200,9 @@ def _shape_gate(weights) -> _ShapeGate | None:
 
 
 def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
-             gate: _ShapeGate | None = None) -> dict:
-    """One image-mask pair -> a manifest row (runs in a joblib worker; never raises for bad input). The
-    warnings decoding raised are counted into the row's `_warnings` (count, first), not printed."""
+             gate: _ShapeGate | None = None) -> tuple[dict, tuple[int, str | None]]:
+    """One image-mask pair -> (a manifest row, (warnings counted, the first)); runs in a joblib worker and
+    never raises for bad input. The warnings decoding raised are counted, not printed."""
     from lungmask_kit.runtime import WarningTally
 
     with WarningTally() as tally:
@@ -213,10 +211,9 @@ def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tu
         except LungkitError:
             raise  # the output folder is unusable: stop the run
         except Exception as err:  # an unforeseen failure costs one image, never the batch
-            row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra,
-                   "error": f"unexpected error: {type(err).__name__}: {err}"}
-    row["_warnings"] = (tally.count, tally.first)
-    return row
+            row = VariantsRow(path=task.rel, status="error", settings_key=key, mask_path=task.mask_rel, **task.extra,
+                              error=f"unexpected error: {type(err).__name__}: {err}")
+    return row, (tally.count, tally.first)
 
 
 def _mask_data(task: _Task) -> tuple[str, object]:
@@ -239,7 +236,7 @@ def _decode_mask(task: _Task, data) -> np.ndarray:
 
 def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
                   gate: _ShapeGate | None) -> dict:
-    row = {"path": task.rel, "status": "error", "settings_key": key, "mask_path": task.mask_rel, **task.extra}
+    row = VariantsRow(path=task.rel, status="error", settings_key=key, mask_path=task.mask_rel, **task.extra)
     out_dir = Path(out)
     # paths from a manifest stay inside the folders it names: nothing is read or written outside them
     if not confined(task.rel) or (task.mask_rel is not None and not confined(task.mask_rel)):
@@ -269,7 +266,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     row["mask_sha256"] = mask_sha
     paths = {v: f"{v}/{task.out_rel}" for v in options.only}
     if done == (row["sha256"], mask_sha) and all((out_dir / p).is_file() for p in paths.values()):
-        return {**row, "status": "skipped"}
+        return row | {"status": "skipped"}
     try:
         image = decode_image(data, dicom=task.dicom)
     except ImageDecodeError as err:
@@ -312,6 +309,34 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     return row
 
 
+def _process_all(folder: RunFolder, options: VariantsOptions, tasks: list[_Task], key: str, done: dict,
+                 gate, summary: RunSummary, tally) -> None:
+    """Every pair through `_process` in joblib workers; each chunk of rows becomes a manifest part."""
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    from lungmask_kit.runtime import available_cores
+
+    out, jobs, buffer = str(folder.out), options.jobs or available_cores(), []
+    results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
+        delayed(_process)(t, out, options, key, done.get(t.rel), gate) for t in tasks
+    ) if jobs > 1 else (_process(t, out, options, key, done.get(t.rel), gate) for t in tasks)
+    for row, (n_warnings, first_warning) in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
+        if n_warnings:
+            tally.add(first_warning, n_warnings)
+        if row["status"] == "skipped":
+            summary.skipped += 1
+            continue
+        summary.processed += 1
+        if row["status"] == "error":
+            summary.errors.append((row["path"], row["error"]))
+        buffer.append(row)
+        if len(buffer) >= _CHUNK:
+            folder.parts.write(buffer)
+            buffer.clear()
+    folder.parts.write(buffer)
+
+
 def run_variants(
     out: str | Path,
     options: VariantsOptions,
@@ -349,70 +374,27 @@ def run_variants(
                  for r, m in pairs]
     if not tasks:
         raise NoImagesError("no images to process")
-    check_writable(out)
-    with RunLock(out):
-        return _run_locked(out, options, tasks, images_root, masks_root, manifest, t0, carried)
+    kind = RunKind("variants", os.path.realpath(images_root))
+    # --in-place asked to replace the input manifest, which is another command's run by design
+    with RunFolder(out, kind, FIELDS, options.overwrite or options.in_place, manifest_name=MANIFEST_NAME) as folder:
+        return _run_locked(folder, options, tasks, images_root, masks_root, manifest, t0, carried)
 
 
-def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
+def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
                 manifest: Path | None, t0: float, carried=None) -> RunSummary:
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
     from lungmask_kit.qc import QCThresholds, qc_update
-    from lungmask_kit.runtime import WarningTally, available_cores
+    from lungmask_kit.runtime import WarningTally
 
+    out = folder.out
     summary = RunSummary(found=len(tasks))
     tally = WarningTally()
-    # --in-place asked to replace the input manifest, which is another command's run by design
-    kind = RunKind("variants", os.path.realpath(images_root))
-    replaced = claim(out, kind, MANIFEST_NAME, options.overwrite or options.in_place)
-    previous_command = replaced.command if replaced else "variants"  # whose outputs earlier rows name
-    remove_stale_temps(out)
     gate = _shape_gate(options.weights)
-    mark(out, kind)
+    folder.start()
     key = _settings_key(options, gate)
-    done: dict[str, tuple] = {}
-    # --overwrite: nothing is skipped; the earlier manifest stays until this run's replaces it
-    prev = None if options.overwrite else previous_table(out, MANIFEST_NAME, FIELDS, summary.warnings)
-    if prev is not None:
-        cols = prev.select(["path", "sha256", "mask_sha256", "status", "settings_key"]).to_pydict()
-        for p, sha, msha, status, k in zip(cols["path"], cols["sha256"], cols["mask_sha256"], cols["status"], cols["settings_key"]):
-            if status == "ok" and k == key:
-                done[p] = (sha, msha)
-
+    done = folder.done(key, ("sha256", "mask_sha256"))
     max_ood = options.max_ood_score if options.max_ood_score is not None else (gate and 1.0)
     thresholds = QCThresholds(options.min_lung_fraction, max_ood, None)
-    parts = PartWriter(out, FIELDS)
-    jobs = options.jobs or available_cores()
-    buffer: list[dict] = []
-
-    def flush() -> None:
-        parts.write(buffer)
-        buffer.clear()
-
-    results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
-        delayed(_process)(t, str(out), options, key, done.get(t.rel), gate) for t in tasks
-    ) if jobs > 1 else (_process(t, str(out), options, key, done.get(t.rel), gate) for t in tasks)
-    try:
-        for row in tqdm(results, total=len(tasks), disable=not options.progress, unit="img"):
-            n_warnings, first_warning = row.pop("_warnings")
-            if n_warnings:
-                tally.add(first_warning, n_warnings)
-            if row["status"] == "skipped":
-                summary.skipped += 1
-                continue
-            summary.processed += 1
-            if row["status"] == "error":
-                summary.errors.append((row["path"], row["error"]))
-            buffer.append(row)
-            if len(buffer) >= _CHUNK:
-                flush()
-        flush()
-    except BaseException:  # interrupted, or the output folder failed: no temp file stays behind
-        remove_stale_temps(out)
-        raise
-
+    _process_all(folder, options, tasks, key, done, gate, summary, tally)
     metadata = {
         "command": "variants", "lungkit_version": __version__, **folder_entries("input_root", images_root, out),
         **folder_entries("masks_root", masks_root, out),
@@ -428,10 +410,8 @@ def _run_locked(out: Path, options: VariantsOptions, tasks: list[_Task], images_
     def update(table):
         return qc_update(thresholds)(carry_columns(table, carried) if carried is not None else table)
 
-    table, dropped = finalize(out, MANIFEST_NAME, [t.rel for t in tasks], FIELDS, metadata, update=update,
-                              keep_other=keep_other, damaged=summary.warnings)
-    remove_outputs(out, dropped, previous_command)
-    summary.removed_stale = len(dropped)
+    table, summary.removed_stale = folder.finalize([t.rel for t in tasks], metadata, update=update, keep_other=keep_other)
+    summary.warnings[:0] = folder.warnings
     if tally.summary():
         summary.warnings.append(tally.summary())
     summary.count(table)

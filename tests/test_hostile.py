@@ -365,13 +365,15 @@ def test_decoded_images_are_bounded_by_bytes(tmp_path, random_weights, monkeypat
     for i in range(24):
         write_png(src / f"x{i:02d}.png", cxr_like(1000, 1000, seed=i))  # 4 MB in flight each (image + outputs)
     peak = {"held": 0}
-    original = seg.ByteBudget.take
+    import lungmask_kit.engine as engine
+
+    original = engine.ByteBudget.take
 
     def take(self, n):
         original(self, n)
         peak["held"] = max(peak["held"], self.held)
 
-    monkeypatch.setattr(seg.ByteBudget, "take", take)
+    monkeypatch.setattr(engine.ByteBudget, "take", take)
     options = seg.SegmentOptions(weights=random_weights, batch_size=8, workers=4, max_decoded_mb=16, progress=False)
     s = seg.run_segment(src, tmp_path / "out", options)
     assert s.ok == 24
@@ -382,7 +384,7 @@ def test_decoded_images_are_bounded_by_bytes(tmp_path, random_weights, monkeypat
 
 
 def test_budget_lets_one_image_through_however_large():
-    from lungmask_kit.segment import ByteBudget
+    from lungmask_kit.engine import ByteBudget
 
     b = ByteBudget(1000)
     assert b.room_for(0) and b.room_for(1) and not b.room_for(2)  # nothing measured yet: two at a time

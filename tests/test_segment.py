@@ -135,10 +135,13 @@ def test_resume_after_interrupt_skips_done_and_matches_clean_run(tmp_path, rando
 
     # a changed image is redone; --overwrite redoes all
     write_png(src / "img3.png", cxr_like(310, 260, seed=99))
-    s2 = seg.run_segment(src, out, seg.SegmentOptions(weights=random_weights, progress=False))
+    s2 = seg.run_segment(src, out, seg.SegmentOptions(weights=random_weights, batch_size=2, progress=False))
     assert s2.processed == 1
-    s3 = seg.run_segment(src, out, seg.SegmentOptions(weights=random_weights, overwrite=True, progress=False))
+    s3 = seg.run_segment(src, out, seg.SegmentOptions(weights=random_weights, batch_size=2, overwrite=True, progress=False))
     assert s3.processed == 7
+    # another batch size can move a mask pixel (CPU kernels differ by batch size), so it decides resume too
+    s4 = seg.run_segment(src, out, seg.SegmentOptions(weights=random_weights, batch_size=3, progress=False))
+    assert s4.skipped == 0 and s4.processed == 7
 
 
 def test_labels_attach_and_unmatched_are_reported(small_corpus, tmp_path, random_weights, capsys):

@@ -32,7 +32,7 @@ def echo_run_summary(s, title: str) -> None:
         ("time", f"{s.seconds:.1f} s in all, model loading included: {s.images_per_second:.2f} images processed "
                  f"per second ({s.processed} processed; the progress bar counts skipped images too)"),
         ("outputs", ", ".join(s.output_folders) or "-"),
-        ("manifest", s.manifest),
+        ("manifest", s.manifest or "-"),
     ], title=title))
 
 
@@ -47,6 +47,8 @@ def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
         from lungmask_kit.report import ReportOptions, build_report
 
         echo_report_summary(build_report(out, Path(out) / "report", ReportOptions(progress=not quiet)), quiet)
+    if s.next_step and not quiet:
+        typer.echo(s.next_step)
     if s.uncalibrated:
         typer.echo("lungkit: warning: the model has no quality statistics, so ood_score and est_dice are null; "
                    "fit them with `lungkit calibrate`", err=True)
@@ -59,5 +61,6 @@ def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
                    f"unlabelled (listed in {out}/unmatched_labels.csv)", err=True)
     if s.failed:
         echo_errors(s.errors)
-        typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {s.manifest}", err=True)
+        where = s.manifest or "the manifest `lungkit merge` writes"
+        typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {where}", err=True)
         raise typer.Exit(1)

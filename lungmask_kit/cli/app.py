@@ -41,9 +41,9 @@ def _root(
 
 def _register() -> None:
     """Each command module adds its command, once, when this module is imported."""
-    from lungmask_kit.cli import calibrate, classify, evaluate, publish, report, segment, stats, train, variants
+    from lungmask_kit.cli import calibrate, classify, evaluate, merge, publish, report, segment, stats, train, variants
 
-    for module in (segment, variants, report, publish, classify, train, calibrate, evaluate, stats):
+    for module in (segment, merge, variants, report, publish, classify, train, calibrate, evaluate, stats):
         module.register(app)
 
 

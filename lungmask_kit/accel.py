@@ -52,7 +52,8 @@ _weights_cache: dict = {}
 
 def area_weights(n: int, size: int, device: torch.device) -> torch.Tensor:
     """(size, n) matrix averaging n pixels into `size` with each source pixel weighted by its overlap (box
-    filter at the exact fractional scale, as cv2.INTER_AREA does when shrinking)."""
+    filter at the exact fractional scale, as cv2.INTER_AREA does when shrinking; when enlarging, where OpenCV
+    interpolates, it stays a box: images under the model's input size are rare in a CXR corpus)."""
     key = (n, size, str(device))
     if key not in _weights_cache:
         edges = np.arange(size + 1, dtype=np.float64) * (n / size)
@@ -87,6 +88,11 @@ def gray_jpeg_size(data: bytes) -> tuple[int, int] | None:
 def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """Gray JPEG bytes -> (H, W) uint8 tensors on `device` (nvJPEG on a GPU, batched); None for each image that
     did not decode there (the caller decodes it on the host and reports what is wrong)."""
+    import warnings
+
+    # torchvision 0.29 marks its codecs deprecated in favour of TorchCodec on every call; they work, and a
+    # warning per batch would only be counted into the run's summary line
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]

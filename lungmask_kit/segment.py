@@ -184,10 +184,12 @@ class ImageReader:
         item.pixels = decoded.pixels
         item.held = _footprint(h, w, decoded.pixels.itemsize)
 
-    def pixels(self, task: Task) -> np.ndarray:
-        """The kept pixels of an image read before (the Ray engine's write tasks decode it again rather than
-        ship it between machines)."""
+    def pixels(self, task: Task, sha256: str) -> np.ndarray:
+        """The kept pixels of an image read before, which must still have the content it had then (the Ray
+        engine's write tasks decode it again rather than ship it between machines)."""
         data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError("the image changed while the run read it")
         return decode_image(data, dicom=wants_dicom(task.rel, self.dicom)).pixels
 
 
@@ -351,7 +353,13 @@ class _SegmentRun:
         self.root, self.folder, self.out, self.options = root, folder, folder.out, options
         self.summary = RunSummary(found=len(rels))
         self.labels = _Labels(options.labels, [manifest_path(r) for r in rels])
-        self.device = prepare_device(options.device)
+        if options.engine == "ray":  # the model runs in Ray's actors; the driver's copy gives config and quality
+            from lungmask_kit.engines.ray import model_device_type
+
+            model_device, self.device = model_device_type(options), prepare_device("cpu")
+        else:
+            self.device = prepare_device(options.device)
+            model_device = self.device.type
         self.segmenter = Segmenter(options.weights, self.device)
         folder.start()  # the weights loaded: from here on the folder holds this run
         self.post = PostprocessSettings(
@@ -360,9 +368,9 @@ class _SegmentRun:
             max_hole_fraction=options.max_hole_fraction,
             keep_largest=options.keep_largest,
         )
-        self.segmenter.decodes_jpeg_on_device &= options.gpu_decode
+        self.segmenter.decodes_jpeg_on_device &= options.gpu_decode and options.engine == "local"
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
-                                options.batch_size, self.device.type, self.segmenter.decodes_jpeg_on_device)
+                                options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
         self.paths = [manifest_path(r) for r in rels]
         done = folder.done(self.key, ("sha256",))
@@ -370,6 +378,9 @@ class _SegmentRun:
         self.tasks = [Task(r, names[r], (done.get(p) or (None,))[0]) for r, p in zip(rels, self.paths)
                       if folder.shard is None or folder.shard.owns(p)]
         self.summary.found = len(self.tasks)
+        # every model batch has the same size, however the run was interrupted or sharded, so masks are
+        # byte-identical; a folder smaller than one batch is not padded beyond its own size
+        self.pad_to = min(options.batch_size, len(self.paths))
 
     def execute(self) -> None:
         from tqdm.auto import tqdm
@@ -380,19 +391,24 @@ class _SegmentRun:
             if self.options.engine == "ray":
                 from lungmask_kit.engines.ray import run_ray
 
-                run_ray(self.reader(), self.writer(), self.segmenter, self.tasks, self.options, self.record, bar)
+                run_ray(self.reader(on_host=True), self.writer(), self.segmenter, self.tasks, self.options, self.pad_to,
+                        self.record, bar)
             else:
                 self._run_local(bar)
         finally:
             bar.close()
 
-    def reader(self) -> ImageReader:
+    def reader(self, on_host: bool = False) -> ImageReader:
+        """`on_host`: decode and prepare everything on the host, with absolute paths (for engines that ship
+        the units to other processes and machines)."""
         seg = self.segmenter
-        return ImageReader(self.root, self.out, self.key, seg.config, self.options.dicom,
-                           prepare_on_host=not seg.prepares_on_device, jpeg_on_device=seg.decodes_jpeg_on_device)
+        root, out = (self.root.absolute(), self.out.absolute()) if on_host else (self.root, self.out)
+        return ImageReader(root, out, self.key, seg.config, self.options.dicom,
+                           prepare_on_host=on_host or not seg.prepares_on_device,
+                           jpeg_on_device=not on_host and seg.decodes_jpeg_on_device)
 
     def writer(self) -> OutputWriter:
-        return OutputWriter(self.out, self.post, self.segmenter.quality)
+        return OutputWriter(self.out.absolute(), self.post, self.segmenter.quality)
 
     def _run_local(self, bar) -> None:
         from lungmask_kit.runtime import available_cores
@@ -400,10 +416,7 @@ class _SegmentRun:
         o = self.options
         settings = EngineSettings(o.batch_size, o.workers or available_cores(), o.max_decoded_mb << 20, o.progress)
         budget = ByteBudget(settings.max_decoded_bytes)
-        # every model batch has the same size, however the run was interrupted, so masks are byte-identical;
-        # a folder smaller than one batch is not padded beyond its own size
-        steps = _LocalSteps(self.reader(), self.writer(), self.segmenter, budget,
-                            pad_to=min(o.batch_size, max(len(self.paths), 1)), tta=o.tta)
+        steps = _LocalSteps(self.reader(), self.writer(), self.segmenter, budget, self.pad_to, o.tta)
         run_local(steps, self.tasks, settings, self.record, budget, bar)
 
     def record(self, rows: list[dict]) -> None:

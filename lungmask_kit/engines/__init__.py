@@ -1,0 +1,1 @@
+"""Engines beyond the local one (`lungmask_kit.engine`): each drives the same job units elsewhere."""

@@ -10,6 +10,7 @@ Reports (JSON + table):
   (d) naive loop img/s      the published code's shape: one image at a time, batch of one, eager model,
                             skimage post-processing at full size, sequential writes
   (e) peak RSS              of `lungkit segment` subprocesses on N and 10N images
+  on CUDA also: peak GPU memory of the end-to-end run and, for JPEG, how far nvJPEG's pixels are from libjpeg's
 
 Targets (issue 6): CPU e2e >= 85% of 1/(1/a + 1/b) and >= 1.5x naive; GPU e2e >= 80% of min(a, b) and >= 10x
 naive; RSS(10N) <= 1.1 x RSS(N) and < 3 GB.
@@ -96,9 +97,10 @@ def pipeline(src: Path, out: Path, args, fixed_probability: bool) -> float:
 
         class NoModel(RealSegmenter):
             # the quality model (gate, est_dice) still runs on the writer threads, on zero features
-            def predict_batch(self, batch, pad_to=None, tta=False):
+            def start(self, inputs, pad_to=None, tta=False):
                 dim = self.quality.image.mean.shape[0] if self.quality and self.quality.image else 1
-                return BatchPrediction(np.broadcast_to(prob, (len(batch), size, size)), np.zeros((len(batch), dim), np.float32))
+                n = len(inputs)
+                return lambda: BatchPrediction(np.broadcast_to(prob, (n, size, size)), np.zeros((n, dim), np.float32))
 
         seg_mod_segmenter = NoModel
     else:
@@ -113,6 +115,26 @@ def pipeline(src: Path, out: Path, args, fixed_probability: bool) -> float:
         inf.Segmenter = saved
     assert s.failed == 0, s.errors[:3]
     return s.processed / s.pipeline_seconds  # model loading excluded: it is paid once per run
+
+
+def nvjpeg_difference(src: Path, device: torch.device) -> int:
+    """Largest grey-level difference between nvJPEG's and OpenCV's (libjpeg-turbo) decode of the inputs."""
+    from lungmask_kit.accel import decode_jpegs
+    from lungmask_kit.imaging import decode_image
+
+    datas = [p.read_bytes() for p in sorted(src.iterdir())[:32]]
+    worst = 0
+    for data, t in zip(datas, decode_jpegs(datas, device)):
+        if t is not None:
+            worst = max(worst, int(np.abs(t.cpu().numpy().astype(int) - decode_image(data).pixels).max()))
+    return worst
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def naive_loop(src: Path, out: Path, seg: Segmenter) -> float:
@@ -186,10 +208,16 @@ def main() -> None:
         seg = Segmenter(args.weights, device)
         r = {"device": str(device), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
              "cores": os.cpu_count(), "torch_threads": threads, "n": args.n, "source": args.source, "format": args.format,
-             "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__}
+             "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__, "commit": git_commit()}
         r["model_only"] = model_only(seg, max(args.n, 4 * args.batch_size), args.batch_size)
         r["io_only"] = pipeline(src, work / "io", args, fixed_probability=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         r["end_to_end"] = pipeline(src, work / "e2e", args, fixed_probability=False)
+        if device.type == "cuda":
+            r["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if args.format == "jpg":
+                r["nvjpeg_max_abs_diff"] = nvjpeg_difference(src, device)
         r["naive"] = naive_loop(src, work / "naive", seg)
         r["bound_cpu"] = 1 / (1 / r["model_only"] + 1 / r["io_only"])
         r["bound_gpu"] = min(r["model_only"], r["io_only"])
@@ -216,6 +244,10 @@ def main() -> None:
             ("bound", f"{bound:.2f} img/s ({'min(a, b)' if device.type == 'cuda' else '1/(1/a + 1/b)'})"),
             ("e2e / bound", f"{r['e2e_vs_bound']:.1%} (target {'80' if device.type == 'cuda' else '85'}%)"),
             ("e2e / naive", f"{r['e2e_vs_naive']:.2f}x (target {'10' if device.type == 'cuda' else '1.5'}x)")]
+    if "peak_gpu_mib" in r:
+        rows += [("peak GPU memory", f"{r['peak_gpu_mib']:.0f} MiB (end-to-end run)")]
+    if "nvjpeg_max_abs_diff" in r:
+        rows += [("nvJPEG vs libjpeg", f"max {r['nvjpeg_max_abs_diff']} grey level(s) apart")]
     if "rss_ratio" in r:
         rows += [("peak RSS N / 10N", f"{r['rss_n_mib']:.0f} / {r['rss_10n_mib']:.0f} MiB (ratio {r['rss_ratio']:.3f}, target <= 1.1, < 3 GB)")]
     width = max(len(k) for k, _ in rows)

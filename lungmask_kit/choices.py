@@ -38,3 +38,8 @@ class Init(str, Enum):
 class CacheKind(str, Enum):
     memory = "memory"
     disk = "disk"  # memory-mapped under OUT/.cache, removed at the end
+
+
+class Engine(str, Enum):
+    local = "local"  # threads in this process
+    ray = "ray"  # Ray Data across a cluster (extra lungkit[ray])

@@ -36,7 +36,6 @@ MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
 # Bump when the bytes written for the same input and settings change.
 OUTPUT_FORMAT = 2  # 2: quality columns (ood_score, est_dice)
-ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -314,8 +313,10 @@ def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> l
 
 
 def _check_options(options: SegmentOptions) -> Shard | None:
-    if options.engine not in ENGINES:
-        raise LungkitError(f"unknown engine {options.engine!r} (use {' or '.join(ENGINES)})")
+    from lungmask_kit.choices import Engine
+
+    if options.engine not in {e.value for e in Engine}:
+        raise LungkitError(f"unknown engine {options.engine!r} (use {' or '.join(e.value for e in Engine)})")
     if options.shard is None:
         return None
     shard = Shard.parse(options.shard)

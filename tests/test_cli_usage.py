@@ -28,6 +28,8 @@ MISTAKES = [
     (["report"], "Missing argument 'OUT'"),
     (["stats"], "Missing argument 'DIR'"),
     (["evaluate"], "Missing argument"),
+    (["segment", "in", "-o", "out", "--engine", "spark"], "Invalid value for '--engine'"),
+    (["merge"], "Missing argument 'OUT'"),
 ]
 
 
@@ -65,6 +67,10 @@ def test_completion_can_be_installed(capsys):
     (["stats", "{tmp}/nowhere"], "input folder not found"),
     (["train", "{tmp}/nowhere", "-o", "{tmp}/out", "--in-channels", "2"], "in_channels must be 1 or 3"),
     (["segment", "{example}", "-o", "{tmp}/out", "--device", "tpu", "-q"], "unknown device"),  # -q: no busy-machine warning
+    (["segment", "{example}", "-o", "{tmp}/out", "--shard", "3/2", "-q"], "--shard takes K/N"),
+    (["segment", "{example}", "-o", "{tmp}/out", "--shard", "1/2", "--report", "-q"], "--report needs the whole run"),
+    (["merge", "{tmp}/nowhere"], "output folder not found"),
+    (["merge", "{tmp}"], "holds no finished shard"),
 ])
 def test_library_errors_are_one_line_exit_2(argv, message, tmp_path, example_images, capsys):
     assert main([a.format(tmp=tmp_path, example=example_images) for a in argv]) in (2, 3)

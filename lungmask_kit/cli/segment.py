@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
+from lungmask_kit.choices import Engine
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.cli._options import (
     BatchSizeOpt,
@@ -45,7 +46,7 @@ def segment(
     tta: Annotated[bool, typer.Option("--tta", help="Also run each image mirrored: flip agreement sharpens est_dice (masks unchanged; about 2x model time).")] = False,
     dicom: DicomOpt = False,
     shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Only part K of N of the images (by a hash of each path), for N processes or Slurm array tasks writing into one OUT on a shared filesystem; `lungkit merge OUT` then writes the manifest.")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="local (threads in this process) | ray (Ray Data across a cluster; pip install 'lungkit[ray]').")] = "local",
+    engine: Annotated[Engine, typer.Option("--engine", help="local (threads in this process) | ray (Ray Data across a cluster; pip install 'lungkit[ray]').")] = Engine.local,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join (e.g. ray://head:10001 or auto) [default: RAY_ADDRESS, else a local Ray].")] = None,
     gpu_decode: Annotated[bool, typer.Option("--gpu-decode/--no-gpu-decode", help="With CUDA, decode grayscale JPEGs on the GPU with nvJPEG (pixels can differ from libjpeg's by a grey level; --no-gpu-decode keeps them identical to a CPU run).")] = True,
     overwrite: OverwriteOpt = False,
@@ -77,7 +78,7 @@ def segment(
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
         keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, tta=tta,
-        max_decoded_mb=max_decoded_mb, dicom=dicom, gpu_decode=gpu_decode, shard=shard, engine=engine,
+        max_decoded_mb=max_decoded_mb, dicom=dicom, gpu_decode=gpu_decode, shard=shard, engine=engine.value,
         ray_address=ray_address, overwrite=overwrite, progress=not quiet,
     )
     if report and shard:

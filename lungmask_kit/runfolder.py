@@ -29,10 +29,11 @@ OUTPUT_COLUMNS = {"segment": ("mask_path", "lungs_path", "nolungs_path"), "varia
 
 
 def check_writable(out: Path) -> None:
+    probe = out / f".lungkit-write-check-{socket.gethostname()}-{os.getpid()}"  # shards check side by side
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / ".lungkit-write-check", b"ok")
-        os.unlink(out / ".lungkit-write-check")
+        atomic_write_bytes(probe, b"ok")
+        os.unlink(probe)
     except OSError as err:
         raise LungkitError(f"cannot write to output folder {out}: {err.strerror or err}") from err
 
@@ -318,6 +319,8 @@ class RunFolder:
         table, dropped = finalize(self.out, self.manifest_name, paths, self.fields, metadata, update=update,
                                   keep_other=keep_other, damaged=self.warnings)
         remove_outputs(self.out, dropped, self.previous_command)
+        for lock in self.out.glob(SHARD_LOCK.format(tag="*")):  # no shard can run while this run holds OUT
+            lock.unlink(missing_ok=True)
         return table, len(dropped)
 
 

@@ -127,6 +127,10 @@ class ImageReader:
     prepare_on_host: bool = True  # False: the engine's device resizes and normalises
     jpeg_on_device: bool = False  # leave gray JPEGs undecoded for nvJPEG
 
+    @staticmethod
+    def task(rel: str, out_name: str, done_sha256: str | None = None) -> Task:
+        return Task(rel, out_name, done_sha256)
+
     def output_rel(self, kind: str, task: Task) -> str:
         return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
 
@@ -234,9 +238,10 @@ class OutputWriter:
         )
         return row
 
-
-def failed_row(row: SegmentRow, err: Exception) -> SegmentRow:
-    return row | {"status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
+    @staticmethod
+    def failed(row: SegmentRow, err: Exception) -> SegmentRow:
+        """The row of an image whose post-processing raised unexpectedly (a bug costs the image, not the run)."""
+        return row | {"status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
 
 
 class _LocalSteps:
@@ -297,7 +302,7 @@ class _LocalSteps:
             item.pixels = item.prediction = None
 
     def failed(self, item: Item, err: Exception) -> dict:
-        return failed_row(item.row, err)
+        return self.writer.failed(item.row, err)
 
 
 def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> list[str]:

@@ -89,7 +89,7 @@ def test_two_concurrent_shards_and_merge_equal_a_single_run(tmp_path, random_wei
     _same_outputs(out, single)
     meta = pq.read_schema(out / "manifest.parquet").metadata
     assert b'"shards": 2' in meta[b"lungkit"]
-    assert not (out / ".manifest-parts").exists()
+    assert not (out / ".manifest-parts").exists() and not list(out.glob(".lungkit-shard-*.lock"))
 
 
 def test_a_killed_shard_resumes_and_merge_waits_for_it(tmp_path, random_weights, corpus_and_single, capsys):

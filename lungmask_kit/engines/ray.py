@@ -63,14 +63,12 @@ def _plain(value):
 
 
 def _decode(batch: dict, reader) -> dict:
-    from lungmask_kit.segment import Task
-
     c = reader.config
     n = len(batch["rel"])
     x = np.zeros((n, c.in_channels, c.input_size, c.input_size), np.float32)
     rows, has_input = [], np.zeros(n, bool)
     for i in range(n):
-        item = reader.read(Task(str(batch["rel"][i]), str(batch["out_name"][i]), batch["done"][i] or None))
+        item = reader.read(reader.task(str(batch["rel"][i]), str(batch["out_name"][i]), batch["done"][i] or None))
         if item.model_input is not None:
             x[i], has_input[i] = item.model_input, True
         rows.append(json.dumps(item.row, default=_plain))
@@ -114,13 +112,12 @@ class _Model:
 
 def _write(batch: dict, reader, writer) -> dict:
     from lungmask_kit.manifest import SegmentRow
-    from lungmask_kit.segment import Task, failed_row
 
     rows = []
     for i in range(len(batch["rel"])):
         row = SegmentRow(json.loads(batch["row"][i]))
         if batch["has_input"][i]:
-            task = Task(str(batch["rel"][i]), str(batch["out_name"][i]))
+            task = reader.task(str(batch["rel"][i]), str(batch["out_name"][i]))
             flipped = batch["flipped"][i] if batch["has_flipped"][i] else None
             try:
                 pixels = reader.pixels(task, row["sha256"])
@@ -128,7 +125,7 @@ def _write(batch: dict, reader, writer) -> dict:
             except LungkitError:
                 raise
             except Exception as err:  # costs this image only, as in the local engine
-                row = failed_row(row, err)
+                row = writer.failed(row, err)
         rows.append(json.dumps(row, default=_plain))
     return {"row": np.array(rows, dtype=object)}
 

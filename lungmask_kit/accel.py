@@ -18,6 +18,8 @@ def to_device(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.
     """An (H, W) image on `device`: through pinned memory with a non-blocking copy when that is a GPU."""
     if isinstance(pixels, torch.Tensor):
         return pixels.to(device, non_blocking=True)
+    if pixels.dtype == np.uint16:  # torch's uint16 has only barebones kernels (on CUDA too): go as int32
+        pixels = pixels.astype(np.int32)
     t = torch.from_numpy(np.ascontiguousarray(pixels))
     if device.type == "cuda":
         t = t.pin_memory()

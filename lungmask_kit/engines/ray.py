@@ -132,6 +132,8 @@ def _write(batch: dict, reader, writer) -> dict:
 
 def run_ray(reader, writer, segmenter, tasks: list, options, pad_to: int, record: Callable[[list[dict]], None], bar) -> None:
     """Drive the segment units on Ray Data; `record` gets the rows in batches, in no particular order."""
+    if not tasks:  # e.g. a shard that holds no image
+        return
     ray = _ray()
     connect(options.ray_address)
     ctx = ray.data.DataContext.get_current()

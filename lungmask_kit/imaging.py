@@ -123,6 +123,15 @@ def _check_complete(data: bytes) -> None:
         raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
 
 
+def check_encoded(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> None:
+    """What is refused before any decoder sees a PNG or JPEG: a declared size over `max_pixels` (a
+    decompression bomb) and a truncated file. Raises ImageDecodeError."""
+    size = _declared_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels")
+    _check_complete(data)
+
+
 def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, dicom: bool = False) -> DecodedImage:
     """Decode file bytes to grayscale at native bit depth. Raises ImageDecodeError with a clear reason.
     DICOM is recognised by its preamble; `dicom` also reads files without one (named .dcm, or --dicom)."""
@@ -130,10 +139,7 @@ def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, dicom
         raise ImageDecodeError("empty file (0 bytes)")
     if dicom or is_dicom(data):
         return decode_dicom(data, max_pixels, force=not is_dicom(data))
-    size = _declared_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageDecodeError(f"image too large: declared {size[0]}x{size[1]} exceeds {max_pixels} pixels")
-    _check_complete(data)
+    check_encoded(data, max_pixels)
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"iCCP" in data[:1 << 16]:
         data = _without_icc_profile(data)
     buf = np.frombuffer(data, dtype=np.uint8)

@@ -261,6 +261,14 @@ def previous_table(out: Path, manifest_name: str, fields: list[pa.Field], damage
     return table.take(keep).drop_columns(["_order"])
 
 
+class MissingRowsError(RuntimeError):
+    """Images that should have a row have none: a bug after a plain run; after shards, a shard not finished."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__(f"internal error: no manifest row for {len(paths)} image(s), e.g. {paths[0]}")
+        self.paths = paths
+
+
 def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Field], metadata: dict,
              update=None, keep_other: Callable[[str], bool] | None = None,
              damaged: list[str] | None = None) -> tuple[pa.Table, list[dict]]:
@@ -275,7 +283,7 @@ def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Fi
     index = {p: i for i, p in enumerate(previous)}
     missing = [p for p in paths if p not in index]
     if missing:
-        raise RuntimeError(f"internal error: no manifest row for {len(missing)} image(s), e.g. {missing[0]}")
+        raise MissingRowsError(missing)
     wanted = set(paths)
     others = [p for p in previous if p not in wanted]
     kept = [p for p in others if keep_other is not None and keep_other(p)]

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -296,13 +297,12 @@ class RunFolder:
         return {p: tuple(cols[c][i] for c in columns) for i, p in enumerate(cols["path"])
                 if cols["status"][i] == "ok" and cols["settings_key"][i] == key}
 
-    @property
+    @cached_property
     def parts(self):
+        """The writer of this run's manifest parts (made on first use: `merge` writes none)."""
         from lungmask_kit.manifest import PartWriter
 
-        if not hasattr(self, "_parts"):
-            self._parts = PartWriter(self.out, self.fields, tag=f"s{self.shard.tag}" if self.shard else None)
-        return self._parts
+        return PartWriter(self.out, self.fields, tag=f"s{self.shard.tag}" if self.shard else None)
 
     def write_shard_record(self, record: dict) -> None:
         """What `lungkit merge` needs to finish the run once every shard is done."""

@@ -27,7 +27,7 @@ from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.labels import labels_update, write_label_report
-from lungmask_kit.manifest import SEGMENT_FIELDS, RunSummary, SegmentRow, folder_entries
+from lungmask_kit.manifest import SEGMENT_FIELDS, MissingRowsError, RunSummary, SegmentRow, folder_entries
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, Shard, confined, shard_records
@@ -102,6 +102,11 @@ class Task:
     done_sha256: str | None = None
 
 
+def output_rel(kind: str, task: Task) -> str:
+    """Where an image's mask / lungs / nolungs file goes, relative to OUT."""
+    return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
+
+
 @dataclass(frozen=True)
 class _DeviceJpeg:
     """A gray JPEG left undecoded for nvJPEG (decoded on the GPU with its batch)."""
@@ -131,9 +136,6 @@ class ImageReader:
     def task(rel: str, out_name: str, done_sha256: str | None = None) -> Task:
         return Task(rel, out_name, done_sha256)
 
-    def output_rel(self, kind: str, task: Task) -> str:
-        return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
-
     def read(self, task: Task) -> Item:
         try:
             return self._read(task)
@@ -145,7 +147,7 @@ class ImageReader:
     def _read(self, task: Task) -> Item:
         row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key)
         item = Item(task, row)
-        problem = output_path_problem(self.out, self.output_rel("lungs", task))
+        problem = output_path_problem(self.out, output_rel("lungs", task))
         if problem:
             row["error"] = problem
             return item
@@ -156,7 +158,7 @@ class ImageReader:
             return item
         sha = hashlib.sha256(data).hexdigest()
         row.update(sha256=sha, file_bytes=len(data))
-        if task.done_sha256 == sha and all((self.out / self.output_rel(k, task)).is_file() for k in OUTPUT_DIRS):
+        if task.done_sha256 == sha and all((self.out / output_rel(k, task)).is_file() for k in OUTPUT_DIRS):
             row["status"] = "skipped"
             return item
         if self.jpeg_on_device:
@@ -199,11 +201,15 @@ class ImageReader:
 def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG for nvJPEG, after the checks the host decoder makes (size, completeness)."""
     from lungmask_kit.accel import gray_jpeg_size
-    from lungmask_kit.imaging import _jpeg_complete
+    from lungmask_kit.imaging import check_encoded
 
     size = gray_jpeg_size(data)
-    if size is None or size[0] * size[1] > defaults.MAX_IMAGE_PIXELS or not _jpeg_complete(data):
-        return None  # the host decoder says what is wrong, or decodes what nvJPEG does not take
+    if size is None:
+        return None  # not for nvJPEG: the host decodes it
+    try:
+        check_encoded(data)
+    except ImageDecodeError:
+        return None  # the host decoder says what is wrong
     return size
 
 
@@ -224,7 +230,7 @@ class OutputWriter:
             row.update(self.quality.assess(probability, small, pooled, flipped_mask, self.post).as_row())
         mask = resize_mask(small, pixels.shape)
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
-        paths = {kind: f"{folder}/{manifest_path(task.out_name)}" for kind, folder in OUTPUT_DIRS.items()}
+        paths = {kind: output_rel(kind, task) for kind in OUTPUT_DIRS}
         try:
             for kind, image in images.items():
                 atomic_write_bytes(self.out / paths[kind], encode_png(image), fsync=False)
@@ -282,13 +288,13 @@ class _LocalSteps:
             return
         for it, tensor in zip(items, decode_jpegs([it.model_input.data for it in items], self.segmenter.device)):
             data, it.model_input = it.model_input.data, None
+            self.budget.give_back(it.held)  # the estimate; accept() measures the decoded image
+            it.held = 0
             try:
                 decoded = DecodedImage(tensor.cpu().numpy(), 1) if tensor is not None else decode_image(data)
             except ImageDecodeError as err:
                 it.row["error"] = str(err)
-                self.budget.give_back(it.held)
                 continue
-            self.budget.give_back(it.held)
             self.reader.accept(it, decoded)
             self.budget.take(it.held)
             if tensor is not None:
@@ -357,8 +363,8 @@ class _SegmentRun:
         from lungmask_kit.runtime import prepare_device
 
         self.root, self.folder, self.out, self.options = root, folder, folder.out, options
-        self.summary = RunSummary(found=len(rels))
-        self.labels = _Labels(options.labels, [manifest_path(r) for r in rels])
+        self.paths = [manifest_path(r) for r in rels]
+        self.labels = _Labels(options.labels, self.paths)  # read now: a bad label file fails before the images
         if options.engine == "ray":  # the model runs in Ray's actors; the driver's copy gives config and quality
             from lungmask_kit.engines.ray import model_device_type
 
@@ -378,12 +384,11 @@ class _SegmentRun:
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
                                 options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
-        self.paths = [manifest_path(r) for r in rels]
         done = folder.done(self.key, ("sha256",))
         names = output_names(rels)
         self.tasks = [Task(r, names[r], (done.get(p) or (None,))[0]) for r, p in zip(rels, self.paths)
                       if folder.shard is None or folder.shard.owns(p)]
-        self.summary.found = len(self.tasks)
+        self.summary = RunSummary(found=len(self.tasks))
         # every model batch has the same size, however the run was interrupted or sharded, so masks are
         # byte-identical; a folder smaller than one batch is not padded beyond its own size
         self.pad_to = min(options.batch_size, len(self.paths))
@@ -397,8 +402,8 @@ class _SegmentRun:
             if self.options.engine == "ray":
                 from lungmask_kit.engines.ray import run_ray
 
-                run_ray(self.reader(on_host=True), self.writer(), self.segmenter, self.tasks, self.options, self.pad_to,
-                        self.record, bar)
+                run_ray(self.reader(on_host=True), self.writer(), self.segmenter.weights_sha256, self.tasks,
+                        self.options, self.pad_to, self.record, bar)
             else:
                 self._run_local(bar)
         finally:
@@ -532,13 +537,15 @@ def merge_shards(out: str | Path) -> RunSummary:
     rels = _discover(root, out, record["glob"], record["dicom"])
     paths = [manifest_path(r) for r in rels]
     kind = RunKind("segment", os.path.realpath(root))
+    count = Shard.parse(record["shard"]).count
     with RunFolder(out, kind, SEGMENT_FIELDS, manifest_name=MANIFEST_NAME) as folder:
-        _check_complete(folder, paths, record)
         s = RunSummary(found=len(paths))
         labels = _Labels(record["labels"], paths)
-        metadata = {**record["metadata"], "shards": Shard.parse(record["shard"]).count,
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _finish_manifest(folder, root, paths, labels, QCThresholds(**record["thresholds"]), metadata, s)
+        metadata = {**record["metadata"], "shards": count, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            _finish_manifest(folder, root, paths, labels, QCThresholds(**record["thresholds"]), metadata, s)
+        except MissingRowsError as err:
+            raise _unfinished_shards(err.paths, count) from None
         s.warnings[:0] = folder.warnings
     s.seconds = s.pipeline_seconds = time.perf_counter() - t_start
     return s
@@ -561,19 +568,11 @@ def _shard_record(out: Path) -> dict:
     return first
 
 
-def _check_complete(folder: RunFolder, paths: list[str], record: dict) -> None:
-    from lungmask_kit.manifest import previous_table
-
-    prev = previous_table(folder.out, MANIFEST_NAME, SEGMENT_FIELDS, folder.warnings)
-    have = set(prev.column("path").to_pylist()) if prev is not None else set()
-    missing = [p for p in paths if p not in have]
-    if not missing:
-        return
-    count = Shard.parse(record["shard"]).count
+def _unfinished_shards(missing: list[str], count: int) -> LungkitError:
     shards = sorted({k for p in missing for k in range(1, count + 1) if Shard(k, count).owns(p)})
-    raise LungkitError(f"{len(missing)} image(s) have no row yet, e.g. {missing[0]}: shard(s) "
-                       f"{', '.join(f'{k}/{count}' for k in shards)} did not finish; run them again (they resume), "
-                       "then merge")
+    return LungkitError(f"{len(missing)} image(s) have no row yet, e.g. {missing[0]}: shard(s) "
+                        f"{', '.join(f'{k}/{count}' for k in shards)} did not finish; run them again (they resume), "
+                        "then merge")
 
 
 def quality_thresholds(quality, options) -> QCThresholds:

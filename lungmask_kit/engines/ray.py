@@ -130,7 +130,7 @@ def _write(batch: dict, reader, writer) -> dict:
     return {"row": np.array(rows, dtype=object)}
 
 
-def run_ray(reader, writer, segmenter, tasks: list, options, pad_to: int, record: Callable[[list[dict]], None], bar) -> None:
+def run_ray(reader, writer, weights_sha256: str, tasks: list, options, pad_to: int, record: Callable[[list[dict]], None], bar) -> None:
     """Drive the segment units on Ray Data; `record` gets the rows in batches, in no particular order."""
     if not tasks:  # e.g. a shard that holds no image
         return
@@ -148,7 +148,7 @@ def run_ray(reader, writer, segmenter, tasks: list, options, pad_to: int, record
     ds = ds.map_batches(
         # Ray 2.60 logs one "constructor arguments in the object store" line per run for any actor pool
         # (ray-project/ray#57733, open); the actors restart as Ray Data sets them to
-        _Model, fn_constructor_args=(options.weights and os.path.abspath(options.weights), device_type, segmenter.weights_sha256, pad_to, options.tta),
+        _Model, fn_constructor_args=(options.weights and os.path.abspath(options.weights), device_type, weights_sha256, pad_to, options.tta),
         # the memory request is the model's working set; it also keeps Ray from fusing the decode tasks into
         # the model actors (a GPU actor decoding on its one CPU would starve the GPU)
         batch_size=options.batch_size, num_gpus=1 if n_gpus else 0, num_cpus=1, memory=_MODEL_MEMORY,

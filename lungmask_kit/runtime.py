@@ -211,23 +211,35 @@ class _DecoderLineFilter:
     def _pump(self) -> None:
         pending = b""
         while chunk := os.read(self.read_end, 1 << 16):
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                self._route(line + b"\n")
-            if pending and not self._may_be_decoder_line(pending):
-                self._forward(pending)  # a progress bar's "\r..." is shown now, not at the next newline
-                pending = b""
-        if pending:
-            self._route(pending)
+            pending = self._drain(pending + chunk)
+        if pending:  # the pipe closed mid-line
+            if pending.startswith(self.PREFIXES):
+                self.tally.add(pending.decode("utf-8", "replace"))
+            else:
+                self._forward(pending)
 
-    def _may_be_decoder_line(self, start: bytes) -> bool:
-        return any(p.startswith(start) or start.startswith(p) for p in self.PREFIXES)
+    def _drain(self, buf: bytes) -> bytes:
+        """Count each whole decoder message in `buf`, forward everything else at once; return what cannot be
+        told yet (a message without its newline, or a tail that may start one). A message can begin mid-line:
+        libjpeg writes right after a progress bar's "\r..." update, which has no newline."""
+        while buf:
+            starts = [i for i in (buf.find(p) for p in self.PREFIXES) if i >= 0]
+            if not starts:
+                keep = self._possible_start(buf)
+                self._forward(buf[:len(buf) - keep])
+                return buf[len(buf) - keep:]
+            start = min(starts)
+            self._forward(buf[:start])
+            end = buf.find(b"\n", start)
+            if end < 0:
+                return buf[start:]
+            self.tally.add(buf[start:end + 1].decode("utf-8", "replace"))
+            buf = buf[end + 1:]
+        return b""
 
-    def _route(self, line: bytes) -> None:
-        if line.startswith(self.PREFIXES):
-            self.tally.add(line.decode("utf-8", "replace"))
-        else:
-            self._forward(line)
+    def _possible_start(self, buf: bytes) -> int:
+        """Length of the longest tail of `buf` that a decoder message could continue from."""
+        return max((k for p in self.PREFIXES for k in range(1, len(p)) if buf.endswith(p[:k])), default=0)
 
     def _forward(self, data: bytes) -> None:
         while data:

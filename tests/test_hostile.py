@@ -505,3 +505,20 @@ def test_c_decoder_messages_are_counted_not_printed(tmp_path, random_weights, co
     counted = [line for line in proc.stderr.splitlines() if "warning(s) during the run were counted" in line]
     assert len(counted) == 1 and "5 warning(s)" in counted[0] and "Corrupt JPEG data" in counted[0]
     assert "100%" in proc.stderr  # the progress bar still reaches the terminal through the filter
+
+
+def test_a_decoder_message_right_after_a_progress_bar_update_is_counted():
+    """libjpeg can write straight after tqdm's "\\r..." update (no newline between them), and a pipe read can
+    end anywhere: the message is still counted whole and the bar still shown (a CI run once printed it)."""
+    from lungmask_kit.runtime import WarningTally, _DecoderLineFilter
+
+    stream = b"\r  0%|    | 0/6 [00:00<?, ?img/s]Corrupt JPEG data: premature end of data segment\n\r 50%|##| 3/6\n"
+    for cut in range(1, len(stream)):
+        tally = WarningTally(c_stderr=False)
+        shown = []
+        f = _DecoderLineFilter(tally)
+        f._forward = shown.append
+        rest = f._drain(f._drain(stream[:cut]) + stream[cut:])
+        assert rest == b"" and tally.count == 1, cut
+        assert tally.first.startswith("Corrupt JPEG data: premature end"), cut
+        assert b"".join(shown) == b"\r  0%|    | 0/6 [00:00<?, ?img/s]\r 50%|##| 3/6\n", cut

@@ -43,3 +43,15 @@ class CacheKind(str, Enum):
 class Engine(str, Enum):
     local = "local"  # threads in this process
     ray = "ray"  # Ray Data across a cluster (extra lungkit[ray])
+
+
+class Convention(str, Enum):
+    """Which lung a mask outlines: the two annotation conventions of public lung masks."""
+    v7 = "v7"  # the whole lung, behind the heart and below the dome included (V7 Labs, lungkit's default)
+    jsrt = "jsrt"  # the visible lung fields only (JSRT/SCR, NLM Montgomery and Shenzhen, CheXmask)
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 where the device computes it in hardware, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"

@@ -17,6 +17,9 @@ KEEP_LARGEST = 2  # keep the two lungs; 0 disables
 # QC: the study's slides say 15%; the authors' code cut at 1/15 (6.7%).
 MIN_LUNG_FRACTION = 0.15
 
+# Annotation convention of the masks (choices.Convention): the bundled model has an output for each
+CONVENTION = "v7"
+
 # Inference
 BATCH_SIZE = 16
 # Decoded images held between decoding and writing (MiB): about 90 images of 2000x2000 8-bit, or 7 of

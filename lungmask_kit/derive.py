@@ -1,4 +1,5 @@
-"""The derive step shared by `segment` and `variants`: lungs-only and lungs-removed images.
+"""The derive step shared by `segment` and `variants`: lungs-only and lungs-removed images, and the right and
+left lung of a mask as manifest fields.
 
 Shape contract: image (H, W) uint8/uint16, mask (H, W) bool of the same shape. Outputs keep the image's
 dtype; inputs are never mutated.
@@ -23,6 +24,23 @@ def derive_variants(image: np.ndarray, mask: np.ndarray, only: tuple[str, ...] =
     if "nolungs" in only:
         out["nolungs"] = np.where(mask, zero, image)
     return out
+
+
+def lung_fields(right: np.ndarray, left: np.ndarray, pixel_spacing: list[float] | None = None) -> dict:
+    """The per-lung manifest fields of two disjoint (H, W) bool masks: COCO RLEs, shares of the image area, and
+    areas in mm^2 where the pixel spacing ([row, column] mm) is known (None otherwise)."""
+    from lungmask_kit import rle
+
+    pixel_mm2 = None
+    if pixel_spacing and len(pixel_spacing) == 2 and all(v and v > 0 for v in pixel_spacing):
+        pixel_mm2 = float(pixel_spacing[0]) * float(pixel_spacing[1])
+    fields = {}
+    for name, lung in (("right", right), ("left", left)):
+        count = int(np.count_nonzero(lung))
+        fields[f"{name}_lung_rle"] = rle.encode(lung)
+        fields[f"{name}_lung_fraction"] = round(count / lung.size, 6) if lung.size else 0.0
+        fields[f"{name}_lung_mm2"] = None if pixel_mm2 is None else round(count * pixel_mm2, 2)
+    return fields
 
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:

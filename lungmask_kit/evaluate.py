@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from lungmask_kit.imaging import ImageDecodeError, read_gray
 from lungmask_kit.manifest import write_table
 from lungmask_kit.metrics import dice, hd95, iou
 
+METRICS = ("dice", "iou", "hd95_px", "dice_right_lung", "dice_left_lung")
 FIELDS = [
     pa.field("path", pa.string()),
     pa.field("pred_mask", pa.string()),
@@ -25,31 +27,69 @@ FIELDS = [
     pa.field("dice", pa.float64()),
     pa.field("iou", pa.float64()),
     pa.field("hd95_px", pa.float64()),
+    # each lung against the truth's lung on the same side (both split by postprocess.lung_sides, or the
+    # prediction's right_lung_rle / left_lung_rle where its manifest has them)
+    pa.field("dice_right_lung", pa.float64()),
+    pa.field("dice_left_lung", pa.float64()),
     pa.field("est_dice", pa.float64()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
 ]
 
 
-def _predictions(pred: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, str]]:
-    """({relative image path without extension: predicted mask file}, {same key: est_dice}, {same key: the
-    row's path as written}) from a manifest or a folder (a folder has no est_dice)."""
+@dataclass
+class Predictions:
+    """Predicted masks keyed by relative image path without extension."""
+
+    masks: dict[str, Path]
+    paths: dict[str, str]  # the row's path as written
+    est_dice: dict[str, float] = field(default_factory=dict)
+    sides: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # (right, left) lung RLEs
+    convention: str | None = None  # what the masks outline, where the manifest says
+
+
+def _predictions(pred: Path) -> Predictions:
+    """The predictions of a manifest or a folder (a folder has no est_dice, lung sides or convention)."""
     if pred.is_file() and pred.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         from lungmask_kit.manifest import read_metadata, resolve_folder
 
         table = pq.read_table(pred)
-        rows = table.select([c for c in ("path", "status", "mask_path", "est_dice") if c in table.column_names]).to_pylist()
+        wanted = ("path", "status", "mask_path", "est_dice", "convention", "right_lung_rle", "left_lung_rle")
+        rows = table.select([c for c in wanted if c in table.column_names]).to_pylist()
         ok = [r for r in rows if r["status"] == "ok" and r["mask_path"]]
-        est = {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None}
+        meta = read_metadata(pred)
         # a segment manifest's masks lie beside it; a variants manifest's where its masks_root says
-        masks_root = resolve_folder(pred, read_metadata(pred), "masks_root")
-        return {stem_key(r["path"]): masks_root / r["mask_path"] for r in ok}, est, {stem_key(r["path"]): r["path"] for r in ok}
+        masks_root = resolve_folder(pred, meta, "masks_root")
+        conventions = {r.get("convention") for r in ok} - {None}
+        return Predictions(
+            {stem_key(r["path"]): masks_root / r["mask_path"] for r in ok}, {stem_key(r["path"]): r["path"] for r in ok},
+            {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None},
+            {stem_key(r["path"]): (r["right_lung_rle"], r["left_lung_rle"]) for r in ok if r.get("right_lung_rle")},
+            conventions.pop() if len(conventions) == 1 else meta.get("convention"),
+        )
     if pred.is_dir():
         rels = find_images(pred)
-        return {stem_key(rel): pred / rel for rel in rels}, {}, {stem_key(rel): rel for rel in rels}
+        return Predictions({stem_key(rel): pred / rel for rel in rels}, {stem_key(rel): rel for rel in rels})
     raise LungkitError(f"predictions must be a manifest.parquet or a folder of masks: {pred}")
+
+
+def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | None) -> dict:
+    """Dice of each lung: the prediction's own split where its manifest has one, the truth split by the
+    same rule lungkit splits masks with."""
+    from lungmask_kit import rle
+    from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, lung_sides
+
+    if sides is not None:
+        right, left = (rle.decode(r) for r in sides)
+    else:
+        labels = lung_sides(pred)
+        right, left = labels == RIGHT_LUNG, labels == LEFT_LUNG
+    truth_sides = lung_sides(truth)
+    if right.shape != truth.shape:
+        return {}
+    return {"dice_right_lung": dice(right, truth_sides == RIGHT_LUNG), "dice_left_lung": dice(left, truth_sides == LEFT_LUNG)}
 
 
 def _relative(path: Path, out: str | Path) -> str:
@@ -67,11 +107,18 @@ def est_dice_agreement(estimated: np.ndarray, measured: np.ndarray) -> dict | No
             "mae": float(np.abs(estimated - measured).mean()), "bias": float((estimated - measured).mean())}
 
 
-def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progress: bool = True) -> dict:
-    """Score every prediction that has a truth mask; writes OUT/metrics.parquet and OUT/summary.json."""
+def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progress: bool = True,
+                   truth_convention: str | None = None) -> dict:
+    """Score every prediction that has a truth mask; writes OUT/metrics.parquet and OUT/summary.json.
+    `truth_convention`: what the truth masks outline; predictions known to outline another are refused (a
+    Dice across conventions measures the convention gap, not the masks)."""
     from tqdm.auto import tqdm
 
-    preds, estimated, paths = _predictions(Path(pred))
+    found = _predictions(Path(pred))
+    preds, estimated, paths = found.masks, found.est_dice, found.paths
+    if truth_convention and found.convention and found.convention != truth_convention:
+        raise LungkitError(f"the predictions are {found.convention} masks and the truth is {truth_convention}: compare like "
+                           f"with like (segment again with --convention {truth_convention})")
     truth = Path(truth)
     truths = {stem_key(rel): truth / rel for rel in find_images(truth)}
     common = sorted(set(preds) & set(truths))
@@ -85,16 +132,17 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
             p, t = binarize_mask(read_gray(preds[key])), binarize_mask(read_gray(truths[key]))
             if p.shape != t.shape:
                 raise ValueError(f"prediction {p.shape[::-1]} and truth {t.shape[::-1]} differ in size")
-            row.update(dice=dice(p, t), iou=iou(p, t), hd95_px=hd95(p, t))
+            row.update(dice=dice(p, t), iou=iou(p, t), hd95_px=hd95(p, t), **_lung_dice(p, t, found.sides.get(key)))
         except (OSError, ImageDecodeError, ValueError) as err:
             row.update(status="error", error=str(err))
         rows.append(row)
     Path(out).mkdir(parents=True, exist_ok=True)
     write_table(pa.Table.from_pylist(rows, schema=pa.schema(FIELDS)), Path(out) / "metrics.parquet")
-    summary = {"n": len(rows), "n_error": sum(r["status"] == "error" for r in rows),
+    summary = {"truth_convention": truth_convention, "prediction_convention": found.convention,
+               "n": len(rows), "n_error": sum(r["status"] == "error" for r in rows),
                "unmatched_predictions": len(set(preds) - set(truths)), "unmatched_truths": len(set(truths) - set(preds))}
-    for metric in ("dice", "iou", "hd95_px"):
-        values = np.array([r[metric] for r in rows if r["status"] == "ok" and r[metric] is not None and not math.isnan(r[metric])])
+    for metric in METRICS:
+        values = np.array([r[metric] for r in rows if r["status"] == "ok" and r.get(metric) is not None and not math.isnan(r[metric])])
         summary[metric] = (
             {"mean": float(values.mean()), "median": float(np.median(values)), "min": float(values.min()), "max": float(values.max())}
             if values.size else None

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lungmask_kit import defaults
 from lungmask_kit.accel import prepare_on_device
 from lungmask_kit.errors import WeightsError
 from lungmask_kit.imaging import prepare_input
@@ -34,10 +35,11 @@ class Segmenter:
     """Loads weights once; `prepare` maps (H, W) images to model inputs, `predict` runs a batch.
 
     Pre-processing (input size, mean/std, channels) comes only from the model's config; the quality model
-    (input gate and est_dice) from the same config and weights file, when the model was calibrated.
+    (input gate and est_dice) from the same config and weights file, when the model was calibrated for the
+    `convention` (the output channel) asked for.
     """
 
-    def __init__(self, weights: str | Path | None, device: torch.device):
+    def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION):
         from lungmask_kit.quality import QualityModel
 
         if device.type == "cpu":
@@ -45,12 +47,14 @@ class Segmenter:
         self.device = device
         loaded = load_bundle(weights, device)
         self.config, self.weights_sha256 = loaded.config, loaded.sha256
+        self.convention = convention
+        self.output = self.config.output_index(convention)  # the output channel that draws this convention
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights_path = str(weights) if weights else "bundled default"
         self.quality = None
-        if self.config.quality:
+        if self.config.quality and convention in self.config.quality.get("conventions", {convention: None}):
             try:
-                self.quality = QualityModel.from_config(self.config.quality, loaded.quality_tensors)
+                self.quality = QualityModel.from_config(self.config.quality, loaded.quality_tensors, convention)
             except (KeyError, ValueError, TypeError) as err:
                 raise WeightsError(f"the quality statistics stored with {loaded.path} are unusable: {err}") from err
         # with CUDA the native image is resized and normalised on the device, and gray JPEGs decoded there
@@ -141,7 +145,7 @@ class Segmenter:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             logits = self.model(x)
-        return torch.sigmoid(logits.float())[:, 0]
+        return torch.sigmoid(logits[:, self.output].float())
 
 
 def _concatenate(parts: list[BatchPrediction]) -> BatchPrediction:

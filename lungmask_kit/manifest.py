@@ -25,6 +25,9 @@ from lungmask_kit.qc import short_reason
 PARTS_DIR = ".manifest-parts"
 SCHEMA_VERSION = "lungkit-manifest/1"
 
+# a mask as a COCO run-length encoding (lungmask_kit.rle): the per-lung columns and publish's mask_rle
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
 SEGMENT_FIELDS = [
     pa.field("path", pa.string(), nullable=False),
     pa.field("sha256", pa.string()),
@@ -38,6 +41,14 @@ SEGMENT_FIELDS = [
     pa.field("nolungs_path", pa.string()),
     pa.field("lung_area_fraction", pa.float64()),
     pa.field("n_components", pa.int32()),
+    pa.field("convention", pa.string()),  # which lung the mask outlines: v7 (behind the heart included) | jsrt
+    # the patient's right lung (the image's left in a PA/AP view) and left lung: disjoint, their union the mask
+    pa.field("right_lung_rle", RLE_TYPE),
+    pa.field("left_lung_rle", RLE_TYPE),
+    pa.field("right_lung_fraction", pa.float64()),
+    pa.field("left_lung_fraction", pa.float64()),
+    pa.field("right_lung_mm2", pa.float64()),  # where pixel_spacing is known
+    pa.field("left_lung_mm2", pa.float64()),
     pa.field("ood_score", pa.float64()),
     pa.field("ood_image_score", pa.float64()),
     pa.field("ood_shape_score", pa.float64()),

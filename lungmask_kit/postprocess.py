@@ -1,8 +1,9 @@
 """Mask post-processing: pure functions on arrays, inputs never mutated.
 
-Shape contract: probabilities are (H, W) float in [0, 1]; masks are (H, W) bool. Sizes are given in pixels
-(`min_object_px`, `max_hole_px`); `area_px` turns a fraction of the image area into pixels. Morphology runs
-at model resolution (256 px: ~1 ms) and the mask is then brought to the image's native size.
+Shape contract: probabilities are (H, W) float in [0, 1]; masks are (H, W) bool; lung labels are (H, W) uint8
+(0 background, `RIGHT_LUNG`, `LEFT_LUNG`). Sizes are given in pixels (`min_object_px`, `max_hole_px`);
+`area_px` turns a fraction of the image area into pixels. Morphology runs at model resolution (256 px: ~1 ms)
+and the mask is then brought to the image's native size.
 """
 
 from __future__ import annotations
@@ -93,3 +94,88 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         return mask.astype(bool).copy()
     up = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR)
     return up >= 128
+
+
+# The patient's right lung lies on the image's left in a PA or AP view (radiological convention).
+RIGHT_LUNG, LEFT_LUNG = 1, 2
+_VALLEY_DEPTH = 0.5  # the mediastinum's column count is under half the narrower lung's peak
+_MIN_SIDE_SHARE = 0.1  # each lung holds at least this share of the mask
+_WHOLE_SHARE = 0.9  # a component with this share of its pixels on one side belongs to that side whole
+_APART = 0.25  # two large components whose centres are this share of the mask's width apart are two lungs
+
+
+def _midline(mask: np.ndarray) -> int | None:
+    """The column between two lungs: the emptiest column of the mask's middle half (its column profile's
+    valley), or None when the profile has no valley, i.e. one lung."""
+    profile = np.count_nonzero(mask, axis=0)
+    cols = np.flatnonzero(profile)
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    lo, hi = x0 + (x1 - x0) // 4, x0 + 3 * (x1 - x0) // 4
+    if hi - lo < 1:
+        return None
+    window = profile[lo:hi]
+    candidates = np.flatnonzero(window == window.min()) + lo
+    cut = int(candidates[np.argmin(np.abs(candidates - (lo + hi) / 2))])  # of equal columns, the most central
+    left_peak, right_peak = profile[:cut].max(initial=0), profile[cut + 1:].max(initial=0)
+    total = profile.sum()
+    if profile[cut] > _VALLEY_DEPTH * min(left_peak, right_peak):
+        return None
+    if min(profile[:cut].sum(), profile[cut:].sum()) < _MIN_SIDE_SHARE * total:
+        return None
+    return cut
+
+
+def lung_sides(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (H, W) uint8 labels: `RIGHT_LUNG` (image left), `LEFT_LUNG` (image right), 0 elsewhere.
+
+    Every mask pixel gets exactly one side. Two large components set apart horizontally are the two lungs
+    (however tilted); every other component goes to the nearer one's side. One large component is cut at the
+    valley of the mask's column profile (lungs merged over the mediastinum), each smaller one going whole to
+    the side it lies on; with no valley it is one lung, on the side of the image its centre lies."""
+    mask = mask.astype(bool, copy=False)
+    labels = np.zeros(mask.shape, np.uint8)
+    if not mask.any():
+        return labels
+    n, components, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    areas, cx = stats[1:, cv2.CC_STAT_AREA], centroids[1:, 0]
+    width = np.ptp(np.flatnonzero(mask.any(axis=0))) + 1
+    big = np.flatnonzero(areas >= _MIN_SIDE_SHARE * areas.sum())
+    big = big[np.argsort(-areas[big])][:2]
+    if len(big) == 2 and abs(cx[big[0]] - cx[big[1]]) >= _APART * width:
+        midline = cx[big].mean()
+        side = np.where(cx < midline, RIGHT_LUNG, LEFT_LUNG).astype(np.uint8)
+        labels[mask] = side[components[mask] - 1]
+        return labels
+    cut = _midline(mask)
+    if cut is None:
+        labels[mask] = RIGHT_LUNG if np.nonzero(mask)[1].mean() < mask.shape[1] / 2 else LEFT_LUNG
+        return labels
+    columns = np.broadcast_to(np.arange(mask.shape[1]) < cut, mask.shape)
+    on_right = np.bincount(components[mask & columns], minlength=n) / np.maximum(np.bincount(components[mask], minlength=n), 1)
+    side = np.where(columns, RIGHT_LUNG, LEFT_LUNG).astype(np.uint8)  # cut where a component crosses
+    whole = np.where(on_right >= _WHOLE_SHARE, RIGHT_LUNG, np.where(on_right <= 1 - _WHOLE_SHARE, LEFT_LUNG, 0))
+    labels[mask] = np.where(whole[components[mask]] > 0, whole[components[mask]], side[mask])
+    return labels
+
+
+def right_lung_region(labels: np.ndarray) -> np.ndarray:
+    """(h, w) lung labels -> (h, w) bool: the pixels nearer the right lung than the left, background included,
+    so that a mask drawn at another size can be split by it (`split_by_region`)."""
+    right, left = labels == RIGHT_LUNG, labels == LEFT_LUNG
+    if not left.any():
+        return np.ones(labels.shape, bool)
+    if not right.any():
+        return np.zeros(labels.shape, bool)
+    to_right = cv2.distanceTransform((~right).astype(np.uint8), cv2.DIST_L2, 3)
+    to_left = cv2.distanceTransform((~left).astype(np.uint8), cv2.DIST_L2, 3)
+    return to_right <= to_left
+
+
+def split_by_region(mask: np.ndarray, right_region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) bool mask, (h, w) bool region -> (right lung, left lung), (H, W) bool each: disjoint, and their
+    union is exactly `mask` (the region is brought to (H, W) with nearest neighbour)."""
+    h, w = mask.shape
+    if right_region.shape != (h, w):
+        right_region = cv2.resize(right_region.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    mask = mask.astype(bool, copy=False)
+    return mask & right_region, mask & ~right_region

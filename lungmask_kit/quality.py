@@ -15,7 +15,9 @@ Functions are pure; inputs are never mutated.
   validation patients (a second one adds flip agreement for `--tta`).
 
 The fitted statistics live in the model's JSON config (`quality`) and, for the PCA arrays, as `quality.*`
-tensors in its safetensors file; `lungmask_kit.training.calibrate` fits them.
+tensors in its safetensors file; `lungmask_kit.training.calibrate` fits them. A model with an output per
+annotation convention has one image density (the encoder is shared) and, per convention, its own shape
+statistics and est_dice (`lungkit-quality/2`: `conventions` maps each to those parts).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import numpy as np
 
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask
 
-QUALITY_FORMAT = "lungkit-quality/1"
+QUALITY_FORMAT = "lungkit-quality/1"  # one convention's statistics, flat
+COMBINED_FORMAT = "lungkit-quality/2"  # the image gate once, the rest under `conventions`
+PER_CONVENTION = ("shape", "est_dice", "est_dice_tta", "min_est_dice", "report")
 TENSOR_PREFIX = "quality."
 SHAPE_FEATURES = ("area", "left_share", "largest_share", "cx", "cy", "height", "width", "solidity",
                   "separation", "y_overlap")
@@ -244,7 +248,9 @@ class QualityModel:
         return self.image.tensors() if self.image is not None else {}
 
     @classmethod
-    def from_config(cls, cfg: dict, tensors: dict[str, np.ndarray]) -> "QualityModel":
+    def from_config(cls, cfg: dict, tensors: dict[str, np.ndarray], convention: str | None = None) -> "QualityModel":
+        """The quality model of one convention (`convention_config`) from a model's config and tensors."""
+        cfg = convention_config(cfg, convention)
         shape = ShapeModel.from_dict(cfg["shape"])
         image = None
         if "image" in cfg:
@@ -255,3 +261,27 @@ class QualityModel:
         tta = DiceRegressor.from_dict(cfg["est_dice_tta"]) if "est_dice_tta" in cfg else None
         return cls(shape, DiceRegressor.from_dict(cfg["est_dice"]), image, tta, float(cfg["max_ood_score"]),
                    float(cfg["min_est_dice"]), cfg.get("report", {}))
+
+
+def convention_config(cfg: dict, convention: str | None) -> dict:
+    """A model's quality config -> the flat config of one convention (the shared image gate plus that
+    convention's shape statistics and est_dice). A flat `lungkit-quality/1` config serves every convention."""
+    if "conventions" not in cfg:
+        return cfg
+    if convention not in cfg["conventions"]:
+        raise ValueError(f"no quality statistics for the {convention!r} convention "
+                         f"(calibrated: {', '.join(cfg['conventions'])})")
+    own = cfg["conventions"][convention]
+    shared = {k: v for k, v in cfg.items() if k != "conventions"}
+    return {**shared, **own, "report": {**shared.get("report", {}), **own.get("report", {})}}
+
+
+def combined_config(models: dict[str, QualityModel], report: dict, kept: dict[str, dict] | None = None) -> dict:
+    """One quality config for a model with an output per convention: the image gate once (every convention's
+    model shares it), the rest per convention; `report` says how the shared gate was fitted and measured;
+    `kept`: per-convention parts carried over unchanged from an earlier calibration."""
+    first = next(iter(models.values())).to_config()
+    shared = {k: v for k, v in first.items() if k not in PER_CONVENTION}
+    conventions = {**(kept or {}),
+                   **{c: {k: v for k, v in m.to_config().items() if k in PER_CONVENTION} for c, m in models.items()}}
+    return {**shared, "format": COMBINED_FORMAT, "report": report, "conventions": conventions}

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from lungmask_kit import __version__, defaults
-from lungmask_kit.derive import derive_variants
+from lungmask_kit.derive import derive_variants, lung_fields
 from lungmask_kit.discovery import find_images, inside, output_names, output_path_problem, wants_dicom
 from lungmask_kit.engine import ByteBudget, EngineSettings, Item, run_local
 from lungmask_kit.errors import LungkitError, NoImagesError
@@ -28,19 +28,29 @@ from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.labels import labels_update, write_label_report
 from lungmask_kit.manifest import SEGMENT_FIELDS, MissingRowsError, RunSummary, SegmentRow, folder_entries
-from lungmask_kit.postprocess import PostprocessSettings, clean_mask, count_components, lung_area_fraction, resize_mask
+from lungmask_kit.postprocess import (
+    PostprocessSettings,
+    clean_mask,
+    count_components,
+    lung_area_fraction,
+    lung_sides,
+    resize_mask,
+    right_lung_region,
+    split_by_region,
+)
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, Shard, confined, shard_records
 
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
 # Bump when the bytes written for the same input and settings change.
-OUTPUT_FORMAT = 2  # 2: quality columns (ood_score, est_dice)
+OUTPUT_FORMAT = 3  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns
 
 
 @dataclass
 class SegmentOptions:
     weights: str | Path | None = None
+    convention: str = defaults.CONVENTION  # which lung the masks outline (choices.Convention)
     device: str = "auto"
     batch_size: int = defaults.BATCH_SIZE
     workers: int = 0  # decode threads and writer threads each; 0: one per usable core
@@ -70,7 +80,8 @@ def manifest_path(rel: str) -> str:
 
 
 def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bool = False,
-                 batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False) -> str:
+                 batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
+                 convention: str = defaults.CONVENTION) -> str:
     """Identifies everything that changes the written files and quality columns; resume redoes images whose
     key differs. The batch size and the device are in it: a model batch of another size, or fp16 on a GPU,
     moves probabilities at the 1e-6 level and so can move a mask pixel. QC thresholds are not: they re-flag
@@ -84,6 +95,7 @@ def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bo
         "tta": tta,
         "batch": batch_size,
         "device": device_type + ("+nvjpeg" if gpu_decode else ""),
+        "convention": convention,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -221,6 +233,7 @@ class OutputWriter:
     out: Path
     post: PostprocessSettings
     quality: object | None  # quality.QualityModel
+    convention: str = defaults.CONVENTION
 
     def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction) -> SegmentRow:
         probability, pooled, flipped = prediction
@@ -229,6 +242,9 @@ class OutputWriter:
             flipped_mask = None if flipped is None else clean_mask(flipped, self.post)
             row.update(self.quality.assess(probability, small, pooled, flipped_mask, self.post).as_row())
         mask = resize_mask(small, pixels.shape)
+        # the lungs are told apart at model resolution; every native mask pixel takes the side of its region
+        right, left = split_by_region(mask, right_lung_region(lung_sides(small)))
+        row.update(lung_fields(right, left, row.get("pixel_spacing")), convention=self.convention)
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
         paths = {kind: output_rel(kind, task) for kind in OUTPUT_DIRS}
         try:
@@ -372,7 +388,7 @@ class _SegmentRun:
         else:
             self.device = prepare_device(options.device)
             model_device = self.device.type
-        self.segmenter = Segmenter(options.weights, self.device)
+        self.segmenter = Segmenter(options.weights, self.device, options.convention)
         folder.start()  # the weights loaded: from here on the folder holds this run
         self.post = PostprocessSettings(
             threshold=self.segmenter.config.threshold if options.threshold is None else options.threshold,
@@ -382,7 +398,8 @@ class _SegmentRun:
         )
         self.segmenter.decodes_jpeg_on_device &= options.gpu_decode and options.engine == "local"
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
-                                options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device)
+                                options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device,
+                                options.convention)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
         done = folder.done(self.key, ("sha256",))
         names = output_names(rels)
@@ -419,7 +436,7 @@ class _SegmentRun:
                            jpeg_on_device=not on_host and seg.decodes_jpeg_on_device)
 
     def writer(self) -> OutputWriter:
-        return OutputWriter(self.out.absolute(), self.post, self.segmenter.quality)
+        return OutputWriter(self.out.absolute(), self.post, self.segmenter.quality, self.options.convention)
 
     def _run_local(self, bar) -> None:
         from lungmask_kit.runtime import available_cores
@@ -477,6 +494,7 @@ class _SegmentRun:
             "lungkit_version": __version__,
             **folder_entries("input_root", self.root, self.out),
             "model_name": config.name,
+            "convention": options.convention,
             "weights": self.segmenter.weights_path,
             "weights_sha256": self.segmenter.weights_sha256,
             "model_config": {k: getattr(config, k) for k in ("arch", "encoder", "in_channels", "input_size", "mean", "std")},

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from lungmask_kit import __version__, defaults
-from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
+from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants, lung_fields
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
-OUTPUT_FORMAT = 2  # 2: ood_shape_score
+OUTPUT_FORMAT = 3  # 2: ood_shape_score; 3: right and left lung columns
 _CHUNK = 64  # rows per manifest part
 
 
@@ -61,6 +61,7 @@ class VariantsOptions:
     max_ood_score: float | None = None  # None: that model's gate (1.0)
     input_root: str | Path | None = None  # where a manifest's images are now (default: where it recorded them)
     dicom: bool = False  # folder mode: also read extensionless / UID-named files as DICOM
+    convention: str | None = None  # folder mode: what the masks outline (recorded; None: not known)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ def pairs_from_folders(images: Path, masks: Path, glob: str | None = None, dicom
 
 
 # columns a variants row takes over from the segment manifest's row (its own measures are recomputed)
-_CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "series_uid", "sop_uid", "pixel_spacing")
+_CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "series_uid", "sop_uid", "pixel_spacing",
+            "convention")
 
 
 def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | None = None
@@ -187,14 +189,17 @@ class _ShapeGate:
         return round(self.model.score(small), 4)
 
 
-def _shape_gate(weights) -> _ShapeGate | None:
+def _shape_gate(weights, convention: str = defaults.CONVENTION) -> _ShapeGate | None:
     from lungmask_kit.models.modeling import load_config
-    from lungmask_kit.quality import ShapeModel
+    from lungmask_kit.quality import ShapeModel, convention_config
 
     config, _ = load_config(weights)
     if not config.quality:
         return None
-    shape = config.quality["shape"]
+    try:
+        shape = convention_config(config.quality, convention)["shape"]
+    except ValueError as err:
+        raise LungkitError(f"the shape gate of {config.name}: {err}") from err
     digest = hashlib.sha256(json.dumps([shape, config.input_size], sort_keys=True).encode()).hexdigest()[:16]
     return _ShapeGate(ShapeModel.from_dict(shape), config.input_size, digest)
 
@@ -290,8 +295,10 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
 
         mask_pixels = cv2.resize(mask_pixels, (w, h), interpolation=cv2.INTER_NEAREST)
     mask = binarize_mask(mask_pixels)
-    from lungmask_kit.postprocess import count_components, lung_area_fraction
+    from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
 
+    sides = lung_sides(mask)
+    row.update(lung_fields(sides == RIGHT_LUNG, sides == LEFT_LUNG, row.get("pixel_spacing")))
     box = bounding_box(mask, options.margin) if options.crop else None
     derived = derive_variants(pixels, mask, options.only)
     for variant, arr in derived.items():
@@ -370,14 +377,21 @@ def run_variants(
         carried = None
         pairs = pairs_from_folders(images_root, masks_root, options.glob, options.dicom)
         names = output_names([r for r, _ in pairs])
-        tasks = [_Task(r, str(images_root / r), str(masks_root / m) if m else None, m, names[r], {}, wants_dicom(r, options.dicom))
-                 for r, m in pairs]
+        extra = {"convention": options.convention} if options.convention else {}
+        tasks = [_Task(r, str(images_root / r), str(masks_root / m) if m else None, m, names[r], extra,
+                       wants_dicom(r, options.dicom)) for r, m in pairs]
     if not tasks:
         raise NoImagesError("no images to process")
     kind = RunKind("variants", os.path.realpath(images_root))
     # --in-place asked to replace the input manifest, which is another command's run by design
     with RunFolder(out, kind, FIELDS, options.overwrite or options.in_place, manifest_name=MANIFEST_NAME) as folder:
         return _run_locked(folder, options, tasks, images_root, masks_root, manifest, t0, carried)
+
+
+def _convention_of(tasks: list[_Task]) -> str:
+    """The convention the masks' shape is scored in: theirs where every row says the same, else the default."""
+    said = {t.extra.get("convention") for t in tasks} - {None}
+    return said.pop() if len(said) == 1 else defaults.CONVENTION
 
 
 def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
@@ -388,7 +402,7 @@ def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task],
     out = folder.out
     summary = RunSummary(found=len(tasks))
     tally = WarningTally()
-    gate = _shape_gate(options.weights)
+    gate = _shape_gate(options.weights, _convention_of(tasks))
     folder.start()
     key = _settings_key(options, gate)
     done = folder.done(key, ("sha256", "mask_sha256"))

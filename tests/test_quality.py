@@ -180,13 +180,20 @@ def test_validation_patients_rarely_flagged_and_est_dice_tracks_dice(tmp_path):
 def test_bundled_calibration_records_its_held_out_error():
     from lungmask_kit.models.modeling import load_config
 
+    from lungmask_kit.quality import convention_config
+
     config, _ = load_config(None)
-    q = config.quality
-    assert q["format"] == "lungkit-quality/1" and q["max_ood_score"] == 1.0
-    cv = q["report"]["est_dice_cv"]
-    assert cv["spearman"] >= 0.7 and cv["mae"] <= 0.03
-    assert 0.8 < q["min_est_dice"] < 0.95
-    assert q["report"]["val_flagged_by_gate"] + q["report"]["val_flagged_by_est_dice"] <= 0.05
+    assert config.quality["format"] == "lungkit-quality/2" and set(config.quality["conventions"]) == {"v7", "jsrt"}
+    for convention in config.conventions:
+        q = convention_config(config.quality, convention)
+        assert q["max_ood_score"] == 1.0 and q["report"]["convention"] == convention
+        cv = q["report"]["est_dice_cv"]
+        assert cv["mae"] <= 0.03, convention
+        # v7's validation Dice spans 0.85-0.98; jsrt's 55 normal films all score 0.96-0.99, a range in which
+        # ranking is hard (measured 0.54): there it must still rank better than chance, and err little
+        assert cv["spearman"] >= (0.7 if convention == "v7" else 0.3), convention
+        assert 0.8 < q["min_est_dice"] < 0.95
+        assert q["report"]["val_flagged_by_gate"] + q["report"]["val_flagged_by_est_dice"] <= 0.05
 
 
 # --- storage, re-flagging, own models ------------------------------------------------------------------------
@@ -294,7 +301,7 @@ def test_a_model_trained_on_tiny_data_carries_its_own_statistics(tmp_path):
     settings = TrainSettings(data=str(data), out=str(tmp_path / "run"), encoder="resnet18", input_size=64,
                              epochs=1, batch_size=4, val_fraction=0.25)
     summary = train(settings, torch.device("cpu"), progress=False, log=lambda _: None)
-    assert summary["quality"]["n_train_images"] == 12 and summary["quality"]["n_val_images"] == 4
+    assert summary["quality"]["v7"]["n_train_images"] == 12 and summary["quality"]["v7"]["n_val_images"] == 4
     cfg = json.loads((tmp_path / "run" / "best.json").read_text())
     assert cfg["quality"]["image"]["n_components"] == 11  # fewer training images than the default 64
     seg = Segmenter(tmp_path / "run" / "best.safetensors", torch.device("cpu"))

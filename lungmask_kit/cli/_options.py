@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from lungmask_kit.choices import Convention
+
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model batch.")]
@@ -40,6 +42,11 @@ InputRootOpt = Annotated[
     Path | None,
     typer.Option("--input-root", help="Where the manifest's original images are now, if they moved "
                  "[default: the folder it recorded, relative to the manifest, then absolute]."),
+]
+ConventionOpt = Annotated[
+    Convention,
+    typer.Option("--convention", help="Which lung the masks outline: v7 = the whole lung, behind the heart included "
+                 "(V7 Labs); jsrt = the visible lung fields only (JSRT/SCR, Montgomery, Shenzhen, CheXmask)."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo every image instead of resuming.")]
 LabelsOpt = Annotated[

@@ -10,11 +10,13 @@ import typer
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import DeviceOpt, QuietOpt, SeedOpt, WeightsOpt
 from lungmask_kit.cli._report import table
+from lungmask_kit.choices import Convention
 
 
 def calibrate(
-    data: Annotated[Path, typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split]).")],
+    data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split,convention]); one per convention for a model with several.")],
     weights: WeightsOpt = None,
+    convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order. [default: v7]")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a calibrated copy of the model here instead of updating it in place.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Share of images (whole patients) used for thresholds and est_dice; the same split `lungkit train` makes with the same data and seed.")] = defaults.TRAIN["val_fraction"],
     seed: SeedOpt = defaults.TRAIN["seed"],
@@ -28,13 +30,18 @@ def calibrate(
     and --seed), or annotated data the model never saw.
 
     Example: lungkit calibrate runs/seg/pairs.csv -w runs/seg/best.safetensors
+
+    A model with an output per convention needs data in each:
+    lungkit calibrate cxr-seg.csv cxr-seg-jsrt.csv --convention v7 --convention jsrt -w runs/both -o runs/both-cal
     """
     from lungmask_kit.training.calibrate import calibrate_model
 
-    report = calibrate_model(data, weights, out, val_fraction, seed, device, progress=not quiet,
-                             log=(lambda s: None) if quiet else typer.echo)
+    reports = calibrate_model([str(d) for d in data], weights, out, val_fraction, seed, device, progress=not quiet,
+                              log=(lambda s: None) if quiet else typer.echo,
+                              conventions=[c.value for c in convention or [Convention.v7]])
     if not quiet:
-        typer.echo(table(_rows(report), title="lungkit calibrate summary"))
+        for name, report in reports.items():
+            typer.echo(table(_rows(report), title=f"lungkit calibrate summary: {name} convention"))
 
 
 def _rows(r: dict) -> list[tuple[str, object]]:

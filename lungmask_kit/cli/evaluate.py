@@ -9,12 +9,14 @@ import typer
 
 from lungmask_kit.cli._options import OutOpt, QuietOpt
 from lungmask_kit.cli._report import table
+from lungmask_kit.choices import Convention
 
 
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="A segment manifest.parquet or a folder of predicted masks.")],
     truth: Annotated[Path, typer.Option("--truth", "-t", help="Folder of ground-truth masks, matched by relative path / stem.")],
     out: OutOpt,
+    convention: Annotated[Convention | None, typer.Option("--convention", help="What the truth masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields); predictions of a manifest in the other convention are refused [default: not said].")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-image Dice, IoU and HD95 (pixels, native resolution), with mean / median / min.
@@ -25,12 +27,14 @@ def evaluate(
 
     Example: lungkit evaluate out/sample/manifest.parquet --truth examples/cxr-sample/masks -o out/eval
     """
-    from lungmask_kit.evaluate import evaluate_masks
+    from lungmask_kit.evaluate import METRICS, evaluate_masks
 
-    s = evaluate_masks(predictions, truth, out, progress=not quiet)
+    s = evaluate_masks(predictions, truth, out, progress=not quiet, truth_convention=convention and convention.value)
     if not quiet:
-        rows = [("images", s["n"]), ("errors", s["n_error"])]
-        for metric in ("dice", "iou", "hd95_px"):
+        said = lambda c: c or "not said"  # noqa: E731
+        rows = [("convention (truth / predictions)", f"{said(s['truth_convention'])} / {said(s['prediction_convention'])}"),
+                ("images", s["n"]), ("errors", s["n_error"])]
+        for metric in METRICS:
             v = s[metric]
             rows.append((metric, "n/a" if v is None else f"mean {v['mean']:.4f}  median {v['median']:.4f}  min {v['min']:.4f}  max {v['max']:.4f}"))
         if (e := s.get("est_dice")) is not None:

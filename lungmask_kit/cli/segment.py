@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.choices import Engine
+from lungmask_kit.choices import Convention, Engine
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.cli._options import (
     BatchSizeOpt,
+    ConventionOpt,
     DeviceOpt,
     DicomOpt,
     LabelsOpt,
@@ -30,6 +31,7 @@ def segment(
     input_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for png/jpg/jpeg/bmp/tif/tiff and DICOM (.dcm) images.", metavar="DIR")],
     out: OutOpt,
     weights: WeightsOpt = None,
+    convention: ConventionOpt = Convention.v7,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = defaults.BATCH_SIZE,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode threads and writer threads, each (0 = one per core).")] = 0,
@@ -64,6 +66,8 @@ def segment(
 
       lungkit segment examples/cxr-sample/images -o out/sample
 
+      lungkit segment montgomery/ -o out/mc --convention jsrt    # visible lung fields, as CheXmask draws them
+
       lungkit segment covidx/ -o out/covidx --labels covidx/train.txt --labels covidx/test.txt --batch-size 32
 
       lungkit segment mimic/ -o /shared/out --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT
@@ -74,7 +78,7 @@ def segment(
     if not quiet and (warning := cpu_load_warning()):
         typer.echo(f"lungkit: warning: {warning}", err=True)
     options = SegmentOptions(
-        weights=weights, device=device, batch_size=batch_size, workers=workers, glob=glob,
+        weights=weights, convention=convention.value, device=device, batch_size=batch_size, workers=workers, glob=glob,
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
         keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, tta=tta,

@@ -9,12 +9,15 @@ import typer
 
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
-from lungmask_kit.choices import EncoderWeights
+from lungmask_kit.choices import Convention, EncoderWeights, Precision
 
 
 def train(
-    data: Annotated[Path, typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split]).")],
+    data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split,convention]); several for a model with an output per convention.")],
     out: OutOpt,
+    convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order (v7 = whole lung, behind the heart included; jsrt = visible lung fields). [default: v7]")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Start from these weights (a .safetensors file or folder; 'default': the bundled model) instead of --encoder-weights; outputs are matched by convention.")] = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), fp32 elsewhere.")] = Precision.auto,
     arch: Annotated[str, typer.Option(help="segmentation_models_pytorch architecture.")] = defaults.SEGMENTER["arch"],
     encoder: Annotated[str, typer.Option(help="Encoder name.")] = defaults.SEGMENTER["encoder"],
     in_channels: Annotated[int, typer.Option("--in-channels", min=1, max=3, help="1 (grayscale) or 3.")] = 1,
@@ -32,12 +35,16 @@ def train(
     """Train a segmenter (FPN + DenseNet121 by default) with Dice + BCE + Focal loss.
 
     Example: lungkit train data/cxr-seg -o runs/seg --epochs 36
+
+    Both conventions, fine-tuned from the bundled model:
+    lungkit train cxr-seg.csv cxr-seg-jsrt.csv --convention v7 --convention jsrt --init default -o runs/both
     """
     from lungmask_kit.training.trainer import TrainSettings
     from lungmask_kit.training.trainer import train as run_train
 
     settings = TrainSettings(
-        data=str(data), out=str(out), arch=arch, encoder=encoder, in_channels=in_channels,
+        data=[str(d) for d in data], out=str(out), conventions=[c.value for c in convention or [Convention.v7]],
+        init=init, precision=precision.value, arch=arch, encoder=encoder, in_channels=in_channels,
         encoder_weights=None if encoder_weights is EncoderWeights.none else encoder_weights.value, epochs=epochs,
         batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed, name=name,
     )

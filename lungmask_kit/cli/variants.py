@@ -10,6 +10,7 @@ import typer
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import DicomOpt, InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, ReportOpt, WeightsOpt
 from lungmask_kit.cli._report import finish_run
+from lungmask_kit.choices import Convention
 
 
 def variants(
@@ -20,6 +21,7 @@ def variants(
     crop: Annotated[bool, typer.Option("--crop", help="Crop outputs to the lungs' bounding box.")] = False,
     margin: Annotated[int, typer.Option("--margin", min=0, help="Pixels added around the crop box.")] = 0,
     only: Annotated[list[str] | None, typer.Option("--only", help="Variant(s) to write: lungs, nolungs (repeat or comma-separate).")] = None,
+    convention: Annotated[Convention | None, typer.Option("--convention", help="With --masks: what your masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields), recorded in the manifest and used to score their shape [default: not known; a manifest's own convention is carried].")] = None,
     resize_masks: Annotated[bool, typer.Option("--resize-masks", help="Resize masks of another size than their image (nearest neighbour) instead of failing the row.")] = False,
     min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
     max_ood_score: MaxOodScoreOpt = None,
@@ -54,7 +56,7 @@ def variants(
     options = VariantsOptions(crop=crop, margin=margin, min_lung_fraction=min_lung_fraction, only=chosen,
                               resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
                               in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score,
-                              input_root=input_root, dicom=dicom)
+                              input_root=input_root, dicom=dicom, convention=convention and convention.value)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
     finish_run(s, quiet, "lungkit variants summary", out, report)
 

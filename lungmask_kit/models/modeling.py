@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lungmask_kit import defaults
+from lungmask_kit.choices import Convention
 from lungmask_kit.errors import LungkitError, WeightsError
 from lungmask_kit.fileio import atomic_write_bytes
 
@@ -33,10 +34,19 @@ class ModelConfig:
     mean: list[float] = dataclasses.field(default_factory=lambda: [0.5])
     std: list[float] = dataclasses.field(default_factory=lambda: [0.25])
     threshold: float = defaults.THRESHOLD
+    # the annotation convention of each output channel (choices.Convention), one per class of a segmenter
+    conventions: list[str] = dataclasses.field(default_factory=lambda: [defaults.CONVENTION])
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the input gate and est_dice fitted for this model (lungmask_kit.quality); None: not calibrated
     quality: dict[str, Any] | None = None
     format: str = CONFIG_FORMAT
+
+    def output_index(self, convention: str) -> int:
+        """The output channel that draws masks in `convention`."""
+        if convention not in self.conventions:
+            raise WeightsError(f"model {self.name!r} has no output for the {convention!r} convention "
+                               f"(it draws: {', '.join(self.conventions)})")
+        return self.conventions.index(convention)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -84,6 +94,12 @@ class ModelConfig:
             return f"mean/std ({self.mean}, {self.std}) do not match in_channels={self.in_channels}"
         if not number(self.threshold) or not 0 < self.threshold < 1:
             return f"threshold must be a number between 0 and 1, not {self.threshold!r}"
+        if self.task == "segmentation":
+            known = {c.value for c in Convention}
+            if not isinstance(self.conventions, list) or not set(self.conventions) <= known \
+                    or len(set(self.conventions)) != len(self.conventions) or len(self.conventions) != self.classes:
+                return (f"conventions must list one distinct convention ({', '.join(sorted(known))}) per output "
+                        f"channel ({self.classes}), not {self.conventions!r}")
         if not isinstance(self.provenance, dict) or not (self.quality is None or isinstance(self.quality, dict)):
             return "provenance and quality must be JSON objects"
         return None
@@ -231,6 +247,27 @@ def load_model(weights: str | Path | None = None, device: str | torch.device = "
     """Load (model in eval mode, config, weights sha256). Verifies the checksum the config records."""
     loaded = load_bundle(weights, device)
     return loaded.model, loaded.config, loaded.sha256
+
+
+HEAD_PREFIX = "segmentation_head."  # smp: the last layers, whose output channels are the conventions
+
+
+def initialise_from(model: torch.nn.Module, config: ModelConfig, source: LoadedModel) -> None:
+    """Start a new segmenter from a trained one of the same architecture (fine-tuning saves CPU hours). Each
+    output channel takes the source's channel of the same convention; a convention the source lacks starts
+    from the source's first output, a good guess at "lung" that training then moves."""
+    if (source.config.arch, source.config.encoder, source.config.in_channels) != (config.arch, config.encoder, config.in_channels):
+        raise LungkitError(f"cannot initialise a {config.arch}/{config.encoder} model with {config.in_channels} "
+                           f"input channel(s) from {source.path} ({source.config.arch}/{source.config.encoder}, "
+                           f"{source.config.in_channels})")
+    rows = [source.config.conventions.index(c) if c in source.config.conventions else 0 for c in config.conventions]
+    state = source.model.state_dict()
+    target = model.state_dict()
+    for key, value in state.items():
+        if key.startswith(HEAD_PREFIX) and value.shape[:1] == (source.config.classes,) and value.ndim in (1, 4):
+            value = value[rows]
+        target[key] = value.to(target[key].dtype)
+    model.load_state_dict(target, strict=True)
 
 
 def attach_quality(weights: str | Path, quality_config: dict, tensors: dict[str, Any]) -> Path:

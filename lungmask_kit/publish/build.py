@@ -23,13 +23,14 @@ import pyarrow.parquet as pq
 
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import apply_umask, replace_folder
+from lungmask_kit.manifest import RLE_TYPE
 from lungmask_kit.runfolder import check_replaceable
 from lungmask_kit.runtime import available_cores
 
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
 PROGRESS = ".progress.json"
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+RLE = RLE_TYPE
 IMAGE_COLUMNS = ("image", "mask", "lungs", "nolungs")
 # manifest columns that only mean something inside the run folder, or on rows never published
 RUN_ONLY = {"full": ("status", "error", "mask_path", "lungs_path", "nolungs_path"), "masks": ("status", "error")}

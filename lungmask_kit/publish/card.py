@@ -107,6 +107,21 @@ def write_card(folder: Path, source, table: pa.Table, summary, options, files: l
     (folder / "README.md").write_text("\n".join(header + body) + "\n", encoding="utf-8")
 
 
+_CONVENTION_WORDS = {"v7": "the whole lung, the part behind the heart and below the dome included (V7 Labs' convention)",
+                     "jsrt": "the visible lung fields only, the lung behind the heart excluded (as JSRT/SCR, Montgomery, "
+                     "Shenzhen and CheXmask annotate)"}
+
+
+def _convention_line(table: pa.Table) -> str:
+    """What the masks outline, from the manifest's `convention` column."""
+    if "convention" not in table.column_names:
+        return "- Annotation convention: not recorded (masks made before lungkit recorded it, or from elsewhere)."
+    said = sorted({c for c in table.column("convention").to_pylist() if c})
+    if not said:
+        return "- Annotation convention: not recorded (masks from elsewhere)."
+    return "- Annotation convention: " + "; ".join(f"`{c}`: {_CONVENTION_WORDS.get(c, c)}" for c in said) + "."
+
+
 def _card_body(name, meta, table, summary, options, licence, licences, files) -> list[str]:
     mode = summary.mode
     calibration = (meta.get("quality") or {}).get("calibration") or {}
@@ -130,6 +145,12 @@ def _card_body(name, meta, table, summary, options, licence, licences, files) ->
                   "root) and `sha256` (of the source file), and the manifest's columns. No image is included: rebuild "
                   "lungs / lungs-removed images with `lungkit variants DATASET --input-root YOUR_IMAGES -o OUT`, which "
                   "checks every image's sha256."]
+    lines += [_convention_line(table)]
+    if "right_lung_rle" in table.column_names:
+        lines += ["- Each lung: `right_lung_rle` and `left_lung_rle` (COCO RLEs as above; the patient's right lung is on "
+                  "the image's left in a PA/AP view; disjoint, their union is the mask), `right_lung_fraction`, "
+                  "`left_lung_fraction` (of the image area) and `right_lung_mm2`, `left_lung_mm2` (where a DICOM gave "
+                  "the pixel spacing; null otherwise)."]
     lines += [f"- Left out: {summary.excluded_failed} image(s) that failed, "
               + (f"{summary.excluded_flagged} flagged by QC." if not options.include_flagged else
                  "none flagged by QC (flagged images are included; `qc_pass`/`qc_reason` say which).")]
@@ -201,6 +222,10 @@ _CR_TYPES = {"string": "sc:Text", "large_string": "sc:Text", "bool": "sc:Boolean
              "double": "sc:Float"}
 
 
+_RLE_COLUMNS = {"mask_rle": "the lung mask", "right_lung_rle": "the patient's right lung (the image's left in a PA/AP view)",
+                "left_lung_rle": "the patient's left lung"}
+
+
 def _cr_field(name: str, t: pa.DataType) -> dict | None:
     from lungmask_kit.publish.build import HF_IMAGE
 
@@ -209,9 +234,10 @@ def _cr_field(name: str, t: pa.DataType) -> dict | None:
     if t == HF_IMAGE:
         return {**base, "description": f"{name} as PNG", "dataType": "sc:ImageObject",
                 "source": {**source, "transform": {"jsonPath": "bytes"}}}
-    if pa.types.is_struct(t) and name == "mask_rle":
-        return {**base, "description": "COCO run-length encoding of the lung mask (pycocotools compressed RLE, "
-                "column-major)", "dataType": "sc:Text", "source": {**source, "transform": {"jsonPath": "counts"}}}
+    if pa.types.is_struct(t) and name in _RLE_COLUMNS:
+        return {**base, "description": f"COCO run-length encoding of {_RLE_COLUMNS[name]} (pycocotools compressed RLE, "
+                "column-major; size = [height, width])", "dataType": "sc:Text",
+                "source": {**source, "transform": {"jsonPath": "counts"}}}
     if str(t) in _CR_TYPES:
         return {**base, "dataType": _CR_TYPES[str(t)], "source": source}
     return None  # lists (pixel_spacing, crop_box): in the Parquet files, not described field by field here

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MARKER = ".lungkit-report"  # a folder holding it is ours to replace
 COLUMNS = ("path", "status", "error", "qc_pass", "qc_reason", "lung_area_fraction", "est_dice", "ood_score",
            "ood_image_score", "ood_shape_score", "mask_path", "lungs_path", "nolungs_path", "crop_box", "width",
-           "height", "bit_depth", "label", "split", "source", "view", "modality")
+           "height", "bit_depth", "label", "split", "source", "view", "modality", "right_lung_rle", "left_lung_rle")
 GROUP_COLUMNS = ("label", "split", "source", "view", "modality")
 FAILED_PER_PAGE = 500
 
@@ -206,7 +206,27 @@ def _image_and_mask(data: RunData, i: int) -> tuple[np.ndarray | None, np.ndarra
         image = _from_variants(data, i)
     if image is not None and mask is not None and mask.shape != image.shape:
         mask = None  # a cropped variants run: the outline would not line up
-    return image, mask
+    return image, _with_sides(data, i, mask)
+
+
+def _with_sides(data: RunData, i: int, mask: np.ndarray | None) -> np.ndarray | None:
+    """The mask as lung labels (right and left lung tinted apart) where the row has both lungs' RLEs that
+    cover exactly this mask; else the mask as it is."""
+    from lungmask_kit import rle
+    from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG
+
+    right, left = data.value("right_lung_rle", i), data.value("left_lung_rle", i)
+    if mask is None or not right or not left:
+        return mask
+    try:
+        right, left = rle.decode(right), rle.decode(left)
+    except (ValueError, KeyError, TypeError):
+        return mask
+    if right.shape != mask.shape or left.shape != mask.shape or not np.array_equal(right | left, mask):
+        return mask
+    labels = np.zeros(mask.shape, np.uint8)
+    labels[right], labels[left] = RIGHT_LUNG, LEFT_LUNG
+    return labels
 
 
 def _from_variants(data: RunData, i: int) -> np.ndarray | None:

@@ -1,7 +1,8 @@
 """Mask overlays for the QC pages: pure functions on arrays.
 
-Shape contract: `image` (H, W) uint8 or uint16, `mask` (H, W) bool (or None); outputs are (h, w, 3) uint8 BGR,
-scaled so that the longest side is at most `max_side`. Inputs are never mutated.
+Shape contract: `image` (H, W) uint8 or uint16, `mask` (H, W) bool, or uint8 lung labels (postprocess: 1 the
+patient's right lung, 2 the left), or None; outputs are (h, w, 3) uint8 BGR, scaled so that the longest side is
+at most `max_side`. Inputs are never mutated.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-TINT_BGR = np.array([80, 200, 60], np.float32)  # green lungs
+TINT_BGR = np.array([80, 200, 60], np.float32)  # green lungs (a mask without sides)
+# the patient's right lung blue, the left orange: apart for colour-blind readers too
+SIDE_TINTS_BGR = {1: np.array([230, 140, 30], np.float32), 2: np.array([20, 140, 250], np.float32)}
 OUTLINE_BGR = (0, 230, 255)  # yellow outline, visible on dark and bright film
 
 
@@ -37,9 +40,13 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, max_side: int, alpha: fl
         return bgr
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
-    small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    labels = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    small = labels > 0
+    tints = SIDE_TINTS_BGR if mask.dtype == np.uint8 else {1: TINT_BGR}
     tinted = bgr.astype(np.float32)
-    tinted[small] = (1 - alpha) * tinted[small] + alpha * TINT_BGR
+    for value, tint in tints.items():
+        where = labels == value
+        tinted[where] = (1 - alpha) * tinted[where] + alpha * tint
     out = np.rint(tinted).astype(np.uint8)
     contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, OUTLINE_BGR, max(1, round(max(size) / 300)), cv2.LINE_AA)

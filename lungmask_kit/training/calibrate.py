@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from lungmask_kit import defaults
 from lungmask_kit.derive import binarize_mask
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.imaging import read_gray, read_model_view
@@ -28,6 +29,7 @@ from lungmask_kit.quality import (
     ImageDensity,
     QualityModel,
     ShapeModel,
+    combined_config,
     flip_agreement,
     shape_descriptors,
     uncertainty_descriptors,
@@ -49,6 +51,7 @@ class Observation:
     values: dict[str, float]
     patient: str
     dice: float | None = None
+    convention: str | None = None  # the convention of the pair's ground truth
 
 
 def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: PostprocessSettings,
@@ -69,7 +72,7 @@ def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: Postproces
             if with_truth:
                 truth = binarize_mask(read_gray(pair.mask))
                 score = dice(resize_mask(mask, image.shape), truth) if truth.shape == image.shape else None
-            out.append(Observation(pred.pooled[i], values, pair.patient_id or str(pair.image), score))
+            out.append(Observation(pred.pooled[i], values, pair.patient_id or str(pair.image), score, pair.convention))
     return out
 
 
@@ -145,23 +148,37 @@ def _agreement(pred: np.ndarray | None, truth: np.ndarray) -> dict:
     return {"spearman": round(float(spearmanr(pred, truth)[0]), 4), "mae": mae}
 
 
-def fit_quality(train: list[Observation], val: list[Observation]) -> QualityModel:
-    scored = [o for o in val if o.dice is not None]
+def fit_quality(train: list[Observation], val: list[Observation], image: ImageDensity | None,
+                convention: str | None = None) -> QualityModel:
+    """The shape statistics and est_dice of one convention, beside an image density fitted once for the shared
+    encoder. `val`: every validation image, its masks drawn in `convention`; those whose truth is in that
+    convention (all, when None) fit est_dice, and all of them set the thresholds: a frontal CXR of any
+    collection is a good frontal CXR, so the shape gate and `min_est_dice` are placed on all of them (placed on
+    one homogeneous collection alone, they flagged most CXRs of another; measured in the README). A
+    collection is the data argument an image came from (here: its truth's convention)."""
+    scored = [o for o in val if o.dice is not None and convention in (None, o.convention)]
     if not scored:
         raise LungkitError("calibration needs validation images with ground-truth masks of the same size")
-    image = fit_image_density(np.array([o.pooled for o in train]), np.array([o.pooled for o in val]))
     shape = fit_shape([o.values for o in train], [o.values for o in val])
     truth = np.array([o.dice for o in scored])
     cv_base, cv_tta = cross_validate(scored, EST_DICE_FEATURES), cross_validate(scored, EST_DICE_TTA_FEATURES)
     base = fit_regressor(scored, EST_DICE_FEATURES)
-    in_sample = np.array([base.predict(o.values) for o in scored])
-    # the flag threshold from honest (held-out) predictions where there are enough patients
-    reference = cv_base if cv_base is not None else in_sample
-    min_est_dice = float(np.floor(np.quantile(reference, EST_DICE_FLAG_SHARE) * 200) / 200)  # a round 0.005 step
+    # the flag threshold from honest (held-out) predictions where there are enough patients, and the
+    # regressor's predictions on the validation images of other collections (no truth in this convention)
+    own = cv_base if cv_base is not None else np.array([base.predict(o.values) for o in scored])
+    fitted = {id(o) for o in scored}
+    others = [o for o in val if id(o) not in fitted]
+    reference = np.concatenate([own, [base.predict(o.values) for o in others]])
+    # at most about EST_DICE_FLAG_SHARE of each collection's good validation images flagged (the collections'
+    # lowest quantile), rounded down to a 0.005 step
+    collection = np.array([o.convention for o in scored] + [o.convention for o in others], dtype=object)
+    lowest = min(np.quantile(reference[collection == c], EST_DICE_FLAG_SHARE) for c in set(collection))
+    min_est_dice = float(np.floor(lowest * 200) / 200)
     model = QualityModel(shape, base, image, fit_regressor(scored, EST_DICE_TTA_FEATURES), 1.0, min_est_dice)
     flags = [model.assess_values(o.values, o.pooled) for o in val]
     model.report = {
-        "n_train_images": len(train), "n_val_images": len(val), "n_val_patients": len({o.patient for o in val}),
+        "n_train_images": len(train), "n_val_images": len(scored), "n_val_patients": len({o.patient for o in scored}),
+        "n_val_images_all_collections": len(val),
         "val_dice_mean": round(float(truth.mean()), 4),
         "est_dice_cv": _agreement(cv_base, truth), "est_dice_tta_cv": _agreement(cv_tta, truth),
         "est_dice_cv_method": "leave-one-patient-out on the validation patients",
@@ -173,34 +190,73 @@ def fit_quality(train: list[Observation], val: list[Observation]) -> QualityMode
 
 def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
               device: torch.device, post: PostprocessSettings | None = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> QualityModel:
-    """Fit the quality model of `weights` on these pairs and store it with the weights (in place)."""
+              log: Callable[[str], None] = print) -> dict[str, QualityModel]:
+    """Fit the quality model of `weights` for each convention it draws and store them with the weights (in
+    place). The image density comes from every training image (all collections: a frontal CXR is a frontal
+    CXR whoever outlined its lungs); each convention's shape statistics from its masks on those images, its
+    est_dice from the validation images annotated in it. Returns the models by convention."""
     from lungmask_kit.inference import Segmenter
-    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, attach_quality, resolve_weights
+    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, attach_quality, load_config, resolve_weights
 
     path = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
-    segmenter = Segmenter(path, device)
-    post = post or PostprocessSettings(threshold=segmenter.config.threshold)
+    config, _ = load_config(path)
+    unknown = sorted({p.convention for p in [*train_pairs, *val_pairs]} - set(config.conventions))
+    if unknown:
+        raise LungkitError(f"the model draws {', '.join(config.conventions)} masks; the data has {', '.join(unknown)} ones")
+    fitted = [c for c in config.conventions if any(p.convention == c for p in val_pairs)]
+    if not fitted:
+        raise LungkitError("calibration needs validation images with ground-truth masks")
+    kept = _kept_parts(config, fitted, log)
+    post = post or PostprocessSettings(threshold=config.threshold)
     log(f"calibrating the input gate and est_dice on {len(train_pairs)} training / {len(val_pairs)} validation images")
-    train = observe(segmenter, train_pairs, False, post, progress=progress)
-    val = observe(segmenter, val_pairs, True, post, progress=progress)
-    model = fit_quality(train, val)
-    attach_quality(path, model.to_config(), model.tensors())
-    return model
+    models, image = {}, None
+    for convention in fitted:
+        segmenter = Segmenter(path, device, convention)
+        segmenter.quality = None  # the statistics being replaced are not needed (nor required to load)
+        train = observe(segmenter, train_pairs, False, post, progress=progress)
+        val = observe(segmenter, val_pairs, True, post, progress=progress)
+        if image is None:  # the encoder, and so its features, are the same for every output
+            image = fit_image_density(np.array([o.pooled for o in train]), np.array([o.pooled for o in val]))
+        models[convention] = fit_quality(train, val, image, convention)
+        models[convention].report["convention"] = convention
+    report = {"n_train_images": len(train_pairs), "n_val_images": len(val_pairs),
+              "images_per_convention": {c: sum(p.convention == c for p in [*train_pairs, *val_pairs])
+                                        for c in config.conventions}}
+    attach_quality(path, combined_config(models, report, kept), next(iter(models.values())).tensors())
+    return models
 
 
+def _kept_parts(config, fitted: list[str], log: Callable[[str], None]) -> dict[str, dict]:
+    """The stored statistics of the conventions the data has no masks in: kept as they are (they do not depend
+    on the image density, which is refitted), or none, which leaves that output uncalibrated."""
+    from lungmask_kit.quality import PER_CONVENTION
 
-def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Path | None, val_fraction: float,
-                    seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """`lungkit calibrate`: split DATA as `lungkit train` does, fit, store in the weights (or a copy in OUT)."""
+    kept = {}
+    stored = (config.quality or {}).get("conventions", {})
+    for convention in [c for c in config.conventions if c not in fitted]:
+        if convention in stored:
+            kept[convention] = {k: v for k, v in stored[convention].items() if k in PER_CONVENTION}
+            log(f"no validation masks in the {convention} convention: its shape statistics and est_dice are kept")
+        else:
+            log(f"no validation masks in the {convention} convention: its output stays uncalibrated "
+                "(null ood_score and est_dice)")
+    return kept
+
+
+def calibrate_model(data: str | Path | list, weights: str | Path | None, out: str | Path | None, val_fraction: float,
+                    seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
+                    conventions: list[str] | None = None) -> dict:
+    """`lungkit calibrate`: split DATA as `lungkit train` does (each data argument alone, in its convention),
+    fit, store in the weights (or a copy in OUT). Returns each convention's report."""
     import shutil
 
     from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, resolve_weights
     from lungmask_kit.runtime import prepare_device
-    from lungmask_kit.training.data import find_pairs, split_pairs
+    from lungmask_kit.training.data import data_sources, split_sources
 
     # bad data or an unusable split fails before anything is written
-    train_pairs, val_pairs, by_patient = split_pairs(find_pairs(data), val_fraction, seed)
+    sources = data_sources(data, conventions or [defaults.CONVENTION])
+    train_pairs, val_pairs, by_patient = split_sources(sources, val_fraction, seed)
     if not train_pairs or not val_pairs:
         raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
     if not by_patient:
@@ -214,5 +270,5 @@ def calibrate_model(data: str | Path, weights: str | Path | None, out: str | Pat
         target = out / "model.safetensors"
         for src, dst in ((source, target), (_config_path(source), out / "config.json")):
             shutil.copyfile(src, dst)
-    model = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
-    return {**model.report, "min_est_dice": model.min_est_dice, "weights": str(target)}
+    models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
+    return {c: {**m.report, "min_est_dice": m.min_est_dice, "weights": str(target)} for c, m in models.items()}

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lungmask_kit import defaults
+from lungmask_kit.choices import Convention
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.imaging import read_gray, read_model_view, to_unit_range
@@ -23,9 +25,10 @@ class Pair:
     mask: Path
     patient_id: str | None = None
     split: str | None = None  # "train" | "val" | "test" when the data says so
+    convention: str = defaults.CONVENTION  # which lung the mask outlines (choices.Convention)
 
 
-def _match_folder(images: Path, masks: Path, split: str | None = None) -> list[Pair]:
+def _match_folder(images: Path, masks: Path, split: str | None, convention: str) -> list[Pair]:
     mask_by_stem = {stem_key(m): m for m in find_images(masks)}
     pairs, missing = [], []
     for rel in find_images(images):
@@ -33,41 +36,49 @@ def _match_folder(images: Path, masks: Path, split: str | None = None) -> list[P
         if m is None:
             missing.append(rel)
         else:
-            pairs.append(Pair(images / rel, masks / m, None, split))
+            pairs.append(Pair(images / rel, masks / m, None, split, convention))
     if missing:
         raise LungkitError(f"{len(missing)} image(s) under {images} have no mask in {masks}, e.g. {missing[0]}")
     return pairs
 
 
-def _read_csv(path: Path) -> list[Pair]:
+def _read_csv(path: Path, convention: str) -> list[Pair]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"image", "mask"} <= set(rows[0]):
-        raise LungkitError(f"{path}: a training CSV needs 'image' and 'mask' columns (optional: patient_id, split)")
+        raise LungkitError(f"{path}: a training CSV needs 'image' and 'mask' columns "
+                           "(optional: patient_id, split, convention)")
+    known = {c.value for c in Convention}
+    bad = next((r["convention"] for r in rows if (r.get("convention") or convention) not in known), None)
+    if bad is not None:
+        raise LungkitError(f"{path}: unknown convention {bad!r} (use {' or '.join(sorted(known))})")
     base = path.parent
     return [
-        Pair(base / r["image"], base / r["mask"], r.get("patient_id") or None, r.get("split") or None) for r in rows
+        Pair(base / r["image"], base / r["mask"], r.get("patient_id") or None, r.get("split") or None,
+             r.get("convention") or convention) for r in rows
     ]
 
 
 _QU_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
-def find_pairs(data: str | Path) -> list[Pair]:
-    """Pairs from `images/` + `masks/`, the COVID-QU-Ex layout, or a CSV of image,mask[,patient_id,split]."""
+def find_pairs(data: str | Path, convention: str = defaults.CONVENTION) -> list[Pair]:
+    """Pairs from `images/` + `masks/`, the COVID-QU-Ex layout, or a CSV of image,mask[,patient_id,split,
+    convention]; `convention` is what the masks outline where the CSV does not say."""
     data = Path(data)
     if data.is_file():
-        return _read_csv(data)
+        return _read_csv(data, convention)
     if not data.is_dir():
         raise LungkitError(f"training data not found: {data}")
     if (data / "images").is_dir() and (data / "masks").is_dir():
-        return _match_folder(data / "images", data / "masks")
+        return _match_folder(data / "images", data / "masks", None, convention)
     # COVID-QU-Ex: <root>/{Train,Val,Test}/<class>/{images,lung masks}
     pairs: list[Pair] = []
     for split_dir in sorted(p for p in data.iterdir() if p.is_dir() and p.name.lower() in _QU_SPLITS):
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             if (class_dir / "images").is_dir() and (class_dir / "lung masks").is_dir():
-                pairs += _match_folder(class_dir / "images", class_dir / "lung masks", _QU_SPLITS[split_dir.name.lower()])
+                pairs += _match_folder(class_dir / "images", class_dir / "lung masks", _QU_SPLITS[split_dir.name.lower()],
+                                       convention)
     if not pairs:
         raise LungkitError(
             f"{data}: expected images/ and masks/, the COVID-QU-Ex layout (Train|Val|Test/<class>/images|lung masks) "
@@ -98,6 +109,31 @@ def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list
     return train, val, by_patient
 
 
+def data_sources(data: str | Path | list, conventions: list[str]) -> list[list[Pair]]:
+    """The pairs of each data argument, in its convention: `conventions` has one for all data or one per data."""
+    data = [data] if isinstance(data, (str, Path)) else list(data)
+    conventions = list(conventions) * len(data) if len(conventions) == 1 else list(conventions)
+    if len(conventions) != len(data):
+        raise LungkitError(f"give one --convention for all data or one per data argument "
+                           f"({len(data)} data, {len(conventions)} conventions)")
+    return [find_pairs(d, c) for d, c in zip(data, conventions)]
+
+
+def split_sources(sources: list[list[Pair]], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair], bool]:
+    """`split_pairs` on each source alone, then joined: a collection's validation patients are the same whether
+    it is trained alone or beside others (so a model fine-tuned on more data never sees its parent's)."""
+    train: list[Pair] = []
+    val: list[Pair] = []
+    by_patient = True
+    for pairs in sources:
+        t, v, p = split_pairs(pairs, val_fraction, seed)
+        train, val, by_patient = train + t, val + v, by_patient and p
+    return train, val, by_patient
+
+
+UNSUPERVISED = -1.0  # target value of an output channel whose convention an image's mask is not drawn in
+
+
 def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
     """-> image (size, size) float32 in [0, 1], mask (size, size) uint8 in {0, 1}."""
     image = read_model_view(pair.image)
@@ -111,12 +147,17 @@ def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class PairDataset(Dataset):
-    """All pairs resized once and cached in memory (337 pairs at 256 px is ~40 MB)."""
+    """All pairs resized once and cached in memory (337 pairs at 256 px is ~40 MB). Targets are (K, S, S), one
+    channel per output convention: the pair's own convention holds its mask, the others `UNSUPERVISED`."""
 
-    def __init__(self, pairs: list[Pair], size: int, in_channels: int, transform):
+    def __init__(self, pairs: list[Pair], size: int, in_channels: int, transform, outputs: list[str] | None = None):
         self.pairs = pairs
         self.in_channels = in_channels
         self.transform = transform
+        self.outputs = outputs or [defaults.CONVENTION]
+        missing = sorted({p.convention for p in pairs} - set(self.outputs))
+        if missing:
+            raise LungkitError(f"the model has no output for masks in the {', '.join(missing)} convention")
         loaded = [load_pair(p, size) for p in pairs]
         self.images = torch.from_numpy(np.stack([x for x, _ in loaded]))[:, None] if loaded else torch.empty(0)
         self.masks = torch.from_numpy(np.stack([m for _, m in loaded]))[:, None] if loaded else torch.empty(0)
@@ -129,4 +170,6 @@ class PairDataset(Dataset):
 
         image = self.images[i].expand(self.in_channels, -1, -1)
         image, mask = apply_pair(self.transform, image, self.masks[i])
-        return image, mask.float()
+        target = torch.full((len(self.outputs), *mask.shape[1:]), UNSUPERVISED)
+        target[self.outputs.index(self.pairs[i].convention)] = mask[0].float()
+        return image, target

@@ -9,11 +9,15 @@ import torch
 
 
 def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: str = "", progress: bool = True,
-                before_step: Callable[[int], None] | None = None, after_step: Callable[[int], None] | None = None) -> float:
+                before_step: Callable[[int], None] | None = None, after_step: Callable[[int], None] | None = None,
+                autocast: torch.dtype | None = "device") -> float:
     """One pass over `loader`; `compute_loss(logits, targets)`; `before_step(i)` / `after_step(i)` around each
-    optimiser step (a learning-rate schedule). Returns the mean loss per sample."""
+    optimiser step (a learning-rate schedule); `autocast`: the forward pass's dtype (None: fp32; the default
+    "device": bf16 on CUDA only). Returns the mean loss per sample."""
     from tqdm.auto import tqdm
 
+    if autocast == "device":
+        autocast = torch.bfloat16 if device.type == "cuda" else None
     model.train()
     running, seen = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
@@ -21,7 +25,7 @@ def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: 
         if before_step is not None:
             before_step(i)
         x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x)
         loss = compute_loss(logits, y)
         optimizer.zero_grad(set_to_none=True)

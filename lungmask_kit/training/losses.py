@@ -25,3 +25,11 @@ class ComboLoss(nn.Module):
         target = target.to(logits.dtype)
         wd, wb, wf = self.weights
         return wd * self.dice(logits, target) + wb * self.bce(logits, target) + wf * self.focal(logits, target)
+
+
+def own_channel(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, H, W) logits and targets with one supervised channel per image (the others all negative, see
+    `training.data.UNSUPERVISED`) -> (N, 1, H, W) each: every image is scored only on its own convention."""
+    index = (target[:, :, 0, 0] >= 0).to(torch.int64).argmax(1)[:, None, None, None]
+    index = index.expand(-1, 1, *target.shape[2:])
+    return logits.gather(1, index), target.gather(1, index)

@@ -19,19 +19,23 @@ from torch.utils.data import DataLoader
 from lungmask_kit import __version__, defaults
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes
-from lungmask_kit.models.modeling import ModelConfig, build_model, save_model
-from lungmask_kit.runtime import prepare_device
+from lungmask_kit.choices import Convention
+from lungmask_kit.models.modeling import LoadedModel, ModelConfig, build_model, initialise_from, load_bundle, save_model
+from lungmask_kit.runtime import prepare_device, training_autocast
 from lungmask_kit.stats import pixel_mean_std
 from lungmask_kit.training.augment import eval_transform, train_transform
-from lungmask_kit.training.data import PairDataset, find_pairs, split_pairs
+from lungmask_kit.training.data import Pair, PairDataset, data_sources, load_pair, split_sources
 from lungmask_kit.training.loop import train_epoch
-from lungmask_kit.training.losses import ComboLoss
+from lungmask_kit.training.losses import ComboLoss, own_channel
 
 
 @dataclass
 class TrainSettings:
-    data: str
+    data: str | list[str]  # one or more folders / CSVs
     out: str
+    conventions: list[str] = field(default_factory=lambda: [defaults.CONVENTION])  # one for all data, or one per data
+    init: str | None = None  # weights to start from ("default": the bundled model); None: --encoder-weights
+    precision: str = "auto"  # auto | fp32 | bf16 (runtime.training_autocast)
     arch: str = defaults.SEGMENTER["arch"]
     encoder: str = defaults.SEGMENTER["encoder"]
     in_channels: int = defaults.SEGMENTER["in_channels"]
@@ -113,47 +117,34 @@ def train(
     if settings.in_channels not in (1, 3):
         raise LungkitError(f"in_channels must be 1 or 3 (got {settings.in_channels})")
     device = prepare_device(device)
+    autocast = training_autocast(settings.precision, device)
     _seed_all(settings.seed)
 
-    pairs = find_pairs(settings.data)
-    train_pairs, val_pairs, by_patient = split_pairs(pairs, settings.val_fraction, settings.seed)
+    train_pairs, val_pairs, by_patient = split_sources(data_sources(settings.data, settings.conventions), settings.val_fraction, settings.seed)
     if not train_pairs or not val_pairs:
         raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
     if not by_patient:
-        log("warning: no patient_id in the data; validation is split by image and may leak patients")
-
-    # dataset statistics from the training images only, stored in the model config
-    from lungmask_kit.training.data import load_pair
-
-    size = settings.input_size
-    mean, std, _ = pixel_mean_std(load_pair(p, size)[0] for p in train_pairs)
-    config = ModelConfig(
-        name=settings.name,
-        arch=settings.arch,
-        encoder=settings.encoder,
-        in_channels=settings.in_channels,
-        input_size=size,
-        mean=[round(mean, 6)] * settings.in_channels,
-        std=[round(std, 6)] * settings.in_channels,
-        provenance={
-            "lungkit_version": __version__,
-            "training": {k: v for k, v in dataclasses.asdict(settings).items() if k != "extra"} | settings.extra,
-            "n_train": len(train_pairs),
-            "n_val": len(val_pairs),
-            "val_split": "patient" if by_patient else "image",
-        },
-    )
-    train_ds = PairDataset(train_pairs, size, settings.in_channels, train_transform(config.mean, config.std))
-    val_ds = PairDataset(val_pairs, size, settings.in_channels, eval_transform(config.mean, config.std))
+        log("warning: no patient_id in (some of) the data; validation is split by image and may leak patients")
+    parent = load_bundle(None if settings.init == "default" else settings.init) if settings.init else None
+    config = _model_config(settings, train_pairs, val_pairs, by_patient, parent)
+    size, outputs = config.input_size, config.conventions
+    train_ds = PairDataset(train_pairs, size, settings.in_channels, train_transform(config.mean, config.std), outputs)
+    val_ds = PairDataset(val_pairs, size, settings.in_channels, eval_transform(config.mean, config.std), outputs)
     atomic_write_bytes(
         out / "split.json",
         json.dumps({"train": [str(p.image) for p in train_pairs], "val": [str(p.image) for p in val_pairs]}, indent=1).encode(),
     )
 
-    model = build_model(config, settings.encoder_weights).to(device).to(memory_format=torch.channels_last)
+    model = build_model(config, None if parent else settings.encoder_weights)
+    if parent is not None:
+        initialise_from(model, config, parent)
+        log(f"initialised from {parent.path.name} ({parent.config.name}; outputs {', '.join(outputs)})")
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    loss_fn = ComboLoss()
-    use_amp = device.type == "cuda"
+    combo = ComboLoss()
+
+    def loss_fn(logits, target):
+        return combo(*own_channel(logits.float(), target))
 
     steps_per_epoch = math.ceil(len(train_ds) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -174,15 +165,18 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, warmup, settings.lr)
 
-        train_loss = train_epoch(model, loader, lambda logits, y: loss_fn(logits.float(), y), optimizer, device,
-                                 f"epoch {epoch + 1}/{settings.epochs}", progress, before_step=set_lr)
-        val_loss, dices = _validate(model, val_ds, loss_fn, device, settings.batch_size, use_amp)
+        train_loss = train_epoch(model, loader, loss_fn, optimizer, device, f"epoch {epoch + 1}/{settings.epochs}",
+                                 progress, before_step=set_lr, autocast=autocast)
+        val_loss, dices = _validate(model, val_ds, loss_fn, device, settings.batch_size, autocast)
+        by_convention = _dice_by_convention(dices, val_pairs)
         row = {
             "epoch": epoch + 1,
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
-            "val_dice_mean": round(float(dices.mean()), 5),
+            # each convention's validation images count alike, however many each collection has
+            "val_dice_mean": round(float(np.mean(list(by_convention.values()))), 5),
             "val_dice_min": round(float(dices.min()), 5),
+            **{f"val_dice_{c}": round(v, 5) for c, v in by_convention.items() if len(by_convention) > 1},
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
         }
@@ -195,28 +189,62 @@ def train(
             save_model(model, best_cfg, out / "best.safetensors")
         _save_state(state_path, model, optimizer, {"epoch": epoch, "best_dice": best_dice, "history": history})
         _write_log(out, history)
+        each = "".join(f" {c} {v:.4f}" for c, v in by_convention.items()) if len(by_convention) > 1 else ""
         log(
             f"epoch {epoch + 1}/{settings.epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-            f"val Dice {row['val_dice_mean']:.4f} (min {row['val_dice_min']:.4f})  {row['epoch_seconds']}s"
+            f"val Dice {row['val_dice_mean']:.4f}{each} (min {row['val_dice_min']:.4f})  {row['epoch_seconds']}s"
         )
     from lungmask_kit.training.calibrate import calibrate
 
     # the input gate and est_dice of this model, fitted on its own split and stored with best.safetensors
     quality = calibrate(out / "best.safetensors", train_pairs, val_pairs, device, progress=progress, log=log)
     return {"best_val_dice": best_dice, "epochs": settings.epochs, "seconds": round(time.perf_counter() - t0, 1),
-            "n_train": len(train_ds), "n_val": len(val_ds), "out": str(out), "quality": quality.report}
+            "n_train": len(train_ds), "n_val": len(val_ds), "out": str(out),
+            "quality": {c: m.report for c, m in quality.items()}}
+
+
+def _model_config(settings: TrainSettings, train_pairs: list[Pair], val_pairs: list[Pair], by_patient: bool,
+                  parent: LoadedModel | None) -> ModelConfig:
+    """The new model's config: one output per convention in the data (the default first); the normalisation
+    of the parent model when fine-tuning, else the training images' own statistics."""
+    order = [c.value for c in Convention]
+    outputs = sorted({p.convention for p in train_pairs + val_pairs}, key=order.index)
+    if parent is not None:
+        mean, std = parent.config.mean, parent.config.std
+    else:
+        m, s, _ = pixel_mean_std(load_pair(p, settings.input_size)[0] for p in train_pairs)
+        mean, std = [round(m, 6)] * settings.in_channels, [round(s, 6)] * settings.in_channels
+    count = {c: {"train": sum(p.convention == c for p in train_pairs), "val": sum(p.convention == c for p in val_pairs)}
+             for c in outputs}
+    training = {k: v for k, v in dataclasses.asdict(settings).items() if k != "extra"} | settings.extra
+    return ModelConfig(
+        name=settings.name, arch=settings.arch, encoder=settings.encoder, in_channels=settings.in_channels,
+        input_size=settings.input_size, classes=len(outputs), conventions=outputs, mean=mean, std=std,
+        provenance={
+            "lungkit_version": __version__, "training": training,
+            "initialised_from": parent and {"name": parent.config.name, "sha256": parent.sha256},
+            "n_train": len(train_pairs), "n_val": len(val_pairs), "images_per_convention": count,
+            "val_split": "patient" if by_patient else "image",
+        },
+    )
+
+
+def _dice_by_convention(dices: torch.Tensor, pairs: list[Pair]) -> dict[str, float]:
+    conventions = np.array([p.convention for p in pairs])
+    return {c: float(dices[torch.from_numpy(conventions == c)].mean()) for c in dict.fromkeys(conventions)}
 
 
 @torch.inference_mode()
-def _validate(model, ds: PairDataset, loss_fn, device, batch_size: int, use_amp: bool):
+def _validate(model, ds: PairDataset, loss_fn, device, batch_size: int, autocast: torch.dtype | None):
     model.eval()
     total, dices = 0.0, []
     for x, y in DataLoader(ds, batch_size=batch_size):
         x = x.to(device, memory_format=torch.channels_last)
         y = y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x).float()
         total += loss_fn(logits, y).item() * len(x)
+        logits, y = own_channel(logits, y)
         dices.append(per_image_dice(logits > 0, y > 0.5).cpu())
     return total / len(ds), torch.cat(dices)
 

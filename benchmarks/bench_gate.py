@@ -76,7 +76,8 @@ def main() -> None:
         image = fit_image_density(np.array([o.pooled for o in train]), np.array([o.pooled for o in val]))
         shape = fit_shape([o.values for o in train], [o.values for o in val])
         row = {}
-        for name, (_, others) in seen.items():
+        for name, (fit_part, rest) in seen.items():
+            others = rest if name in members else fit_part + rest  # a held-out collection whole
             img = np.array([float(image.raw_score(o.pooled)[0]) / image.threshold for o in others])
             shp = np.array([shape.raw_score(o.values) / shape.threshold for o in others])
             row[name] = {"n": len(others), "held_out": name not in members,

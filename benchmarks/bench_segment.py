@@ -16,7 +16,8 @@ Targets (issue 6): CPU e2e >= 85% of 1/(1/a + 1/b) and >= 1.5x naive; GPU e2e >=
 naive; RSS(10N) <= 1.1 x RSS(N) and < 3 GB.
 
 Usage: python benchmarks/bench_segment.py [--n 48] [--source example|synthetic] [--size 1024]
-       [--format png|jpg] [--batch-size 16] [--device auto] [--weights PATH] [--out benchmarks/results]
+       [--format png|jpg] [--batch-size 16] [--device auto] [--precision auto|fp32|bf16] [--weights PATH]
+       [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def model_only(seg: Segmenter, n: int, batch: int) -> float:
     return done / (time.perf_counter() - t)
 
 
-def pipeline(src: Path, out: Path, args, fixed_probability: bool) -> float:
+def pipeline(src: Path, out: Path, args, fixed_probability: bool, precision: str | None = None) -> float:
     import lungmask_kit.segment as seg_mod
     from lungmask_kit.inference import Segmenter as RealSegmenter
 
     shutil.rmtree(out, ignore_errors=True)
     opts = seg_mod.SegmentOptions(weights=args.weights, device=args.device, batch_size=args.batch_size,
-                                  workers=args.workers, progress=False, min_lung_fraction=0.0)
+                                  workers=args.workers, progress=False, min_lung_fraction=0.0,
+                                  precision=precision or args.precision)
     if fixed_probability:
         size = 256
         yy, xx = np.mgrid[0:size, 0:size]
@@ -137,6 +139,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def mask_agreement(a: Path, b: Path) -> tuple[float, float]:
+    """(mean, min) Dice between the masks of two runs over the same images."""
+    from lungmask_kit.metrics import dice
+
+    scores = [dice(cv2.imread(str(f), 0) > 0, cv2.imread(str(b / "masks" / f.name), 0) > 0)
+              for f in sorted((a / "masks").iterdir())]
+    return float(np.mean(scores)), float(np.min(scores))
+
+
 def naive_loop(src: Path, out: Path, seg: Segmenter) -> float:
     """The published code's shape: per image read -> resize -> model(batch 1) -> skimage at full size -> 3 writes."""
     from skimage import morphology
@@ -173,7 +184,8 @@ def peak_rss(src: Path, out: Path, args) -> tuple[float, float]:
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, dt); sys.exit(rc)"
     )
     cmd = [sys.executable, "-c", code, "segment", str(src), "-o", str(out), "-b", str(args.batch_size),
-           "--device", args.device, "-j", str(args.workers), "-q", "--min-lung-fraction", "0"]
+           "--device", args.device, "-j", str(args.workers), "-q", "--min-lung-fraction", "0",
+           "--precision", args.precision]
     if args.weights:
         cmd += ["-w", str(args.weights)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -194,6 +206,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -205,8 +218,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lungkit-bench-"))
     try:
         src = make_inputs(work / "in", args.n, args.source, args.size, args.format)
-        seg = Segmenter(args.weights, device)
-        r = {"device": str(device), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        seg = Segmenter(args.weights, device, precision=args.precision)
+        r = {"device": str(device), "precision": seg.precision, "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
              "cores": os.cpu_count(), "torch_threads": threads, "n": args.n, "source": args.source, "format": args.format,
              "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__, "commit": git_commit()}
         r["model_only"] = model_only(seg, max(args.n, 4 * args.batch_size), args.batch_size)
@@ -218,6 +231,9 @@ def main() -> None:
             r["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             if args.format == "jpg":
                 r["nvjpeg_max_abs_diff"] = nvjpeg_difference(src, device)
+        if seg.precision != "fp32":  # the same run at fp32: the speed-up and how far the masks move
+            r["end_to_end_fp32"] = pipeline(src, work / "e2e-fp32", args, fixed_probability=False, precision="fp32")
+            r["mask_dice_vs_fp32_mean"], r["mask_dice_vs_fp32_min"] = mask_agreement(work / "e2e", work / "e2e-fp32")
         r["naive"] = naive_loop(src, work / "naive", seg)
         r["bound_cpu"] = 1 / (1 / r["model_only"] + 1 / r["io_only"])
         r["bound_gpu"] = min(r["model_only"], r["io_only"])
@@ -239,11 +255,15 @@ def main() -> None:
             ("images", f"{args.n} x {args.source} {args.format} (10N = {10 * args.n})"),
             ("(a) model-only", f"{r['model_only']:.2f} img/s (batch {args.batch_size})"),
             ("(b) I/O-only", f"{r['io_only']:.2f} img/s"),
-            ("(c) end-to-end", f"{r['end_to_end']:.2f} img/s"),
+            ("(c) end-to-end", f"{r['end_to_end']:.2f} img/s at {r['precision']}"),
             ("(d) naive loop", f"{r['naive']:.2f} img/s"),
             ("bound", f"{bound:.2f} img/s ({'min(a, b)' if device.type == 'cuda' else '1/(1/a + 1/b)'})"),
             ("e2e / bound", f"{r['e2e_vs_bound']:.1%} (target {'80' if device.type == 'cuda' else '85'}%)"),
             ("e2e / naive", f"{r['e2e_vs_naive']:.2f}x (target {'10' if device.type == 'cuda' else '1.5'}x)")]
+    if "end_to_end_fp32" in r:
+        rows += [("end-to-end fp32", f"{r['end_to_end_fp32']:.2f} img/s ({r['end_to_end'] / r['end_to_end_fp32']:.2f}x at "
+                  f"{r['precision']}; masks vs fp32 Dice mean {r['mask_dice_vs_fp32_mean']:.5f}, "
+                  f"min {r['mask_dice_vs_fp32_min']:.5f})")]
     if "peak_gpu_mib" in r:
         rows += [("peak GPU memory", f"{r['peak_gpu_mib']:.0f} MiB (end-to-end run)")]
     if "nvjpeg_max_abs_diff" in r:

@@ -14,7 +14,7 @@ from lungmask_kit.accel import prepare_on_device
 from lungmask_kit.errors import WeightsError
 from lungmask_kit.imaging import prepare_input
 from lungmask_kit.models.modeling import load_bundle
-from lungmask_kit.runtime import tune_malloc
+from lungmask_kit.runtime import autocast_dtype, precision_name, tune_malloc
 
 
 @dataclass
@@ -39,12 +39,15 @@ class Segmenter:
     `convention` (the output channel) asked for.
     """
 
-    def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION):
+    def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION,
+                 precision: str = "auto"):
         from lungmask_kit.quality import QualityModel
 
         if device.type == "cpu":
             tune_malloc()
         self.device = device
+        self.autocast = autocast_dtype(precision, device)  # None: fp32
+        self.precision = precision_name(self.autocast)
         loaded = load_bundle(weights, device)
         self.config, self.weights_sha256 = loaded.config, loaded.sha256
         self.convention = convention
@@ -143,7 +146,7 @@ class Segmenter:
         return batch.to(self.device, non_blocking=True)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             logits = self.model(x)
         return torch.sigmoid(logits[:, self.output].float())
 

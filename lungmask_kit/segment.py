@@ -52,6 +52,7 @@ class SegmentOptions:
     weights: str | Path | None = None
     convention: str = defaults.CONVENTION  # which lung the masks outline (choices.Convention)
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 (runtime.autocast_dtype)
     batch_size: int = defaults.BATCH_SIZE
     workers: int = 0  # decode threads and writer threads each; 0: one per usable core
     glob: str | None = None
@@ -81,10 +82,10 @@ def manifest_path(rel: str) -> str:
 
 def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bool = False,
                  batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
-                 convention: str = defaults.CONVENTION) -> str:
+                 convention: str = defaults.CONVENTION, precision: str = "fp32") -> str:
     """Identifies everything that changes the written files and quality columns; resume redoes images whose
-    key differs. The batch size and the device are in it: a model batch of another size, or fp16 on a GPU,
-    moves probabilities at the 1e-6 level and so can move a mask pixel. QC thresholds are not: they re-flag
+    key differs. The batch size, the device and the precision are in it: a model batch of another size moves
+    probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask pixel. QC thresholds are not: they re-flag
     at the end of every run without re-segmenting."""
     payload = {
         "weights": weights_sha256,
@@ -96,6 +97,8 @@ def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bo
         "batch": batch_size,
         "device": device_type + ("+nvjpeg" if gpu_decode else ""),
         "convention": convention,
+        "precision": precision,
+        "backend": "torch",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -375,8 +378,10 @@ class _SegmentRun:
     """One run into a locked RunFolder: the model and settings, the engine, and the manifest (or shard record)."""
 
     def __init__(self, root: Path, folder: RunFolder, rels: list[str], options: SegmentOptions):
+        import torch
+
         from lungmask_kit.inference import Segmenter
-        from lungmask_kit.runtime import prepare_device
+        from lungmask_kit.runtime import autocast_dtype, precision_name, prepare_device
 
         self.root, self.folder, self.out, self.options = root, folder, folder.out, options
         self.paths = [manifest_path(r) for r in rels]
@@ -388,7 +393,9 @@ class _SegmentRun:
         else:
             self.device = prepare_device(options.device)
             model_device = self.device.type
-        self.segmenter = Segmenter(options.weights, self.device, options.convention)
+        self.segmenter = Segmenter(options.weights, self.device, options.convention, options.precision)
+        # the precision the model runs at where it runs (Ray's actors may be on GPUs the driver lacks)
+        self.precision = precision_name(autocast_dtype(options.precision, torch.device(model_device)))
         folder.start()  # the weights loaded: from here on the folder holds this run
         self.post = PostprocessSettings(
             threshold=self.segmenter.config.threshold if options.threshold is None else options.threshold,
@@ -399,7 +406,7 @@ class _SegmentRun:
         self.segmenter.decodes_jpeg_on_device &= options.gpu_decode and options.engine == "local"
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
                                 options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device,
-                                options.convention)
+                                options.convention, self.precision)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
         done = folder.done(self.key, ("sha256",))
         names = output_names(rels)
@@ -504,6 +511,8 @@ class _SegmentRun:
             "quality": _quality_metadata(self.segmenter.quality, options.tta),
             "settings_key": self.key,
             "device": str(self.device),
+            "precision": self.precision,
+            "backend": "torch",
             "engine": options.engine,
             "batch_size": options.batch_size,
             "labels": [str(p) for p in options.labels],

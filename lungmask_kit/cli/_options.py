@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lungmask_kit.choices import Convention
+from lungmask_kit.choices import Convention, Precision
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
@@ -47,6 +47,11 @@ ConventionOpt = Annotated[
     Convention,
     typer.Option("--convention", help="Which lung the masks outline: v7 = the whole lung, behind the heart included "
                  "(V7 Labs); jsrt = the visible lung fields only (JSRT/SCR, Montgomery, Shenzhen, CheXmask)."),
+]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option("--precision", help="auto: fp16 autocast on CUDA, bf16 on a CPU with bf16 units (AVX512-BF16 or "
+                 "AMX; masks agree with fp32 at Dice 0.9997 mean), fp32 elsewhere. The precision is a resume setting."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo every image instead of resuming.")]
 LabelsOpt = Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.choices import Convention, Engine
+from lungmask_kit.choices import Convention, Engine, Precision
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.cli._options import (
     BatchSizeOpt,
@@ -20,6 +20,7 @@ from lungmask_kit.cli._options import (
     MinLungFractionOpt,
     OutOpt,
     OverwriteOpt,
+    PrecisionOpt,
     QuietOpt,
     ReportOpt,
     WeightsOpt,
@@ -33,6 +34,7 @@ def segment(
     weights: WeightsOpt = None,
     convention: ConventionOpt = Convention.v7,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     batch_size: BatchSizeOpt = defaults.BATCH_SIZE,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode threads and writer threads, each (0 = one per core).")] = 0,
     glob: Annotated[str | None, typer.Option("--glob", help="Only relative paths (or file names) matching this pattern, e.g. 'train/*.png'.")] = None,
@@ -78,7 +80,7 @@ def segment(
     if not quiet and (warning := cpu_load_warning()):
         typer.echo(f"lungkit: warning: {warning}", err=True)
     options = SegmentOptions(
-        weights=weights, convention=convention.value, device=device, batch_size=batch_size, workers=workers, glob=glob,
+        weights=weights, convention=convention.value, device=device, precision=precision.value, batch_size=batch_size, workers=workers, glob=glob,
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
         keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, tta=tta,

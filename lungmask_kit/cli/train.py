@@ -17,7 +17,7 @@ def train(
     out: OutOpt,
     convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order (v7 = whole lung, behind the heart included; jsrt = visible lung fields). [default: v7]")] = None,
     init: Annotated[str | None, typer.Option("--init", help="Start from these weights (a .safetensors file or folder; 'default': the bundled model) instead of --encoder-weights; outputs are matched by convention.")] = None,
-    precision: Annotated[Precision, typer.Option("--precision", help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), fp32 elsewhere.")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option("--precision", help="auto: bf16 autocast on CUDA and on a CPU with bf16 units (AVX512-BF16 or AMX), fp32 elsewhere.")] = Precision.auto,
     arch: Annotated[str, typer.Option(help="segmentation_models_pytorch architecture.")] = defaults.SEGMENTER["arch"],
     encoder: Annotated[str, typer.Option(help="Encoder name.")] = defaults.SEGMENTER["encoder"],
     in_channels: Annotated[int, typer.Option("--in-channels", min=1, max=3, help="1 (grayscale) or 3.")] = 1,

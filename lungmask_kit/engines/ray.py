@@ -78,11 +78,12 @@ def _decode(batch: dict, reader) -> dict:
 class _Model:
     """One loaded model per actor; checks it holds the weights the driver hashed (nodes may differ)."""
 
-    def __init__(self, weights, device_type: str, weights_sha256: str, pad_to: int, tta: bool, convention: str):
+    def __init__(self, weights, device_type: str, weights_sha256: str, pad_to: int, tta: bool, convention: str,
+                 precision: str):
         from lungmask_kit.inference import Segmenter
         from lungmask_kit.runtime import prepare_device
 
-        self.segmenter = Segmenter(weights, prepare_device(device_type), convention)
+        self.segmenter = Segmenter(weights, prepare_device(device_type), convention, precision)
         if self.segmenter.weights_sha256 != weights_sha256:
             raise LungkitError("a Ray worker loaded other weights than the driver (weights differ between nodes)")
         self.segmenter.prepares_on_device = False  # the decode tasks prepared the inputs
@@ -149,7 +150,7 @@ def run_ray(reader, writer, weights_sha256: str, tasks: list, options, pad_to: i
         # Ray 2.60 logs one "constructor arguments in the object store" line per run for any actor pool
         # (ray-project/ray#57733, open); the actors restart as Ray Data sets them to
         _Model, fn_constructor_args=(options.weights and os.path.abspath(options.weights), device_type, weights_sha256, pad_to, options.tta,
-                                    options.convention),
+                                    options.convention, options.precision),
         # the memory request is the model's working set; it also keeps Ray from fusing the decode tasks into
         # the model actors (a GPU actor decoding on its one CPU would starve the GPU)
         batch_size=options.batch_size, num_gpus=1 if n_gpus else 0, num_cpus=1, memory=_MODEL_MEMORY,

@@ -211,7 +211,8 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
     log(f"calibrating the input gate and est_dice on {len(train_pairs)} training / {len(val_pairs)} validation images")
     models, image = {}, None
     for convention in fitted:
-        segmenter = Segmenter(path, device, convention)
+        # the statistics are fitted in fp32 (bf16 moves est_dice by < 0.0003 and ood_score by < 0.003 here)
+        segmenter = Segmenter(path, device, convention, precision="fp32")
         segmenter.quality = None  # the statistics being replaced are not needed (nor required to load)
         train = observe(segmenter, train_pairs, False, post, progress=progress)
         val = observe(segmenter, val_pairs, True, post, progress=progress)

@@ -16,7 +16,7 @@ from lungmask_kit.choices import Convention
 def calibrate(
     data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split,convention]); one per convention for a model with several.")],
     weights: WeightsOpt = None,
-    convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order. [default: v7]")] = None,
+    convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order. Default: v7.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a calibrated copy of the model here instead of updating it in place.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Share of images (whole patients) used for thresholds and est_dice; the same split `lungkit train` makes with the same data and seed.")] = defaults.TRAIN["val_fraction"],
     seed: SeedOpt = defaults.TRAIN["seed"],

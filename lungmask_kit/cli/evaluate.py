@@ -16,7 +16,7 @@ def evaluate(
     predictions: Annotated[Path, typer.Argument(help="A segment manifest.parquet or a folder of predicted masks.")],
     truth: Annotated[Path, typer.Option("--truth", "-t", help="Folder of ground-truth masks, matched by relative path / stem.")],
     out: OutOpt,
-    convention: Annotated[Convention | None, typer.Option("--convention", help="What the truth masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields); predictions of a manifest in the other convention are refused [default: not said].")] = None,
+    convention: Annotated[Convention | None, typer.Option("--convention", help="What the truth masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields); predictions of a manifest in the other convention are refused; default: not said.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-image Dice, IoU and HD95 (pixels, native resolution), with mean / median / min.

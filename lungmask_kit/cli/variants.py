@@ -21,7 +21,7 @@ def variants(
     crop: Annotated[bool, typer.Option("--crop", help="Crop outputs to the lungs' bounding box.")] = False,
     margin: Annotated[int, typer.Option("--margin", min=0, help="Pixels added around the crop box.")] = 0,
     only: Annotated[list[str] | None, typer.Option("--only", help="Variant(s) to write: lungs, nolungs (repeat or comma-separate).")] = None,
-    convention: Annotated[Convention | None, typer.Option("--convention", help="With --masks: what your masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields), recorded in the manifest and used to score their shape [default: not known; a manifest's own convention is carried].")] = None,
+    convention: Annotated[Convention | None, typer.Option("--convention", help="With --masks: what your masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields), recorded in the manifest and used to score their shape; default: not known (a manifest's own convention is carried).")] = None,
     resize_masks: Annotated[bool, typer.Option("--resize-masks", help="Resize masks of another size than their image (nearest neighbour) instead of failing the row.")] = False,
     min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
     max_ood_score: MaxOodScoreOpt = None,

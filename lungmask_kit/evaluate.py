@@ -51,15 +51,13 @@ class Predictions:
 def _predictions(pred: Path) -> Predictions:
     """The predictions of a manifest or a folder (a folder has no est_dice, lung sides or convention)."""
     if pred.is_file() and pred.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from lungmask_kit.manifest import open_run_manifest, resolve_folder
 
-        from lungmask_kit.manifest import read_metadata, resolve_folder
-
-        table = pq.read_table(pred)
         wanted = ("path", "status", "mask_path", "est_dice", "convention", "right_lung_rle", "left_lung_rle")
-        rows = table.select([c for c in wanted if c in table.column_names]).to_pylist()
-        ok = [r for r in rows if r["status"] == "ok" and r["mask_path"]]
-        meta = read_metadata(pred)
+        # a damaged or foreign file is one line, not a traceback
+        pred, meta, table = open_run_manifest(pred, columns=wanted)
+        rows = table.to_pylist()
+        ok = [r for r in rows if r["status"] == "ok" and r.get("mask_path")]
         # a segment manifest's masks lie beside it; a variants manifest's where its masks_root says
         masks_root = resolve_folder(pred, meta, "masks_root")
         conventions = {r.get("convention") for r in ok} - {None}
@@ -83,12 +81,12 @@ def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | N
 
     if sides is not None:
         right, left = (rle.decode(r) for r in sides)
+        if right.shape != truth.shape:  # a manifest whose RLEs do not fit its own mask file: no per-lung figure
+            return {}
     else:
         labels = lung_sides(pred)
         right, left = labels == RIGHT_LUNG, labels == LEFT_LUNG
     truth_sides = lung_sides(truth)
-    if right.shape != truth.shape:
-        return {}
     return {"dice_right_lung": dice(right, truth_sides == RIGHT_LUNG), "dice_left_lung": dice(left, truth_sides == LEFT_LUNG)}
 
 

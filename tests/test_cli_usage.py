@@ -78,3 +78,20 @@ def test_library_errors_are_one_line_exit_2(argv, message, tmp_path, example_ima
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("command", [["classify", "{m}", "-o", "{tmp}/cls"], ["evaluate", "{m}", "--truth", "{tmp}", "-o", "{tmp}/ev"],
+                                     ["report", "{m}"], ["variants", "{m}", "-o", "{tmp}/var"]])
+@pytest.mark.parametrize("content", ["text", "plain parquet"])
+def test_a_file_that_is_not_a_lungkit_manifest_is_one_line(tmp_path, capsys, command, content):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m = tmp_path / "junk.parquet"
+    if content == "text":
+        m.write_text("not parquet\n")
+    else:
+        pq.write_table(pa.table({"path": ["a.png"], "x": [1]}), m)
+    assert main([a.format(m=m, tmp=tmp_path) for a in command]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("lungkit: error")]) == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.manifest import read_metadata, resolve_folder
+from lungmask_kit.manifest import open_run_manifest, resolve_folder
 from lungmask_kit.runtime import available_cores
 
 VARIANT_COLUMNS = {"original": None, "lungs": "lungs_path", "nolungs": "nolungs_path"}
@@ -65,10 +65,8 @@ class Sample:
 
 def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list | None = None) -> tuple[list[Sample], dict]:
     """Eligible rows of a segment/variants manifest as samples with integer labels. Returns (samples, info)."""
-    import pyarrow.parquet as pq
-
-    meta = read_metadata(manifest)
-    rows = pq.read_table(manifest).to_pylist()
+    manifest, meta, table = open_run_manifest(manifest)  # a damaged or foreign file is one line, not a traceback
+    rows = table.to_pylist()
     if labels_files:
         from lungmask_kit.labels import match_labels, read_labels
 

@@ -51,6 +51,9 @@ class Convention(str, Enum):
     jsrt = "jsrt"  # the visible lung fields only (JSRT/SCR, NLM Montgomery and Shenzhen, CheXmask)
 
 
+CONVENTIONS = tuple(c.value for c in Convention)
+
+
 class Precision(str, Enum):
     auto = "auto"  # bf16 where the device computes it in hardware, fp32 elsewhere
     fp32 = "fp32"

@@ -41,7 +41,7 @@ class Segmenter:
 
     def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION,
                  precision: str = "auto"):
-        from lungmask_kit.quality import QualityModel
+        from lungmask_kit.quality import QualityModel, calibrated_for
 
         if device.type == "cpu":
             tune_malloc()
@@ -55,7 +55,7 @@ class Segmenter:
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights_path = str(weights) if weights else "bundled default"
         self.quality = None
-        if self.config.quality and convention in self.config.quality.get("conventions", {convention: None}):
+        if self.config.quality and calibrated_for(self.config.quality, convention):
             try:
                 self.quality = QualityModel.from_config(self.config.quality, loaded.quality_tensors, convention)
             except (KeyError, ValueError, TypeError) as err:

@@ -263,6 +263,11 @@ class QualityModel:
                    float(cfg["min_est_dice"]), cfg.get("report", {}))
 
 
+def calibrated_for(cfg: dict, convention: str) -> bool:
+    """Whether a model's quality config holds statistics for `convention` (a flat one serves every convention)."""
+    return "conventions" not in cfg or convention in cfg["conventions"]
+
+
 def convention_config(cfg: dict, convention: str | None) -> dict:
     """A model's quality config -> the flat config of one convention (the shared image gate plus that
     convention's shape statistics and est_dice). A flat `lungkit-quality/1` config serves every convention."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lungmask_kit import defaults
-from lungmask_kit.choices import Convention
+from lungmask_kit.choices import CONVENTIONS
 from lungmask_kit.errors import LungkitError, WeightsError
 from lungmask_kit.fileio import atomic_write_bytes
 
@@ -95,7 +95,7 @@ class ModelConfig:
         if not number(self.threshold) or not 0 < self.threshold < 1:
             return f"threshold must be a number between 0 and 1, not {self.threshold!r}"
         if self.task == "segmentation":
-            known = {c.value for c in Convention}
+            known = set(CONVENTIONS)
             if not isinstance(self.conventions, list) or not set(self.conventions) <= known \
                     or len(set(self.conventions)) != len(self.conventions) or len(self.conventions) != self.classes:
                 return (f"conventions must list one distinct convention ({', '.join(sorted(known))}) per output "

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lungmask_kit import defaults
-from lungmask_kit.choices import Convention
+from lungmask_kit.choices import CONVENTIONS
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.imaging import read_gray, read_model_view, to_unit_range
@@ -48,10 +48,9 @@ def _read_csv(path: Path, convention: str) -> list[Pair]:
     if not rows or not {"image", "mask"} <= set(rows[0]):
         raise LungkitError(f"{path}: a training CSV needs 'image' and 'mask' columns "
                            "(optional: patient_id, split, convention)")
-    known = {c.value for c in Convention}
-    bad = next((r["convention"] for r in rows if (r.get("convention") or convention) not in known), None)
+    bad = next((r["convention"] for r in rows if (r.get("convention") or convention) not in CONVENTIONS), None)
     if bad is not None:
-        raise LungkitError(f"{path}: unknown convention {bad!r} (use {' or '.join(sorted(known))})")
+        raise LungkitError(f"{path}: unknown convention {bad!r} (use {' or '.join(CONVENTIONS)})")
     base = path.parent
     return [
         Pair(base / r["image"], base / r["mask"], r.get("patient_id") or None, r.get("split") or None,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from lungmask_kit import __version__, defaults
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes
-from lungmask_kit.choices import Convention
+from lungmask_kit.choices import CONVENTIONS
 from lungmask_kit.models.modeling import LoadedModel, ModelConfig, build_model, initialise_from, load_bundle, save_model
 from lungmask_kit.runtime import prepare_device, training_autocast
 from lungmask_kit.stats import pixel_mean_std
@@ -207,8 +207,7 @@ def _model_config(settings: TrainSettings, train_pairs: list[Pair], val_pairs: l
                   parent: LoadedModel | None) -> ModelConfig:
     """The new model's config: one output per convention in the data (the default first); the normalisation
     of the parent model when fine-tuning, else the training images' own statistics."""
-    order = [c.value for c in Convention]
-    outputs = sorted({p.convention for p in train_pairs + val_pairs}, key=order.index)
+    outputs = sorted({p.convention for p in train_pairs + val_pairs}, key=CONVENTIONS.index)
     if parent is not None:
         mean, std = parent.config.mean, parent.config.std
     else:

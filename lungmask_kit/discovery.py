@@ -67,12 +67,6 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def inside(path: str | Path, folder: str | Path) -> bool:
-    """Whether `path` lies inside `folder` after resolving symlinks (never raises on loops)."""
-    p, f = os.path.realpath(path), os.path.realpath(folder)
-    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
-
-
 def output_names(rel_paths: list[str]) -> dict[str, str]:
     """Map each input relative path to an output relative path ending in .png, distinct for every input
     (also on case-insensitive filesystems).

@@ -7,9 +7,17 @@ file here, ~7 ms per image -- since a lost image after a power cut is simply red
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import socket
+import stat
 import tempfile
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from lungmask_kit.errors import LungkitError
 
 TMP_PREFIX = ".lungkit-tmp-"
 
@@ -85,8 +93,7 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     """The bytes of `path`, read only if it is a regular file (after following symlinks) and at most
     `max_bytes` long. FIFOs, devices, sockets and folders are refused without opening them in a way that
     could block; the size cap counts the bytes actually read (a device reports size 0)."""
-    import stat as st
-
+    st = stat
     try:
         info = os.stat(path)  # follows symlinks; a cycle is ELOOP, a dangling link ENOENT
     except OSError as err:
@@ -116,13 +123,44 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
 
 
 def _kind(mode: int) -> str:
-    import stat as st
-
+    st = stat
     for test, name in ((st.S_ISFIFO, "a FIFO"), (st.S_ISCHR, "a character device"), (st.S_ISBLK, "a block device"),
                        (st.S_ISSOCK, "a socket"), (st.S_ISDIR, "a folder")):
         if test(mode):
             return name
     return "not a plain file"
+
+
+class OutsidePathError(InputReadError):
+    """A path from a manifest or dataset that would lead out of the folder it belongs to."""
+
+
+def confined(rel: str | None) -> bool:
+    """Whether a relative path from a manifest stays inside its folder (no absolute path, no `..`, no drive)."""
+    if not rel:
+        return False
+    p = PurePosixPath(rel.replace("\\", "/"))
+    return not p.is_absolute() and ".." not in p.parts and not (p.parts and p.parts[0].endswith(":"))
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` lies inside `folder` after resolving symlinks (never raises on loops)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def path_in(root: str | Path, rel: str | None, own: bool = False) -> Path:
+    """`root / rel` for a path read from a manifest or a dataset (untrusted input), or OutsidePathError.
+
+    Every such path is relative and free of `..`. `own`: the file is one lungkit wrote (a mask, a variant),
+    never a symlink, so its resolved path must lie in `root` too; an input folder's symlinks are the user's
+    (segment follows them), so for inputs only the written path is checked."""
+    if not confined(rel):
+        raise OutsidePathError(f"path {rel!r} leaves its folder (absolute or with ..): not followed")
+    path = Path(root) / rel
+    if own and not inside(path, root):
+        raise OutsidePathError(f"{rel} resolves outside its folder (a symlink): not followed")
+    return path
 
 
 def apply_umask(folder: Path) -> None:
@@ -135,8 +173,6 @@ def apply_umask(folder: Path) -> None:
 def replace_folder(staging: Path, dest: Path) -> None:
     """Put a finished staging folder where `dest` is, replacing it: readers see the old folder or the new one,
     whole (two renames on one filesystem; the old one is deleted last)."""
-    import shutil
-
     old = None
     if dest.exists():
         old = dest.parent / f".{dest.name}.lungkit-old-{os.getpid()}"
@@ -144,3 +180,126 @@ def replace_folder(staging: Path, dest: Path) -> None:
     os.replace(staging, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --- locks: advisory flock, dropped by the kernel when the process dies (no stale-lock dance) ---
+
+def try_flock(fd: int, flags: int) -> bool:
+    """Take a lock without waiting; False when another process holds it. A filesystem without locks (some
+    NFS or Lustre mounts) is an error, not a silent pass: concurrent writers would then be unsafe."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, flags | fcntl.LOCK_NB)
+        return True
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise LungkitError(f"cannot lock files in this folder ({err.strerror or err}): its filesystem does not "
+                           "support flock (on Lustre, mount with -o flock)") from err
+
+
+def open_lock_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+
+def lock_holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+
+
+def write_lock_holder(fd: int, text: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text.encode(), 0)
+
+
+# --- folders built whole: report, publish ---
+
+def check_replaceable(dest: Path, run: Path, marker: str, maker: str, allow_inside_run: bool = False) -> None:
+    """Refuse an output folder that a build would replace whole unless `maker` made it (its `marker` file):
+    a non-empty folder of the user's, a file, or one that holds the run (or lies in it, unless allowed)."""
+    if inside(run, dest) or (not allow_inside_run and inside(dest, run)):
+        raise LungkitError(f"the folder {dest} and the run {run} must not contain each other: choose another -o")
+    if dest.exists() and not dest.is_dir():
+        raise LungkitError(f"{dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / marker).is_file():
+        raise LungkitError(f"{dest} is a non-empty folder that {maker} did not make: choose another -o")
+
+
+def output_error(dest: Path, err: OSError) -> LungkitError:
+    """An OS error on an output folder as the one line the CLI prints (exit 2)."""
+    where = err.filename or dest
+    return LungkitError(f"cannot write {dest}: {err.strerror or err} ({where})")
+
+
+@contextmanager
+def output_errors(dest: str | Path) -> Iterator[None]:
+    """OS errors while writing into `dest` (read-only, full, no permission, under /proc) as the one line the
+    CLI prints; an input that cannot be read keeps its own error."""
+    try:
+        yield
+    except InputReadError:
+        raise
+    except OSError as err:
+        raise output_error(Path(dest), err) from err
+
+
+@contextmanager
+def staged_folder(dest: Path, run: Path, marker: str, maker: str, allow_inside_run: bool = False,
+                  resumable: bool = False) -> Iterator[Path]:
+    """A folder built whole and then swapped in at `dest` (`check_replaceable` first). One build at a time per
+    `dest`: a second is refused while the first holds `.DEST.lungkit-lock`. The caller fills the yielded staging
+    folder; on success it takes the user's umask and replaces `dest`. On failure a fresh staging folder is
+    removed, a `resumable` one (`.DEST.lungkit-partial`) is kept for the next run to resume from. An OS error
+    (no space, read-only, no permission) is a LungkitError."""
+    dest = Path(dest)
+    check_replaceable(dest, run, marker, maker, allow_inside_run)
+    lock = dest.parent / f".{dest.name}.lungkit-lock"
+    try:
+        make_dirs(dest.parent)
+        fd = _take_build_lock(lock, dest)
+    except OSError as err:
+        raise output_error(dest, err) from err
+    try:
+        write_lock_holder(fd, f"{maker}, pid {os.getpid()} on {socket.gethostname()}")
+        if resumable:
+            staging = dest.parent / f".{dest.name}.lungkit-partial"
+        else:
+            for stale in dest.parent.glob(f".{dest.name}.lungkit-tmp-*"):  # interrupted builds (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            staging = dest.parent / f".{dest.name}.lungkit-tmp-{os.getpid()}"
+        try:
+            make_dirs(staging)
+            yield staging
+            apply_umask(staging)
+            replace_folder(staging, dest)
+        except BaseException as err:
+            if not resumable:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and not isinstance(err, InputReadError):
+                err = output_error(dest, err)
+            if resumable and isinstance(err, LungkitError):  # say what was kept, and why
+                raise type(err)(f"{err} (the work done so far is kept in {staging}: the same command resumes from it)") from err
+            raise err
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a waiter that opened it retries on the new file
+        os.close(fd)
+
+
+def _take_build_lock(lock: Path, dest: Path) -> int:
+    """An exclusive lock on `lock`, a file removed when the build ends (nothing is left beside `dest`). A lock
+    taken on a file another build has just unlinked is not the lock: take it again on the file now there."""
+    import fcntl
+
+    while True:
+        fd = open_lock_file(lock)
+        if not try_flock(fd, fcntl.LOCK_EX):
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise LungkitError(f"another lungkit ({holder}) is building {dest}; wait for it to finish")
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import TMP_PREFIX, atomic_write_bytes
-from lungmask_kit.qc import short_reason
+from lungmask_kit.fileio import TMP_PREFIX, atomic_write_bytes, inside, path_in
+from lungmask_kit.qc import reason_counts
 
 PARTS_DIR = ".manifest-parts"
 SCHEMA_VERSION = "lungkit-manifest/1"
@@ -197,22 +198,92 @@ def resolve_folder(manifest: str | Path, meta: dict, key: str = "input_root", ov
     return candidate
 
 
-def open_run_manifest(run: str | Path, columns: tuple[str, ...] | None = None) -> tuple[Path, dict, pa.Table]:
-    """A segment or variants run folder (or its manifest.parquet) -> (manifest path, metadata, table with
-    `columns` where the file has them, else all); a one-line LungkitError for anything else."""
+MANIFEST_NAME = "manifest.parquet"  # a run folder's manifest (segment and variants)
+RUN_COMMANDS = ("segment", "variants")  # the commands whose manifests describe a finished run
+
+
+@dataclass
+class RunManifest:
+    """A finished segment or variants run, as every command that reads one starts from it: the manifest's
+    columns (a pyarrow table: no Python object per row, so memory stays small on a 377k-row corpus), its
+    metadata, and where its files are. Paths in it are untrusted: they reach the disk only through
+    `input_file`, `mask_file` and `output_file`, which keep them inside the folder they belong to."""
+
+    path: Path  # the manifest file
+    meta: dict
+    table: pa.Table
+    input_root: Path  # the original images
+    masks_root: Path  # the masks: the run folder (segment) or the folder variants read them from
+
+    @property
+    def run(self) -> Path:
+        return self.path.parent
+
+    @property
+    def n(self) -> int:
+        return self.table.num_rows
+
+    def has(self, name: str) -> bool:
+        return name in self.table.column_names and self.table.column(name).null_count < self.n
+
+    def value(self, name: str, i: int):
+        return self.table.column(name)[int(i)].as_py() if name in self.table.column_names else None
+
+    def values(self, name: str, rows) -> list:
+        """A column's Python values at some row numbers (None for a column the manifest lacks)."""
+        if name not in self.table.column_names:
+            return [None] * len(rows)
+        return self.table.column(name).take(pa.array(rows, pa.int64())).to_pylist()
+
+    def numbers(self, name: str) -> np.ndarray:
+        """A numeric column as float64, NaN where null (all NaN for a column the manifest lacks)."""
+        if name not in self.table.column_names:
+            return np.full(self.n, np.nan)
+        return self.table.column(name).cast("float64").to_numpy(zero_copy_only=False)
+
+    def equals(self, name: str, value) -> np.ndarray:
+        """Bool per row: the column holds `value` (null is not equal)."""
+        if name not in self.table.column_names:
+            return np.zeros(self.n, bool)
+        return pc.fill_null(pc.equal(self.table.column(name), value), False).to_numpy(zero_copy_only=False)
+
+    def input_file(self, rel: str | None) -> Path:
+        """An original image (`path`); OutsidePathError if the manifest's path would leave the input folder."""
+        return path_in(self.input_root, rel)
+
+    def mask_file(self, rel: str | None) -> Path:
+        """A mask (`mask_path`): one the run wrote must resolve inside the run; a variants run's folder masks
+        are the user's files, held to their folder by name."""
+        return path_in(self.masks_root, rel, own=inside(self.masks_root, self.run))
+
+    def output_file(self, rel: str | None) -> Path:
+        """A file the run wrote (`lungs_path`, `nolungs_path`), inside the run folder."""
+        return path_in(self.run, rel, own=True)
+
+
+def open_run(run: str | Path, input_root: str | Path | None = None, columns: tuple[str, ...] | None = None
+             ) -> RunManifest:
+    """A segment or variants run folder (or its manifest.parquet) -> RunManifest, with `columns` where the file
+    has them (else all); a one-line LungkitError for anything else. `input_root` (--input-root) says where
+    the original images are now."""
     run = Path(run)
-    manifest = run if run.suffix == ".parquet" else run / "manifest.parquet"
+    manifest = run if run.suffix == ".parquet" or run.is_file() else run / MANIFEST_NAME
+    if manifest == run and not run.exists():
+        raise LungkitError(f"manifest not found: {run}")
     if not manifest.is_file():
-        raise LungkitError(f"{run} is not a lungkit run folder (no manifest.parquet); give a segment or variants output")
+        raise LungkitError(f"{run} is not a lungkit run folder (no {MANIFEST_NAME}); give a segment or variants output")
     try:
         meta = read_metadata(manifest)
         names = pq.read_schema(manifest).names
         table = pq.read_table(manifest, columns=[c for c in columns if c in names] if columns else None)
     except (OSError, ValueError, pa.ArrowException) as err:
         raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
-    if meta.get("command") not in ("segment", "variants") or "status" not in table.column_names:
+    if meta.get("command") not in RUN_COMMANDS or "status" not in table.column_names or "path" not in table.column_names:
         raise LungkitError(f"{manifest} is not a manifest of lungkit segment or variants")
-    return manifest, meta, table
+    if input_root is not None and not Path(input_root).is_dir():
+        raise LungkitError(f"--input-root {input_root} is not a folder")
+    return RunManifest(manifest, meta, table.combine_chunks(), resolve_folder(manifest, meta, "input_root", input_root),
+                       resolve_folder(manifest, meta, "masks_root"))
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -350,10 +421,5 @@ class RunSummary:
         self.ok = sum(s == "ok" for s in status)
         self.failed = sum(s == "error" for s in status)
         self.flagged = sum(q is False for q in qc)
-        self.flag_reasons = {}
-        for reason in table.column("qc_reason").to_pylist():
-            for part in (reason or "").split("; "):
-                if part:
-                    short = short_reason(part)
-                    self.flag_reasons[short] = self.flag_reasons.get(short, 0) + 1
+        self.flag_reasons = dict(reason_counts(r for r in table.column("qc_reason").to_pylist() if r))
 

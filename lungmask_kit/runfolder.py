@@ -9,7 +9,6 @@ re-run) makes the one manifest. Another command's run (or a run of another input
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -17,11 +16,15 @@ import re
 import socket
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import atomic_write_bytes, remove_stale_temps
+from lungmask_kit.fileio import atomic_write_bytes, confined, remove_stale_temps
+from lungmask_kit.fileio import lock_holder as _holder
+from lungmask_kit.fileio import open_lock_file as _open_lock
+from lungmask_kit.fileio import try_flock as _flock
+from lungmask_kit.fileio import write_lock_holder as _write_holder
 
 RUN_FILE = ".lungkit-run.json"
 LOCK_FILE = ".lungkit.lock"
@@ -64,35 +67,6 @@ class Shard:
     def owns(self, path: str) -> bool:
         digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).digest()
         return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
-
-
-def _flock(fd: int, flags: int) -> bool:
-    """Take a lock without waiting; False when another process holds it. A filesystem without locks (some
-    NFS or Lustre mounts) is an error, not a silent pass: shards would then be unsafe."""
-    import fcntl
-
-    try:
-        fcntl.flock(fd, flags | fcntl.LOCK_NB)
-        return True
-    except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise LungkitError(f"cannot lock files in this folder ({err.strerror or err}): its filesystem does not "
-                           "support flock (on Lustre, mount with -o flock)") from err
-
-
-def _open_lock(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-
-
-def _holder(fd: int) -> str:
-    os.lseek(fd, 0, os.SEEK_SET)
-    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
-
-
-def _write_holder(fd: int, text: str) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, text.encode(), 0)
 
 
 class RunLock:
@@ -206,14 +180,6 @@ def mark(out: Path, kind: RunKind) -> None:
     atomic_write_bytes(out / RUN_FILE, json.dumps({"command": kind.command, "input_root": relative}).encode())
 
 
-def confined(rel: str | None) -> bool:
-    """Whether a relative path from a manifest stays inside its folder (no absolute path, no `..`)."""
-    if not rel:
-        return False
-    p = PurePosixPath(rel.replace("\\", "/"))
-    return not p.is_absolute() and ".." not in p.parts and not (p.parts and p.parts[0].endswith(":"))
-
-
 def remove_outputs(out: Path, rows: list[dict], command: str) -> int:
     """Delete the output files these manifest rows name (lungkit's own files only, inside OUT); returns how many."""
     removed = 0
@@ -227,19 +193,6 @@ def remove_outputs(out: Path, rows: list[dict], command: str) -> int:
                 except FileNotFoundError:
                     pass
     return removed
-
-
-def check_replaceable(dest: Path, run: Path, marker: str, maker: str, allow_inside_run: bool = False) -> None:
-    """Refuse an output folder that a build would replace whole unless `maker` made it (its `marker` file):
-    a non-empty folder of the user's, a file, or one that holds the run (or lies in it, unless allowed)."""
-    from lungmask_kit.discovery import inside
-
-    if inside(run, dest) or (not allow_inside_run and inside(dest, run)):
-        raise LungkitError(f"the folder {dest} and the run {run} must not contain each other: choose another -o")
-    if dest.exists() and not dest.is_dir():
-        raise LungkitError(f"{dest} exists and is not a folder")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / marker).is_file():
-        raise LungkitError(f"{dest} is a non-empty folder that {maker} did not make: choose another -o")
 
 
 SHARD_RECORD = "shard-{tag}.json"  # in the parts folder: a finished shard's settings, for `lungkit merge`
@@ -324,14 +277,30 @@ class RunFolder:
         return table, len(dropped)
 
 
+def running_holder(out: Path) -> str | None:
+    """Who is writing into OUT now (the lock's holder), or None when no run holds its lock."""
+    import fcntl
+
+    if not (out / LOCK_FILE).is_file():
+        return None
+    fd = _open_lock(out / LOCK_FILE)
+    try:
+        return None if _flock(fd, fcntl.LOCK_EX) else _holder(fd)
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
 def shard_records(out: Path) -> list[dict]:
-    """The records of the shards that finished into OUT (unreadable ones are skipped: their shard reruns)."""
+    """The records of the shards that finished into OUT (unreadable ones, or JSON that is not a record, are
+    skipped: their shard reruns)."""
     from lungmask_kit.manifest import PARTS_DIR
 
     records = []
     for path in sorted((out / PARTS_DIR).glob(SHARD_RECORD.format(tag="*"))):
         try:
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records

@@ -102,7 +102,7 @@ def test_report_is_portable_and_follows_the_umask(mixed_run, tmp_path):
 
 
 def test_sixteen_bit_image_renders_with_contrast(mixed_run, tmp_path):
-    from lungmask_kit.report.build import image_name
+    from lungmask_kit.report.render import image_name
 
     report = tmp_path / "rep"
     assert main(["report", str(mixed_run), "-o", str(report), "--sample", "100", "-q"]) == 0

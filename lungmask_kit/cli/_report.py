@@ -41,12 +41,10 @@ def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
     if not quiet:
         echo_run_summary(s, title)
     if report:
-        from pathlib import Path
-
         from lungmask_kit.cli.report import echo_report_summary
-        from lungmask_kit.report import ReportOptions, build_report
+        from lungmask_kit.report import ReportOptions, build_report, default_folder
 
-        echo_report_summary(build_report(out, Path(out) / "report", ReportOptions(progress=not quiet)), quiet)
+        echo_report_summary(build_report(out, default_folder(out), ReportOptions(progress=not quiet)), quiet)
     if s.next_step and not quiet:
         typer.echo(s.next_step)
     if s.uncalibrated:

@@ -15,9 +15,10 @@ def publish(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder (replaced whole when lungkit made it).")],
     masks_only: Annotated[bool, typer.Option("--masks-only", help="Masks as COCO RLE with each source image's path and sha256; no image (for sources that may not be redistributed).")] = False,
     include_flagged: Annotated[bool, typer.Option("--include-flagged", help="Also publish QC-flagged images (failed ones never).")] = False,
-    name: Annotated[str | None, typer.Option("--name", help="Dataset name in the card and croissant.json [default: OUT's folder name].")] = None,
-    license: Annotated[str | None, typer.Option("--license", help="Licence id for the card, e.g. cc-by-4.0 [default: from the manifest's license column].")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Dataset name in the card and croissant.json (default: OUT's folder name).")] = None,
+    license: Annotated[str | None, typer.Option("--license", help="Licence id for the card, e.g. cc-by-4.0 (default: from the manifest's license column).")] = None,
     shard_mb: Annotated[int, typer.Option("--shard-mb", min=1, help="Parquet shard size in MB of image bytes.")] = 500,
+    keep_identifiers: Annotated[bool, typer.Option("--keep-identifiers", help="Publish patient_id and the DICOM study/series/SOP UIDs as they are (default: replaced by pseudonyms that still group a patient's images).")] = False,
     input_root: InputRootOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -34,14 +35,19 @@ def publish(
     from lungmask_kit.publish import publish as run_publish
 
     options = PublishOptions(masks_only=masks_only, include_flagged=include_flagged, name=name, license=license,
-                             shard_mb=shard_mb, input_root=input_root, progress=not quiet)
+                             shard_mb=shard_mb, input_root=input_root, keep_identifiers=keep_identifiers,
+                             progress=not quiet)
     s = run_publish(run, out, options)
     if not quiet:
         splits = ", ".join(f"{k} {v}" for k, v in sorted(s.rows.items()))
         typer.echo(f"published {sum(s.rows.values())} image(s) ({splits}) in {s.mode} mode to {s.folder}: {s.files} files, "
                    f"{s.total_bytes / 2**20:.1f} MiB, {s.seconds:.1f} s; left out {s.excluded_flagged} flagged, "
                    f"{s.excluded_failed} failed" + (f"; resumed {s.resumed_shards} shard(s)" if s.resumed_shards else ""))
+        if s.pseudonymised:
+            typer.echo(f"identifiers replaced by pseudonyms: {', '.join(s.pseudonymised)} (--keep-identifiers keeps them)")
         typer.echo(f"check it with: cd {s.folder} && sha256sum -c SHA256SUMS")
+    for warning in s.warnings:
+        typer.echo(f"lungkit: warning: {warning}", err=True)
 
 
 def register(app: typer.Typer) -> None:

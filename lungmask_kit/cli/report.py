@@ -12,7 +12,7 @@ from lungmask_kit.cli._options import InputRootOpt, QuietOpt
 
 def report(
     run: Annotated[Path, typer.Argument(help="A segment or variants output folder (or its manifest.parquet).", metavar="OUT")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder [default: OUT/report]. Replaced whole on every run.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: OUT/report). Replaced whole on every run.")] = None,
     sample: Annotated[int, typer.Option("--sample", min=0, help="Random segmented images shown.")] = 48,
     lowest: Annotated[int, typer.Option("--lowest", min=0, help="Lowest-quality segmented images shown (by est_dice, else ood_score, else lung area).")] = 48,
     per_page: Annotated[int, typer.Option("--per-page", min=1, help="Thumbnails per page of a flagged sheet.")] = 120,
@@ -32,9 +32,9 @@ def report(
 
       lungkit report out/covidx -o reports/covidx --sample 200 --per-page 200
     """
-    from lungmask_kit.report import ReportOptions, build_report
+    from lungmask_kit.report import ReportOptions, build_report, default_folder
 
-    folder = out if out is not None else (run.parent if run.suffix == ".parquet" else run) / "report"
+    folder = out if out is not None else default_folder(run)
     options = ReportOptions(sample=sample, lowest=lowest, per_page=per_page, seed=seed, workers=workers,
                             input_root=input_root, progress=not quiet)
     s = build_report(run, folder, options)
@@ -46,8 +46,12 @@ def echo_report_summary(s, quiet: bool) -> None:
         typer.echo(f"report: {s.index} ({s.pages} pages, {s.images_shown} overlays; {s.flagged} flagged, "
                    f"{s.failed} failed; {s.seconds:.1f} s)")
     if s.unrendered:
-        typer.echo(f"lungkit: warning: {s.unrendered} image(s) shown as placeholders: their originals were not found "
-                   "(give --input-root where they are now)", err=True)
+        typer.echo(f"lungkit: warning: {s.unrendered} image(s) shown as placeholders: their originals were not found, "
+                   "were changed since the run, or lie outside the input folder (give --input-root where they are now; "
+                   "each card says why)", err=True)
+    if s.no_outline:
+        typer.echo(f"lungkit: warning: {s.no_outline} image(s) shown without their mask's outline: the mask is missing, "
+                   "unreadable or of another size (each card says which)", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,83 +10,47 @@ image's relative path and sha256, for sources whose images may not be redistribu
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import re
+import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import apply_umask, replace_folder
-from lungmask_kit.manifest import RLE_TYPE
-from lungmask_kit.runfolder import check_replaceable
+from lungmask_kit.fileio import atomic_write_bytes, staged_folder
+from lungmask_kit.manifest import RunManifest, open_run
+from lungmask_kit.publish.card import write_card, write_croissant, write_sha256sums
+from lungmask_kit.publish.payload import full_payload, masks_payload
+from lungmask_kit.publish.schema import (
+    HF_IMAGE,
+    IDENTIFIER_COLUMNS,
+    IMAGE_COLUMNS,
+    RLE,
+    PublishOptions,
+    PublishSummary,
+    hf_schema_metadata,
+)
 from lungmask_kit.runtime import available_cores
 
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
 PROGRESS = ".progress.json"
-HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-RLE = RLE_TYPE
-IMAGE_COLUMNS = ("image", "mask", "lungs", "nolungs")
 # manifest columns that only mean something inside the run folder, or on rows never published
-RUN_ONLY = {"full": ("status", "error", "mask_path", "lungs_path", "nolungs_path"), "masks": ("status", "error")}
+RUN_ONLY = ("status", "error", "mask_path", "lungs_path", "nolungs_path")
 ROW_GROUP_BYTES = 64 << 20  # image bytes per Parquet row group: readers hold one row group at a time
 READ_CHUNK = 64  # rows read ahead in threads
-
-
-@dataclass
-class PublishOptions:
-    masks_only: bool = False
-    include_flagged: bool = False
-    name: str | None = None  # dataset name (default: the run folder's name)
-    license: str | None = None  # licence id for the card (default: summarised from a licence column)
-    shard_mb: int = 500  # Parquet shard size, MB of image bytes (full mode)
-    input_root: str | Path | None = None  # where the run's original images are now
-    workers: int = 0  # reading threads (0: one per usable core)
-    progress: bool = True
-
-
-@dataclass
-class PublishSummary:
-    folder: str
-    mode: str
-    rows: dict[str, int] = field(default_factory=dict)  # split -> published rows
-    excluded_flagged: int = 0
-    excluded_failed: int = 0
-    files: int = 0
-    total_bytes: int = 0
-    resumed_shards: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class Source:
-    """A run's manifest, its metadata and where its files are."""
-
-    manifest: Path
-    table: pa.Table
-    meta: dict
-    run: Path
-    input_root: Path
-    masks_root: Path
-
-
-def load_source(run: str | Path, input_root: str | Path | None = None) -> Source:
-    from lungmask_kit.manifest import open_run_manifest, resolve_folder
-
-    manifest, meta, table = open_run_manifest(run)
-    return Source(manifest, table, meta, manifest.parent, resolve_folder(manifest, meta, "input_root", input_root),
-                  resolve_folder(manifest, meta, "masks_root"))
+MAX_SPLIT_NAME = 64  # characters of a split name (it is part of every shard's file name)
 
 
 def eligible(table: pa.Table, include_flagged: bool) -> tuple[pa.Table, int, int]:
     """(rows to publish, flagged rows left out, failed rows left out): failed never, flagged unless asked."""
-    import pyarrow.compute as pc
-
     ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
     flagged = pc.fill_null(pc.equal(table.column("qc_pass"), False), False) if "qc_pass" in table.column_names else pc.equal(ok, False)
     keep = ok if include_flagged else pc.and_(ok, pc.invert(flagged))
@@ -97,73 +61,97 @@ def eligible(table: pa.Table, include_flagged: bool) -> tuple[pa.Table, int, int
 
 def split_names(table: pa.Table) -> list[str]:
     """Each row's split: its `split` value made a valid Hugging Face split name; rows without one are `train`
-    when no row has a split, else `unassigned`."""
-    import re
-
+    when no row has a split, else `unassigned`. At most MAX_SPLIT_NAME characters (a long value is cut and
+    told apart by a hash of itself)."""
     values = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(table)
     default = "train" if all(v is None for v in values) else "unassigned"
-    return [re.sub(r"\W+", "_", v).strip("_") or default if v else default for v in values]
+    return [_split_name(v) or default if v else default for v in values]
+
+
+def _split_name(value: str) -> str:
+    name = re.sub(r"\W+", "_", value, flags=re.ASCII).strip("_")
+    if len(name) > MAX_SPLIT_NAME:
+        name = name[: MAX_SPLIT_NAME - 9].rstrip("_") + "_" + hashlib.sha1(value.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return name
 
 
 def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None = None) -> PublishSummary:
     """`lungkit publish RUN -o DATASET`."""
-    from lungmask_kit.publish.card import write_card, write_croissant, write_sha256sums
-
     t0 = time.perf_counter()
     options = options or PublishOptions()
-    source = load_source(run, options.input_root)
+    source = open_run(run, options.input_root)
     dataset = Path(dataset)
-    check_replaceable(dataset, source.run, MARKER, "lungkit publish")
     table, n_flagged, n_failed = eligible(source.table, options.include_flagged)
     if table.num_rows == 0:
-        raise LungkitError(f"nothing to publish in {source.manifest}: no image passed QC and ran without error "
+        raise LungkitError(f"nothing to publish in {source.path}: no image passed QC and ran without error "
                            "(--include-flagged also publishes flagged images)")
     splits = split_names(table)
     table = table.drop_columns(["split"]) if "split" in table.column_names else table
     table = table.append_column("split", pa.array(splits, pa.string()))
-    mode = "masks" if options.masks_only else "full"
-    staging = dataset.parent / f".{dataset.name}.lungkit-partial"
-    state = _Progress.open(staging, _publish_key(source, options))
     summary = PublishSummary(str(dataset), "masks-only" if options.masks_only else "full",
                              excluded_flagged=n_flagged, excluded_failed=n_failed)
-    rows_of = {}
-    for i, split in enumerate(splits):
-        rows_of.setdefault(split, []).append(i)
-    for split, rows in sorted(rows_of.items()):
-        summary.resumed_shards += _write_split(source, table.take(pa.array(rows, pa.int64())), split, staging, state, options)
-        summary.rows[split] = len(rows)
-    files = sorted(p.relative_to(staging).as_posix() for p in (staging / "data").glob("*.parquet"))
-    write_card(staging, source, _published_columns(table, mode), summary, options, files)
-    write_croissant(staging, source, _published_columns(table, mode), summary, options, files)
-    (staging / MARKER).write_text("a dataset written by `lungkit publish`; a re-run replaces this folder whole\n")
-    state.remove()
-    write_sha256sums(staging)
-    apply_umask(staging)
-    replace_folder(staging, dataset)
-    published = [p for p in dataset.rglob("*") if p.is_file()]
-    summary.files, summary.total_bytes = len(published), sum(p.stat().st_size for p in published)
+    # a killed build resumes from .DATASET.lungkit-partial (kept on failure); one build per DATASET at a time
+    with staged_folder(dataset, source.run, MARKER, "lungkit publish", resumable=True) as staging:
+        state = _Progress.open(staging, _publish_key(source, options))
+        if not options.keep_identifiers:
+            table, summary.pseudonymised = pseudonymise(table, state.pseudonym_key)
+        rows_of: dict[str, list[int]] = {}
+        for i, split in enumerate(splits):
+            rows_of.setdefault(split, []).append(i)
+        for split, rows in sorted(rows_of.items()):
+            summary.resumed_shards += _write_split(source, table.take(pa.array(rows, pa.int64())), split, staging, state, options)
+            summary.rows[split] = len(rows)
+        files = sorted(p.relative_to(staging).as_posix() for p in (staging / "data").glob("*.parquet"))
+        published = _published_columns(table, options)
+        write_card(staging, source, published, summary, options, files)
+        write_croissant(staging, source, published, summary, options, files)
+        (staging / MARKER).write_text("a dataset written by `lungkit publish`; a re-run replaces this folder whole\n")
+        state.remove()
+        write_sha256sums(staging)
+    if not options.license and not any(c in source.table.column_names for c in ("license", "licence")):
+        summary.warnings.append("the images' licence is unknown (no license column, no --license): the card says "
+                                "`unknown`; find out before sharing the dataset")
+    files_out = [p for p in dataset.rglob("*") if p.is_file()]
+    summary.files, summary.total_bytes = len(files_out), sum(p.stat().st_size for p in files_out)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _published_columns(table: pa.Table, mode: str) -> pa.Table:
-    """The manifest's columns others get: its own run-folder paths and status columns dropped."""
-    return table.drop_columns([c for c in RUN_ONLY[mode] if c in table.column_names])
+def pseudonymise(table: pa.Table, key: bytes) -> tuple[pa.Table, list[str]]:
+    """The identifier columns (patient ids, DICOM UIDs) replaced by keyed hashes: equal values stay equal within
+    the dataset (a patient's images can still be grouped), and without the key, discarded once the dataset is
+    built, no value can be traced back (a plain hash of a short patient id could be by trying them all)."""
+    done = []
+    for name in IDENTIFIER_COLUMNS:
+        if name not in table.column_names or table.column(name).null_count == len(table):
+            continue
+        values = [None if v is None else "anon-" + hmac.new(key, f"{name}:{v}".encode(), hashlib.sha256).hexdigest()[:16]
+                  for v in table.column(name).to_pylist()]
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, pa.field(name, pa.string()), pa.array(values, pa.string()))
+        done.append(name)
+    return table, done
 
 
-def _publish_key(source: Source, options: PublishOptions) -> str:
+def _published_columns(table: pa.Table, options: PublishOptions) -> pa.Table:
+    """The manifest's columns others get: its run-folder paths and status columns dropped (in masks-only mode
+    too: the dataset holds none of the files they name)."""
+    return table.drop_columns([c for c in RUN_ONLY if c in table.column_names])
+
+
+def _publish_key(source: RunManifest, options: PublishOptions) -> str:
     """What a partial build must share with this one to be resumed: the manifest's bytes and the options that
     change the shards."""
-    digest = hashlib.sha256(source.manifest.read_bytes()).hexdigest()
-    payload = [digest, options.masks_only, options.include_flagged, options.shard_mb, 1]
+    digest = hashlib.sha256(source.path.read_bytes()).hexdigest()
+    payload = [digest, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 2]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 class _Progress:
     """The shards a partial build finished, per split, in `.progress.json` inside the staging folder."""
 
-    def __init__(self, staging: Path, key: str, done: dict):
-        self.staging, self.key, self.done = staging, key, done
+    def __init__(self, staging: Path, key: str, done: dict, pseudonym_key: bytes):
+        self.staging, self.key, self.done, self.pseudonym_key = staging, key, done, pseudonym_key
 
     @classmethod
     def open(cls, staging: Path, key: str) -> "_Progress":
@@ -172,11 +160,13 @@ class _Progress:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             saved = {}
-        if saved.get("key") != key:  # another manifest or other options: start over
+        if saved.get("key") != key or "pseudonym_key" not in saved:  # another manifest or other options: start over
             shutil.rmtree(staging, ignore_errors=True)
-            saved = {"done": {}}
+            # the shards written so far used this key: it must survive a resume, and go with the staging folder
+            saved = {"done": {}, "pseudonym_key": secrets.token_hex(32)}
         (staging / "data").mkdir(parents=True, exist_ok=True)
-        state = cls(staging, key, saved["done"])
+        state = cls(staging, key, saved["done"], bytes.fromhex(saved["pseudonym_key"]))
+        state._save()
         listed = {f for d in state.done.values() for f, _ in d.get("shards", [])}
         for stray in (staging / "data").iterdir():  # a shard being written when the run was killed
             if stray.name not in listed:
@@ -198,15 +188,14 @@ class _Progress:
         return bool(self.done.get(split, {}).get("complete"))
 
     def _save(self) -> None:
-        from lungmask_kit.fileio import atomic_write_bytes
-
-        atomic_write_bytes(self.staging / PROGRESS, json.dumps({"key": self.key, "done": self.done}).encode())
+        atomic_write_bytes(self.staging / PROGRESS, json.dumps(
+            {"key": self.key, "done": self.done, "pseudonym_key": self.pseudonym_key.hex()}).encode())
 
     def remove(self) -> None:
         (self.staging / PROGRESS).unlink(missing_ok=True)
 
 
-def _write_split(source: Source, table: pa.Table, split: str, staging: Path, state: _Progress,
+def _write_split(source: RunManifest, table: pa.Table, split: str, staging: Path, state: _Progress,
                  options: PublishOptions) -> int:
     """The split's shards, resuming after the ones a killed run finished; returns how many were reused."""
     if state.complete(split):
@@ -229,11 +218,9 @@ def _write_split(source: Source, table: pa.Table, split: str, staging: Path, sta
     return len(done)
 
 
-def _row_payloads(source: Source, rows: pa.Table, options: PublishOptions):
+def _row_payloads(source: RunManifest, rows: pa.Table, options: PublishOptions):
     """The split's rows in chunks, each a pyarrow table with its image or RLE columns added; files are read in
     threads, at most READ_CHUNK rows ahead."""
-    from lungmask_kit.publish.payload import full_payload, masks_payload
-
     make = masks_payload if options.masks_only else full_payload
     workers = options.workers or available_cores()
     records = rows.to_pylist() if rows.num_rows <= READ_CHUNK else None
@@ -246,7 +233,7 @@ def _row_payloads(source: Source, rows: pa.Table, options: PublishOptions):
 
 def _chunk_table(rows: pa.Table, extra: list[dict], options: PublishOptions) -> pa.Table:
     """The published rows of a chunk: the manifest's columns others get, then the images or the RLE."""
-    rows = _published_columns(rows, "masks" if options.masks_only else "full")
+    rows = _published_columns(rows, options)
     rows = rows.drop_columns([c for c in ("mask_rle", *IMAGE_COLUMNS) if c in rows.column_names])
     if options.masks_only:
         return rows.append_column(pa.field("mask_rle", RLE), pa.array([e["mask_rle"] for e in extra], RLE))
@@ -262,6 +249,7 @@ class _ShardWriter:
     def __init__(self, folder: Path, split: str, index: int, options: PublishOptions, state: _Progress):
         self.folder, self.split, self.index, self.state = folder, split, index, state
         self.limit = options.shard_mb << 20
+        self.group_limit = min(ROW_GROUP_BYTES, self.limit)  # --shard-mb below a row group still cuts shards
         self.writer = None
         self.bytes = self.rows = 0
         self.group: list[pa.Table] = []
@@ -270,7 +258,7 @@ class _ShardWriter:
     def add(self, chunk: pa.Table) -> None:
         self.group.append(chunk)
         self.group_bytes += chunk.nbytes
-        if self.group_bytes >= ROW_GROUP_BYTES:
+        if self.group_bytes >= self.group_limit:
             self._flush_group()
         if self.bytes >= self.limit:
             self._close_shard()
@@ -280,8 +268,6 @@ class _ShardWriter:
             return
         table = pa.concat_tables(self.group)
         if self.writer is None:
-            from lungmask_kit.publish.card import hf_schema_metadata
-
             self.path = self.folder / f"{self.split}-{self.index:05d}.parquet"
             schema = table.schema.with_metadata(hf_schema_metadata(table.schema))
             self.writer = pq.ParquetWriter(self.path, schema, compression="zstd")

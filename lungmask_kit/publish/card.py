@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
 from lungmask_kit import __version__
+from lungmask_kit.manifest import RunManifest
+from lungmask_kit.publish.schema import HF_IMAGE, IDENTIFIER_COLUMNS, IMAGE_COLUMNS, RLE, PublishOptions, PublishSummary
 
-_HF_DTYPES = {pa.string(): "string", pa.large_string(): "large_string", pa.bool_(): "bool", pa.int8(): "int8",
-              pa.int16(): "int16", pa.int32(): "int32", pa.int64(): "int64", pa.float32(): "float32",
-              pa.float64(): "float64", pa.binary(): "binary"}
 LICENCE_COLUMNS = ("license", "licence")
 _LICENCE_IDS = {  # how label files write a licence -> the Hugging Face licence id
     "cc by 4.0": "cc-by-4.0", "cc by 3.0": "cc-by-3.0", "cc by-sa 4.0": "cc-by-sa-4.0", "cc by-nc 4.0": "cc-by-nc-4.0",
@@ -24,29 +24,19 @@ _LICENCE_IDS = {  # how label files write a licence -> the Hugging Face licence 
 }
 
 
-def hf_feature(t: pa.DataType) -> dict:
-    """A Hugging Face `datasets` feature (as stored in Parquet metadata) for an Arrow type."""
-    from lungmask_kit.publish.build import HF_IMAGE
-
-    if t == HF_IMAGE:
-        return {"_type": "Image"}
-    if pa.types.is_struct(t):
-        return {t.field(i).name: hf_feature(t.field(i).type) for i in range(t.num_fields)}
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return {"_type": "Sequence", "feature": hf_feature(t.value_type)}
-    return {"dtype": _HF_DTYPES.get(t, str(t)), "_type": "Value"}
-
-
-def hf_schema_metadata(schema: pa.Schema) -> dict:
-    """The `huggingface` schema metadata that makes `datasets` load the image columns as `Image` features."""
-    features = {f.name: hf_feature(f.type) for f in schema}
-    return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
-
-
 def licence_id(text: str | None) -> str:
+    """A licence as written -> a Hugging Face licence id: a known spelling, an id as it is, else `other`."""
     if not text:
         return "unknown"
-    return _LICENCE_IDS.get(text.strip().lower(), "other")
+    text = text.strip().lower()
+    return _LICENCE_IDS.get(text) or (text if re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", text) else "other")
+
+
+def md(value) -> str:
+    """A value from a manifest, a label file or the command line as inline Markdown text: one line, no table
+    cell break, no heading, link, HTML or emphasis of its own (a label value must not add sections to the card)."""
+    text = " ".join(str(value).split())
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
 
 
 def licence_summary(table: pa.Table, given: str | None) -> tuple[str, list[tuple[str, int]]]:
@@ -56,7 +46,7 @@ def licence_summary(table: pa.Table, given: str | None) -> tuple[str, list[tuple
     counts = Counter(table.column(column).to_pylist()).most_common() if column else []
     counts = [(k if k else "unspecified", n) for k, n in counts]
     if given:
-        return given, counts
+        return licence_id(given), counts
     if len(counts) == 1:
         return licence_id(counts[0][0]), counts
     return ("other" if counts else "unknown"), counts
@@ -69,7 +59,7 @@ def size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def dataset_name(source, options) -> str:
+def dataset_name(source: RunManifest, options: PublishOptions) -> str:
     return options.name or source.run.name
 
 
@@ -80,25 +70,26 @@ def _counts(table: pa.Table, column: str) -> list[tuple[str, int]]:
 
 
 def _reasons(table: pa.Table) -> list[tuple[str, int]]:
-    from lungmask_kit.qc import short_reason
+    from lungmask_kit.qc import reason_counts
 
     if "qc_reason" not in table.column_names:
         return []
-    return Counter(short_reason(p) for r in table.column("qc_reason").to_pylist() if r for p in r.split("; ")).most_common()
+    return reason_counts(r for r in table.column("qc_reason").to_pylist() if r).most_common()
 
 
 def _table_md(title: str, rows: list[tuple[str, int]]) -> list[str]:
     if not rows:
         return []
-    return [f"| {title} | images |", "|---|---:|", *(f"| {k} | {n} |" for k, n in rows), ""]
+    return [f"| {title} | images |", "|---|---:|", *(f"| {md(k)} | {n} |" for k, n in rows), ""]
 
 
-def write_card(folder: Path, source, table: pa.Table, summary, options, files: list[str]) -> None:
+def write_card(folder: Path, source: RunManifest, table: pa.Table, summary: PublishSummary, options: PublishOptions,
+               files: list[str]) -> None:
     """README.md: a Hugging Face YAML header and a datasheet."""
     meta, name = source.meta, dataset_name(source, options)
     licence, licences = licence_summary(table, options.license)
     splits = sorted(summary.rows)
-    header = ["---", f"pretty_name: {json.dumps(name)}", f"license: {licence}",
+    header = ["---", f"pretty_name: {json.dumps(name)}", f"license: {json.dumps(licence)}",
               "task_categories:", "- image-segmentation", *(["- image-classification"] if _counts(table, "label") else []),
               "tags:", "- medical", "- chest-x-ray", "- lung-segmentation", "- lungkit",
               f"size_categories:\n- {size_category(table.num_rows)}", "configs:", "- config_name: default", "  data_files:",
@@ -122,11 +113,12 @@ def _convention_line(table: pa.Table) -> str:
     return "- Annotation convention: " + "; ".join(f"`{c}`: {_CONVENTION_WORDS.get(c, c)}" for c in said) + "."
 
 
-def _card_body(name, meta, table, summary, options, licence, licences, files) -> list[str]:
+def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, options: PublishOptions, licence: str,
+               licences: list[tuple[str, int]], files: list[str]) -> list[str]:
     mode = summary.mode
     calibration = (meta.get("quality") or {}).get("calibration") or {}
     qc = meta.get("qc") or {}
-    lines = [f"# {name}", "",
+    lines = [f"# {md(name)}", "",
              f"Lung masks{'' if mode == 'masks-only' else ', lungs-only and lungs-removed images'} of {table.num_rows} chest "
              f"X-rays, made with lungkit {meta.get('lungkit_version', '?')} (`lungkit {meta.get('command', 'segment')}` then "
              f"`lungkit publish{' --masks-only' if mode == 'masks-only' else ''}`).", "",
@@ -136,8 +128,11 @@ def _card_body(name, meta, table, summary, options, licence, licences, files) ->
              "## Composition", ""]
     lines += [f"- Splits: {', '.join(f'{s} ({n})' for s, n in sorted(summary.rows.items()))}."]
     if mode == "full":
+        cropped = "crop_box" in table.column_names and table.column("crop_box").null_count < len(table)
+        variants_size = ("cropped to the lungs' bounding box, which `crop_box` gives as [y0, y1, x0, x1] (half-open) in "
+                         "the image's pixels; same depth as the image" if cropped else "same size and depth as the image")
         lines += ["- Each row: `image` (the source image as PNG, 16-bit where the source is), `mask` (PNG, 0 background / "
-                  "255 lung, native size), `lungs`, `nolungs` (PNG, same size and depth as the image), and the manifest's "
+                  f"255 lung, native size), `lungs`, `nolungs` (PNG, {variants_size}), and the manifest's "
                   "columns (lungkit's `manifests/SCHEMA.md`)."]
     else:
         lines += ["- Each row: `mask_rle` (the mask as a COCO run-length encoding: `size` = [height, width], `counts` = "
@@ -174,18 +169,34 @@ def _card_body(name, meta, table, summary, options, licence, licences, files) ->
               "## Uses", "",
               "Shortcut audits of chest X-ray classifiers, lung-region analyses, pre-training lung segmenters. Not for "
               "clinical use: no mask here was checked by a clinician.", "",
+              "## Personal and sensitive information", "", _identifiers_sentence(table, summary), "",
               "## Licences", ""]
     if licences:
         lines += [f"Licence of the images, per source row (`license` column); the card's licence is `{licence}`:", "",
                   *_table_md("licence", licences)]
     else:
-        lines += [f"`{licence}`" + (" (given by the publisher)." if options.license else " (no licence column in the manifest)."), ""]
+        lines += [f"`{licence}`" + (f" (given by the publisher: {md(options.license)})." if options.license else
+                  " (no licence column in the manifest, and none given with --license: ask the source's owners before "
+                  "sharing this dataset)."), ""]
     lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.0), "
               "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file).", "",
-              "## Citation", "", "Cite the sources of the images (see the licence table) and lungkit:", "", "```bibtex",
+              "## Citation", "", "Cite the sources of the images" + (" (see the licence table)" if licences else "")
+              + " and lungkit:", "", "```bibtex",
               "@software{lungkit,", "  title = {lungkit: batch lung masks for chest X-ray datasets},",
               f"  version = {{{meta.get('lungkit_version', __version__)}}},", "}", "```"]
     return lines
+
+
+def _identifiers_sentence(table: pa.Table, summary: PublishSummary) -> str:
+    present = [c for c in IDENTIFIER_COLUMNS if c in table.column_names and table.column(c).null_count < len(table)]
+    if not present:
+        return "No patient identifier column (patient_id, DICOM UIDs) is published."
+    names = ", ".join(f"`{c}`" for c in present)
+    if summary.pseudonymised:
+        return (f"{names}: replaced by pseudonyms (a keyed hash whose key was discarded after publishing): rows of one "
+                "patient or study share a pseudonym within this dataset, and no value can be traced back to the source.")
+    return (f"{names}: published as in the source (`lungkit publish --keep-identifiers`); they identify patients unless "
+            "the source was de-identified.")
 
 
 def _quality_sentence(calibration: dict, qc: dict) -> str:
@@ -227,8 +238,6 @@ _RLE_COLUMNS = {"mask_rle": "the lung mask", "right_lung_rle": "the patient's ri
 
 
 def _cr_field(name: str, t: pa.DataType) -> dict | None:
-    from lungmask_kit.publish.build import HF_IMAGE
-
     source = {"fileSet": {"@id": "parquet-files"}, "extract": {"column": name}}
     base = {"@type": "cr:Field", "@id": f"default/{name}", "name": name}
     if t == HF_IMAGE:
@@ -243,14 +252,13 @@ def _cr_field(name: str, t: pa.DataType) -> dict | None:
     return None  # lists (pixel_spacing, crop_box): in the Parquet files, not described field by field here
 
 
-def write_croissant(folder: Path, source, table: pa.Table, summary, options, files: list[str]) -> None:
-    from lungmask_kit.publish.build import HF_IMAGE, RLE
-
+def write_croissant(folder: Path, source: RunManifest, table: pa.Table, summary: PublishSummary, options: PublishOptions,
+                    files: list[str]) -> None:
     meta, name = source.meta, dataset_name(source, options)
     licence, licences = licence_summary(table, options.license)
     schema = table.schema
     if summary.mode == "full":
-        schema = pa.schema(list(schema) + [pa.field(c, HF_IMAGE) for c in ("image", "mask", "lungs", "nolungs")])
+        schema = pa.schema(list(schema) + [pa.field(c, HF_IMAGE) for c in IMAGE_COLUMNS])
     else:
         schema = pa.schema(list(schema) + [pa.field("mask_rle", RLE)])
     fields = [f for f in (_cr_field(fld.name, fld.type) for fld in schema) if f is not None]
@@ -271,10 +279,9 @@ def write_croissant(folder: Path, source, table: pa.Table, summary, options, fil
                                       "no human checked individual masks.",
         "rai:dataLimitations": ["Masks follow the annotation convention of the model's training data.",
                                 "est_dice is an estimate, not a measurement; QC flags are heuristics."],
-        "rai:dataBiases": ["The source corpus's mix of sites, devices and diseases carries over; flag rates per label "
-                           "and source are in README.md."],
-        "rai:personalSensitiveInformation": ["Medical images. Columns copied from DICOM headers (patient_id, study/series/SOP "
-                                             "UIDs) identify patients unless the source was de-identified."],
+        "rai:dataBiases": ["The source corpus's mix of sites, devices and diseases carries over; the images per label, "
+                           "split and source are counted in README.md."],
+        "rai:personalSensitiveInformation": ["Medical images. " + _identifiers_sentence(table, summary)],
         "rai:dataUseCases": ["Shortcut audits of chest X-ray classifiers; lung-region analyses. Not for clinical use."],
         "rai:dataSocialImpact": "Helps show whether diagnostic classifiers rely on cues outside the lungs.",
         "rai:dataReleaseMaintenancePlan": ["Regenerate with lungkit publish from the run; SHA256SUMS pins every file."],

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 import numpy as np
 
-from lungmask_kit.report.build import FAILED_PER_PAGE, GROUP_COLUMNS, ReportOptions, RunData
+from lungmask_kit.manifest import RunManifest
+from lungmask_kit.qc import reason_counts
+from lungmask_kit.report.options import GROUP_COLUMNS, ReportOptions
 from lungmask_kit.report.select import Selection
+
+FAILED_PER_PAGE = 500
 
 # manifest column -> (figure title, x label, QC threshold key, threshold name)
 HISTOGRAMS = {
@@ -32,14 +37,21 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "other"
 
 
-def write_pages(data: RunData, chosen: Selection, cards: dict[int, dict], folder: Path, options: ReportOptions) -> int:
+def sheet_stem(reason: str) -> str:
+    """A flagged sheet's file stem: short (any reason length), unique (a hash of the reason: reasons that
+    differ only in characters a slug drops stay apart) and stable across runs."""
+    digest = hashlib.sha1(reason.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"flagged-{slug(reason)[:40].strip('-')}-{digest}"
+
+
+def write_pages(data: RunManifest, chosen: Selection, cards: dict[int, dict], folder: Path, options: ReportOptions) -> int:
     """Every page into `folder`; returns how many pages were written."""
     env = _environment()
     common = {"thumb_side": options.thumb_side}
     written = 0
     reason_sheets = []
     for reason, rows in chosen.by_reason.items():
-        stem = f"flagged-{slug(reason)}"
+        stem = sheet_stem(reason)
         pages = _sheet_pages(env, folder, stem, f"Flagged: {reason}", rows, data, cards, options, common,
                              f"Every image flagged for {reason}, worst first ({len(rows)}).")
         reason_sheets.append({"name": reason, "href": f"{stem}.html", "count": len(rows), "pages": pages})
@@ -92,7 +104,7 @@ CARD_COLUMNS = ("path", "est_dice", "ood_score", "ood_shape_score", "lung_area_f
                 "qc_reason")
 
 
-def _cards(data: RunData, rows: list[int], rendered: dict[int, dict]) -> list[dict]:
+def _cards(data: RunManifest, rows: list[int], rendered: dict[int, dict]) -> list[dict]:
     """What each thumbnail's caption says: path, quality measures, label / view / source, QC reasons."""
     values = {c: data.values(c, rows) for c in CARD_COLUMNS}
     cards = []
@@ -104,7 +116,7 @@ def _cards(data: RunData, rows: list[int], rendered: dict[int, dict]) -> list[di
         card = rendered[i]
         cards.append({**card, "path": v["path"], "measures": " · ".join(measures) or "-",
                       "label": " · ".join(str(v[c]) for c in ("label", "view", "source") if v[c]),
-                      "reason": v["qc_reason"] or ("image not found" if card["placeholder"] else "")})
+                      "reason": v["qc_reason"] or "", "problem": card.get("problem") or ""})
     return cards
 
 
@@ -120,7 +132,7 @@ def _failed_pages(env, folder, failed, data, common) -> int:
     return len(chunks)
 
 
-def _facts(data: RunData) -> list[tuple[str, str]]:
+def _facts(data: RunManifest) -> list[tuple[str, str]]:
     meta, qc = data.meta, data.meta.get("qc") or {}
     facts = [("command", meta.get("command", "?")), ("lungkit", meta.get("lungkit_version", "?"))]
     if meta.get("model_name"):
@@ -132,20 +144,15 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
     return facts
 
 
-def _totals(data: RunData) -> dict:
+def _totals(data: RunManifest) -> dict:
     ok, flagged = int(data.equals("status", "ok").sum()), int(data.equals("qc_pass", False).sum())
     return {"images": data.n, "ok": ok, "flagged": flagged, "failed": int(data.equals("status", "error").sum()),
             "flagged_pct": f"{100 * flagged / ok:.1f}% of segmented" if ok else "-"}
 
 
-def _tables(data: RunData) -> list[dict]:
-    from lungmask_kit.qc import short_reason
-
+def _tables(data: RunManifest) -> list[dict]:
     tables = []
-    reasons: dict[str, int] = {}
-    for reason in data.values("qc_reason", np.flatnonzero(data.equals("qc_pass", False))):
-        for part in (reason or "unspecified").split("; "):
-            reasons[short_reason(part)] = reasons.get(short_reason(part), 0) + 1
+    reasons = reason_counts(data.values("qc_reason", np.flatnonzero(data.equals("qc_pass", False))))
     if reasons:
         tables.append({"name": "QC reason", "header": ["images"], "rows": sorted(([k, v] for k, v in reasons.items()), key=lambda r: -r[1])})
     for column in ("status", *GROUP_COLUMNS):
@@ -154,7 +161,7 @@ def _tables(data: RunData) -> list[dict]:
     return tables
 
 
-def _group_table(data: RunData, column: str) -> dict:
+def _group_table(data: RunManifest, column: str) -> dict:
     """Images, ok, flagged, failed and the flag rate per value of a column (counted with numpy, not per row)."""
     import pyarrow.compute as pc
 
@@ -170,7 +177,7 @@ def _group_table(data: RunData, column: str) -> dict:
     return {"name": column, "header": ["images", "ok", "flagged", "failed", "flagged / ok"], "rows": rows}
 
 
-def _figures(data: RunData, folder: Path) -> list[dict]:
+def _figures(data: RunManifest, folder: Path) -> list[dict]:
     import cv2
 
     from lungmask_kit.plots import histogram_png

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lungmask_kit.qc import short_reason
+from lungmask_kit.manifest import RunManifest
+from lungmask_kit.qc import short_reason, split_reasons
+from lungmask_kit.report.options import ReportOptions
 
 # ordering of "lowest quality", first column the run has: (column, +1 lowest first / -1 highest first)
 QUALITY_COLUMNS = (("est_dice", 1), ("ood_score", -1), ("ood_shape_score", -1), ("lung_area_fraction", 1))
@@ -30,7 +32,7 @@ class Selection:
         return sorted(rows)
 
 
-def quality_order(data, ok: np.ndarray) -> tuple[str, np.ndarray]:
+def quality_order(data: RunManifest, ok: np.ndarray) -> tuple[str, np.ndarray]:
     """Ok row numbers, worst first by the first quality column the run has; rows without the value last, ties
     in manifest order."""
     for column, direction in QUALITY_COLUMNS:
@@ -49,7 +51,7 @@ def sample_rows(candidates: np.ndarray, k: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(candidates, k, replace=False).tolist())
 
 
-def select(data, options) -> Selection:
+def select(data: RunManifest, options: ReportOptions) -> Selection:
     chosen = Selection()
     ok = np.flatnonzero(data.equals("status", "ok"))
     chosen.sample = sample_rows(ok, options.sample, options.seed)
@@ -60,8 +62,8 @@ def select(data, options) -> Selection:
     flagged = np.flatnonzero(data.equals("qc_pass", False))
     flagged = flagged[np.lexsort((flagged, rank[flagged]))]  # worst first
     for i, reason in zip(flagged.tolist(), data.values("qc_reason", flagged)):
-        for part in (reason or "unspecified").split("; "):
-            chosen.by_reason.setdefault(short_reason(part), []).append(i)
+        for short in dict.fromkeys(short_reason(part) for part in split_reasons(reason)):
+            chosen.by_reason.setdefault(short, []).append(i)
     chosen.by_reason = dict(sorted(chosen.by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])))
     chosen.failed = np.flatnonzero(data.equals("status", "error")).tolist()
     return chosen

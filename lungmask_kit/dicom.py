@@ -152,9 +152,12 @@ def to_gray_colour(ds, stored: np.ndarray) -> np.ndarray:
 
 
 def _text(value) -> str | None:
+    """An element's value as text; a multi-valued one (PatientID "A\\B") as DICOM writes it, not a list repr."""
+    from pydicom.multival import MultiValue
+
     if value is None:
         return None
-    text = str(value).strip()
+    text = ("\\".join(str(v) for v in value) if isinstance(value, (MultiValue, list, tuple)) else str(value)).strip()
     return text or None
 
 

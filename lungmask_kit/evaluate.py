@@ -14,9 +14,9 @@ import pyarrow as pa
 from lungmask_kit.derive import binarize_mask
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import atomic_write_bytes
+from lungmask_kit.fileio import OutsidePathError, atomic_write_bytes, make_dirs, output_errors
 from lungmask_kit.imaging import ImageDecodeError, read_gray
-from lungmask_kit.manifest import write_table
+from lungmask_kit.manifest import MANIFEST_NAME, open_run, write_table
 from lungmask_kit.metrics import dice, hd95, iou
 
 METRICS = ("dice", "iou", "hd95_px", "dice_right_lung", "dice_left_lung")
@@ -46,26 +46,33 @@ class Predictions:
     est_dice: dict[str, float] = field(default_factory=dict)
     sides: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # (right, left) lung RLEs
     convention: str | None = None  # what the masks outline, where the manifest says
+    refused: dict[str, str] = field(default_factory=dict)  # masks not read: why (a path out of the run)
 
 
 def _predictions(pred: Path) -> Predictions:
     """The predictions of a manifest or a folder (a folder has no est_dice, lung sides or convention)."""
+    if pred.is_dir() and (pred / MANIFEST_NAME).is_file():  # a run folder: its manifest says where its masks are
+        pred = pred / MANIFEST_NAME
     if pred.is_file() and pred.suffix == ".parquet":
-        from lungmask_kit.manifest import open_run_manifest, resolve_folder
-
         wanted = ("path", "status", "mask_path", "est_dice", "convention", "right_lung_rle", "left_lung_rle")
         # a damaged or foreign file is one line, not a traceback
-        pred, meta, table = open_run_manifest(pred, columns=wanted)
-        rows = table.to_pylist()
-        ok = [r for r in rows if r["status"] == "ok" and r.get("mask_path")]
-        # a segment manifest's masks lie beside it; a variants manifest's where its masks_root says
-        masks_root = resolve_folder(pred, meta, "masks_root")
+        run = open_run(pred, columns=wanted)
+        meta = run.meta
+        ok = [r for r in run.table.to_pylist() if r["status"] == "ok" and r.get("mask_path")]
+        # a segment manifest's masks lie beside it, a variants manifest's where its masks_root says; a path that
+        # would lead out of that folder is not followed
+        masks, refused = {}, {}
+        for r in ok:
+            try:
+                masks[stem_key(r["path"])] = run.mask_file(r["mask_path"])
+            except OutsidePathError as err:  # an error row, not a read outside the run
+                masks[stem_key(r["path"])], refused[stem_key(r["path"])] = None, f"prediction mask {err}"
         conventions = {r.get("convention") for r in ok} - {None}
         return Predictions(
-            {stem_key(r["path"]): masks_root / r["mask_path"] for r in ok}, {stem_key(r["path"]): r["path"] for r in ok},
+            masks, {stem_key(r["path"]): r["path"] for r in ok},
             {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None},
             {stem_key(r["path"]): (r["right_lung_rle"], r["left_lung_rle"]) for r in ok if r.get("right_lung_rle")},
-            conventions.pop() if len(conventions) == 1 else meta.get("convention"),
+            conventions.pop() if len(conventions) == 1 else meta.get("convention"), refused,
         )
     if pred.is_dir():
         rels = find_images(pred)
@@ -80,8 +87,9 @@ def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | N
     from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
     if sides is not None:
-        right, left = (rle.decode(r) for r in sides)
-        if right.shape != truth.shape:  # a manifest whose RLEs do not fit its own mask file: no per-lung figure
+        try:  # RLEs that do not fit the mask file (or are out of bounds): no per-lung figure
+            right, left = (rle.decode(r, expect_shape=truth.shape) for r in sides)
+        except (ValueError, KeyError, TypeError):
             return {}
     else:
         labels = lung_sides(pred)
@@ -124,6 +132,10 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         raise LungkitError(f"no prediction matches a truth mask by relative path ({len(preds)} predictions, {len(truths)} truths)")
     rows = []
     for key in tqdm(common, disable=not progress, unit="img"):
+        if key in found.refused:
+            rows.append({"path": paths[key], "truth_mask": _relative(truths[key], out), "status": "error",
+                         "error": found.refused[key]})
+            continue
         row = {"path": paths[key], "pred_mask": _relative(preds[key], out), "truth_mask": _relative(truths[key], out), "status": "ok",
                "est_dice": estimated.get(key)}
         try:
@@ -134,8 +146,9 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         except (OSError, ImageDecodeError, ValueError) as err:
             row.update(status="error", error=str(err))
         rows.append(row)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_table(pa.Table.from_pylist(rows, schema=pa.schema(FIELDS)), Path(out) / "metrics.parquet")
+    with output_errors(out):
+        make_dirs(out)
+        write_table(pa.Table.from_pylist(rows, schema=pa.schema(FIELDS)), Path(out) / "metrics.parquet")
     summary = {"truth_convention": truth_convention, "prediction_convention": found.convention,
                "n": len(rows), "n_error": sum(r["status"] == "error" for r in rows),
                "unmatched_predictions": len(set(preds) - set(truths)), "unmatched_truths": len(set(truths) - set(preds))}
@@ -147,5 +160,6 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         )
     pairs = [(r["est_dice"], r["dice"]) for r in rows if r["status"] == "ok" and r["est_dice"] is not None]
     summary["est_dice"] = est_dice_agreement(*map(np.array, zip(*pairs))) if pairs else None
-    atomic_write_bytes(Path(out) / "summary.json", json.dumps(summary, indent=2).encode())
+    with output_errors(out):
+        atomic_write_bytes(Path(out) / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

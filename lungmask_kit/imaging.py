@@ -8,6 +8,7 @@ model sees and the header's manifest columns.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import numpy as np
 
 from lungmask_kit import defaults
 from lungmask_kit.dicom import is_dicom
+from lungmask_kit.fileio import InputReadError, read_regular_file
 
 # OpenCV refuses images above this many pixels itself; keep it at our limit (read on first decode).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(defaults.MAX_IMAGE_PIXELS))
@@ -188,9 +190,23 @@ def is_dicom_name(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(defaults.DICOM_EXTENSIONS)
 
 
+class InputChangedError(InputReadError):
+    """The file is not the one a run recorded (its sha256 differs)."""
+
+
+def read_input(path: str | os.PathLike, dicom: bool = False, expect_sha256: str | None = None,
+               max_bytes: int = defaults.MAX_FILE_BYTES) -> tuple[bytes, DecodedImage]:
+    """(bytes, decoded image) of one file, the one way lungkit reads an image, mask or variant: a regular file
+    only (a FIFO or a device is refused, never opened to block), at most `max_bytes`, and, where a run recorded
+    it, the same file (`expect_sha256`). Raises InputReadError (an OSError) or ImageDecodeError."""
+    data = read_regular_file(path, max_bytes)
+    if expect_sha256 and hashlib.sha256(data).hexdigest() != expect_sha256:
+        raise InputChangedError("not the file the run read (sha256 differs): changed or replaced since")
+    return data, decode_image(data, dicom=dicom)
+
+
 def read_decoded(path: str | os.PathLike) -> DecodedImage:
-    with open(path, "rb") as fh:
-        return decode_image(fh.read(), dicom=is_dicom_name(path))
+    return read_input(path, dicom=is_dicom_name(path))[1]
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:

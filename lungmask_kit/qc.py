@@ -4,12 +4,15 @@ Besides the mask's own measures, the image's declared kind counts: a modality th
 radiograph (a DICOM's Modality, or a label file's modality column) and a lateral view are flagged, whatever
 the mask looks like.
 
-Every reason that applies is listed in `qc_reason` (joined by "; "); `qc_pass` is false when there is one.
-Failed rows keep `qc_pass` null.
+Every reason that applies is listed in `qc_reason`, joined by REASON_SEPARATOR, which no reason contains (a
+label's value quoted in a reason is cleaned first); `split_reasons` is the one parser. `qc_pass` is false when
+there is a reason; failed rows keep `qc_pass` null.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from lungmask_kit import defaults
@@ -17,6 +20,16 @@ from lungmask_kit.dicom import RADIOGRAPH_MODALITIES, is_lateral
 
 # how label files spell a projection radiograph besides the DICOM codes (e.g. cxr-ood's list.csv: "X-ray")
 _RADIOGRAPH_SPELLINGS = set(RADIOGRAPH_MODALITIES) | {"XRAY", "X-RAY", "X RAY", "RG", "DR", "CXR"}
+REASON_SEPARATOR = "; "
+_QUOTED_MAX = 40  # characters of a label value quoted in a reason
+
+
+def quoted_value(value) -> str:
+    """A label file's value as a reason quotes it: printable, without the separator, at most _QUOTED_MAX
+    characters (a 300-character modality must not become a 300-character reason, sheet or file name)."""
+    text = re.sub(r"[\x00-\x1f\x7f;]+", " ", str(value))
+    text = " ".join(text.split())
+    return text if len(text) <= _QUOTED_MAX else text[: _QUOTED_MAX - 1] + "\u2026"
 
 
 @dataclass(frozen=True)
@@ -34,9 +47,9 @@ def kind_reasons(row: dict) -> list[str]:
     reasons = []
     modality = row.get("modality")
     if modality and modality.strip().upper() not in _RADIOGRAPH_SPELLINGS:
-        reasons.append(f"not a radiograph (modality {modality}; {' or '.join(RADIOGRAPH_MODALITIES)} expected)")
+        reasons.append(f"not a radiograph (modality {quoted_value(modality)}: {' or '.join(RADIOGRAPH_MODALITIES)} expected)")
     if is_lateral(row.get("view")):
-        reasons.append(f"lateral view (view {row['view']}); the model segments frontal views")
+        reasons.append(f"lateral view (view {quoted_value(row['view'])}): the model segments frontal views")
     return reasons
 
 
@@ -80,6 +93,27 @@ def short_reason(reason: str) -> str:
     return next((short for opening, short in _SHORT.items() if reason.startswith(opening)), reason)
 
 
+def split_reasons(text: str | None) -> list[str]:
+    """A `qc_reason` -> its reasons ("unspecified" for a flagged row without one). A piece that does not open
+    like a lungkit reason continues the previous one: manifests of earlier lungkit versions quoted "; " inside two
+    reasons, and those must not count as reasons of their own."""
+    reasons: list[str] = []
+    for piece in (text or "unspecified").split(REASON_SEPARATOR):
+        if reasons and not any(piece.startswith(opening) for opening in _SHORT):
+            reasons[-1] += REASON_SEPARATOR + piece
+        else:
+            reasons.append(piece)
+    return reasons
+
+
+def reason_counts(texts) -> Counter:
+    """How many flagged rows each short reason has (a row counts once per reason), from `qc_reason` values."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update({short_reason(r) for r in split_reasons(text)})
+    return counts
+
+
 def qc_update(thresholds: QCThresholds):
     """A manifest table update that (re)computes qc_pass / qc_reason from the table's own columns."""
     import pyarrow as pa
@@ -96,7 +130,7 @@ def qc_update(thresholds: QCThresholds):
                 continue
             found = qc_reasons({n: columns[n][i] for n in names}, thresholds)
             qc_pass.append(not found)
-            reason.append("; ".join(found) or None)
+            reason.append(REASON_SEPARATOR.join(found) or None)
         i = table.schema.get_field_index("qc_pass")
         table = table.set_column(i, table.schema.field(i), pa.array(qc_pass, pa.bool_()))
         j = table.schema.get_field_index("qc_reason")

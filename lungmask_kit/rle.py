@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from lungmask_kit import defaults
+
 
 def encode(mask: np.ndarray) -> dict:
     from pycocotools import mask as coco
@@ -21,13 +23,28 @@ def encode(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def decode(rle: dict) -> np.ndarray:
+def size_of(rle: dict, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) an RLE declares, checked before anything is allocated: two positive integers whose
+    product is at most `max_pixels` (an RLE from a dataset is untrusted: 70000x70000 would be 4.9 GB)."""
+    try:
+        h, w = (int(v) for v in rle["size"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"not a COCO RLE (size {rle.get('size') if isinstance(rle, dict) else rle!r})") from err
+    if h <= 0 or w <= 0 or h * w > max_pixels:
+        raise ValueError(f"RLE size {h}x{w} is out of bounds (at most {max_pixels} pixels)")
+    return h, w
+
+
+def decode(rle: dict, expect_shape: tuple[int, int] | None = None, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> np.ndarray:
+    """(H, W) bool. ValueError, before decoding, when the RLE's size is out of bounds or not `expect_shape`."""
     from pycocotools import mask as coco
 
+    size = size_of(rle, max_pixels)
+    if expect_shape is not None and size != tuple(expect_shape):
+        raise ValueError(f"RLE size {size[0]}x{size[1]} differs from the image's {expect_shape[0]}x{expect_shape[1]}")
     counts = rle["counts"]
-    size = [int(v) for v in rle["size"]]
     try:
-        return coco.decode({"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}).astype(bool)
+        return coco.decode({"size": list(size), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}).astype(bool)
     except (TypeError, ValueError, UnicodeEncodeError) as err:
         raise ValueError(f"not a COCO RLE of a {size[0]}x{size[1]} mask: {err}") from err
 

@@ -21,10 +21,10 @@ import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import derive_variants, lung_fields
-from lungmask_kit.discovery import find_images, inside, output_names, output_path_problem, wants_dicom
+from lungmask_kit.discovery import find_images, output_names, output_path_problem, wants_dicom
 from lungmask_kit.engine import ByteBudget, EngineSettings, Item, run_local
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, confined, inside, read_regular_file
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.labels import labels_update, write_label_report
 from lungmask_kit.manifest import SEGMENT_FIELDS, MissingRowsError, RunSummary, SegmentRow, folder_entries
@@ -39,7 +39,7 @@ from lungmask_kit.postprocess import (
     split_by_region,
 )
 from lungmask_kit.qc import QCThresholds, qc_update
-from lungmask_kit.runfolder import RunFolder, RunKind, Shard, confined, shard_records
+from lungmask_kit.runfolder import RunFolder, RunKind, Shard, running_holder, shard_records
 
 MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
@@ -582,6 +582,10 @@ def _shard_record(out: Path) -> dict:
     if not (out / MANIFEST_NAME).exists() and not out.is_dir():
         raise LungkitError(f"output folder not found: {out}")
     records = shard_records(out)
+    running = running_holder(out)
+    if not records and running:
+        raise LungkitError(f"no shard has finished into {out} yet, and shards are still running ({running}): "
+                           "merge when they have finished")
     if not records:
         raise LungkitError(f"{out} holds no finished shard to merge (run `lungkit segment DIR -o {out} --shard K/N` first)")
     first = records[0]

@@ -7,22 +7,25 @@ spread over processes with joblib; each finished chunk becomes a manifest part, 
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 
 import numpy as np
 
-from lungmask_kit import __version__, defaults
+import pyarrow as pa
+
+from lungmask_kit import __version__, defaults, rle
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants, lung_fields
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, read_regular_file
+from lungmask_kit.fileio import InputReadError, OutsidePathError, atomic_write_bytes, confined, inside, read_regular_file
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.manifest import (
     SEGMENT_FIELDS,
@@ -31,13 +34,9 @@ from lungmask_kit.manifest import (
     VariantsRow,
     carry_columns,
     folder_entries,
-    read_metadata,
-    resolve_folder,
+    open_run,
 )
-from lungmask_kit.runfolder import RunFolder, RunKind, confined
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from lungmask_kit.runfolder import RunFolder, RunKind
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 MANIFEST_NAME = "manifest.parquet"
@@ -108,45 +107,35 @@ _CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "se
 def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | None = None
                          ) -> tuple[list[_Task], Path, Path, pa.Table | None]:
     """The image-mask pairs a manifest names, and its columns beyond lungkit's own (a label file's source,
-    licence, finding, ...) keyed by path, to be carried into the variants manifest."""
-    import fnmatch
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        meta = read_metadata(manifest)
-        source = pq.read_table(manifest)
-        rows = source.select([c for c in source.column_names if c in {f.name for f in FIELDS}]).to_pylist()
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise LungkitError(f"{manifest} is not a readable Parquet manifest ({type(err).__name__})") from err
-    if "input_root" not in meta:
-        raise LungkitError(f"{manifest} is not a lungkit manifest (no input_root in its metadata)")
-    images_root = resolve_folder(manifest, meta, "input_root", input_root)
-    if not images_root.is_dir():
-        raise LungkitError(f"the images of {manifest} are not at {images_root}: give their folder with --input-root")
+    licence, finding, ...) keyed by path, to be carried into the variants manifest. A mask path that leads out
+    of the run is left as written: `_process_pair` makes it an error row."""
+    run = open_run(manifest, input_root)
+    if not run.input_root.is_dir():
+        raise LungkitError(f"the images of {run.path} are not at {run.input_root}: give their folder with --input-root")
+    source = run.table
+    rows = source.select([c for c in source.column_names if c in {f.name for f in FIELDS}]).to_pylist()
     rows = [r for r in rows if not glob or fnmatch.fnmatch(r["path"], glob)]
-    masks_root = manifest.parent
     names = output_names([r["path"] for r in rows])
     tasks = []
     for r in rows:
         mask_rel = r.get("mask_path") if r["status"] == "ok" else None
-        extra = {k: r.get(k) for k in _CARRIED}
-        tasks.append(_Task(r["path"], str(images_root / r["path"]), str(masks_root / mask_rel) if mask_rel else None,
-                           mask_rel, names[r["path"]], extra, wants_dicom(r["path"], dicom=True)))
+        try:
+            mask = str(run.mask_file(mask_rel)) if mask_rel else None
+        except OutsidePathError:
+            mask = None
+        tasks.append(_Task(r["path"], str(run.input_root / r["path"]), mask, mask_rel, names[r["path"]],
+                           {k: r.get(k) for k in _CARRIED}, wants_dicom(r["path"], dicom=True)))
     own = {f.name for f in FIELDS}
     others = [c for c in source.column_names if c not in own]
-    carried = source.select(["path", *others]) if others and "path" in source.column_names else None
-    return tasks, images_root, masks_root, carried
+    carried = source.select(["path", *others]) if others else None
+    return tasks, run.input_root, run.masks_root, carried
 
 
 def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
                         ) -> tuple[list[_Task], Path, Path, pa.Table | None]:
     """The rows of a dataset made by `lungkit publish --masks-only`: each mask from its RLE, each image from
-    --input-root, checked against the sha256 it was published with."""
-    import fnmatch
-
-    import pyarrow as pa
+    --input-root, checked against the sha256 it was published with. A dataset is untrusted input: its paths
+    only name images under --input-root, and output names are lungkit's own, never the dataset's."""
     import pyarrow.parquet as pq
 
     files = sorted((dataset / "data").glob("*.parquet"))
@@ -164,11 +153,10 @@ def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
     own = {f.name for f in FIELDS}
     rows = [r for r in table.select([c for c in table.column_names if c in own or c == "mask_rle"]).to_pylist()
             if not glob or fnmatch.fnmatch(r["path"], glob)]
-    fallback = output_names([r["path"] for r in rows])
+    names = output_names([r["path"] for r in rows])
     images_root, tasks = Path(input_root), []
-    for r in rows:  # the file names the original run used, where the dataset kept them
-        name = r["lungs_path"].split("/", 1)[1] if (r.get("lungs_path") or "").startswith("lungs/") else fallback[r["path"]]
-        tasks.append(_Task(r["path"], str(images_root / r["path"]), None, None, name, {k: r.get(k) for k in _CARRIED},
+    for r in rows:
+        tasks.append(_Task(r["path"], str(images_root / r["path"]), None, None, names[r["path"]], {k: r.get(k) for k in _CARRIED},
                            wants_dicom(r["path"], dicom=True), mask_rle=r["mask_rle"], expected_sha256=r.get("sha256")))
     others = [c for c in table.column_names if c not in own and c != "mask_rle"]
     return tasks, images_root, dataset, (table.select(["path", *others]) if others else None)
@@ -231,11 +219,11 @@ def _mask_data(task: _Task) -> tuple[str, object]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def _decode_mask(task: _Task, data) -> np.ndarray:
+def _decode_mask(task: _Task, data, image_shape: tuple[int, int] | None) -> np.ndarray:
+    """The mask's pixels; a published RLE's size is checked (against the image, unless masks may be resized)
+    before anything is allocated."""
     if task.mask_rle is not None:
-        from lungmask_kit import rle
-
-        return rle.decode(data).astype(np.uint8) * 255
+        return rle.decode(data, expect_shape=image_shape).astype(np.uint8) * 255
     return decode_image(data, dicom=wants_dicom(task.mask_rel or "")).pixels
 
 
@@ -244,8 +232,11 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     row = VariantsRow(path=task.rel, status="error", settings_key=key, mask_path=task.mask_rel, **task.extra)
     out_dir = Path(out)
     # paths from a manifest stay inside the folders it names: nothing is read or written outside them
-    if not confined(task.rel) or (task.mask_rel is not None and not confined(task.mask_rel)):
+    if not confined(task.rel) or (task.mask_rel is not None and (not confined(task.mask_rel) or task.mask is None)):
         row["error"] = "path leaves the input folder (absolute or with ..): not read"
+        return row
+    if not confined(task.out_rel):  # lungkit makes the names; this guards the one rule for writes
+        row["error"] = "output name leaves the output folder: not written"
         return row
     problem = output_path_problem(out, f"lungs/{task.out_rel}")
     if problem:
@@ -279,7 +270,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         return row
     row.update({k: v for k, v in image.header.items() if v is not None})
     try:
-        mask_pixels = _decode_mask(task, mask_data)
+        mask_pixels = _decode_mask(task, mask_data, image.pixels.shape if not options.resize_masks else None)
     except (ImageDecodeError, ValueError) as err:
         row["error"] = f"mask: {err}"
         return row
@@ -304,8 +295,12 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     for variant, arr in derived.items():
         if box is not None:
             arr = arr[box[0] : box[1], box[2] : box[3]]
+        target = out_dir / paths[variant]
+        if not inside(target.parent, out_dir):  # a folder swapped for a symlink out of OUT
+            row["error"] = f"the folder of {paths[variant]} resolves outside the output folder: not written"
+            return row
         try:
-            atomic_write_bytes(out_dir / paths[variant], encode_png(arr), fsync=False)
+            atomic_write_bytes(target, encode_png(arr), fsync=False)
         except OSError as err:
             raise LungkitError(f"cannot write outputs to {out}: {err.strerror or err}") from err
     row.update(

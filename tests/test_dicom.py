@@ -86,14 +86,14 @@ def test_ct_slice_in_hounsfield_units_is_shifted_and_flagged(tmp_path):
     np.testing.assert_array_equal(decoded.pixels.astype(np.int64), hu.astype(np.int64) + 32768)  # shifted by the range's floor
     assert decoded.header["modality"] == "CT"
     reasons = qc_reasons({"lung_area_fraction": 0.3, **decoded.header}, QCThresholds())
-    assert reasons == ["not a radiograph (modality CT; CR or DX expected)"]
+    assert reasons == ["not a radiograph (modality CT: CR or DX expected)"]
 
 
 def test_lateral_views_are_flagged_decubitus_is_not():
     t = QCThresholds()
     for view in ("LL", "RL", "lateral", "L", "left lateral"):
         assert qc_reasons({"lung_area_fraction": 0.3, "view": view}, t) == [
-            f"lateral view (view {view}); the model segments frontal views"]
+            f"lateral view (view {view}): the model segments frontal views"]
     for view in ("PA", "AP", "AP Supine", "LLD", "left lateral decubitus", None):
         assert qc_reasons({"lung_area_fraction": 0.3, "view": view, "modality": "DX"}, t) == []
     assert qc_reasons({"lung_area_fraction": 0.3, "modality": "X-ray"}, t) == []  # a label file's spelling

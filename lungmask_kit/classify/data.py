@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.manifest import open_run_manifest, resolve_folder
+from lungmask_kit.fileio import OutsidePathError
+from lungmask_kit.manifest import RunManifest, open_run
 from lungmask_kit.runtime import available_cores
 
 VARIANT_COLUMNS = {"original": None, "lungs": "lungs_path", "nolungs": "nolungs_path"}
@@ -65,8 +66,8 @@ class Sample:
 
 def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list | None = None) -> tuple[list[Sample], dict]:
     """Eligible rows of a segment/variants manifest as samples with integer labels. Returns (samples, info)."""
-    manifest, meta, table = open_run_manifest(manifest)  # a damaged or foreign file is one line, not a traceback
-    rows = table.to_pylist()
+    run = open_run(manifest, settings.input_root)  # a damaged or foreign file is one line, not a traceback
+    manifest, rows = run.path, run.table.to_pylist()
     if labels_files:
         from lungmask_kit.labels import match_labels, read_labels
 
@@ -80,21 +81,19 @@ def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list 
         for r in rows:
             parts = r["path"].split("/")
             r["label"] = parts[0] if len(parts) > 1 else None
-    root = resolve_folder(manifest, meta, "input_root", settings.input_root)
-    masks_root = resolve_folder(manifest, meta, "masks_root")
     labels = sorted({r["label"] for r in rows if r.get("label")})
     if len(labels) < 2:
         raise LungkitError(f"{manifest}: need at least two labels (found {labels}); attach them with --labels or --labels-from-folders")
     positive = settings.positive or next((lab for lab in labels if "covid" in lab.lower() or "positive" in lab.lower()), None)
     if positive not in labels:
         raise LungkitError(f"positive label {positive!r} not among the labels {labels}; choose one with --positive")
-    info = {"rows": len(rows), "excluded_error": 0, "excluded_qc": 0, "excluded_unlabelled": 0}
-    samples = [s for s in (_sample(r, root, manifest.parent, masks_root, positive, settings, info) for r in rows) if s]
+    info = {"rows": len(rows), "excluded_error": 0, "excluded_qc": 0, "excluded_unlabelled": 0, "excluded_outside": 0}
+    samples = [s for s in (_sample(r, run, positive, settings, info) for r in rows) if s]
     info.update(positive=positive, labels=labels, n=len(samples))
     return samples, info
 
 
-def _sample(r: dict, root: Path, run: Path, masks_root: Path, positive: str, settings: ClassifySettings, info: dict):
+def _sample(r: dict, run: RunManifest, positive: str, settings: ClassifySettings, info: dict):
     if r["status"] != "ok":
         info["excluded_error"] += 1
         return None
@@ -104,13 +103,17 @@ def _sample(r: dict, root: Path, run: Path, masks_root: Path, positive: str, set
     if not r.get("label"):
         info["excluded_unlabelled"] += 1
         return None
-    files = {"original": root / r["path"]}
-    for variant, col in VARIANT_COLUMNS.items():
-        if col and r.get(col):
-            files[variant] = run / r[col]
+    try:  # a manifest's paths are untrusted: none may lead out of the folder it belongs to
+        files = {"original": run.input_file(r["path"])}
+        for variant, col in VARIANT_COLUMNS.items():
+            if col and r.get(col):
+                files[variant] = run.output_file(r[col])
+        mask = run.mask_file(r["mask_path"]) if r.get("mask_path") else None
+    except OutsidePathError:
+        info["excluded_outside"] += 1
+        return None
     return Sample(r["path"], r.get("patient_id") or f"image:{r['path']}", int(r["label"] == positive),
-                  (r.get("split") or "").lower(), files, r.get("source") or None,
-                  masks_root / r["mask_path"] if r.get("mask_path") else None)
+                  (r.get("split") or "").lower(), files, r.get("source") or None, mask)
 
 
 def split_samples(samples: list[Sample], test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], str]:

@@ -20,6 +20,7 @@ from lungmask_kit.classify.model import (
     save_checkpoint, train_model,
 )
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import make_dirs, output_errors
 
 
 @dataclass
@@ -59,17 +60,22 @@ class _Run:
 def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.device = "auto", labels_files=None,
                  checkpoint=None, progress=True, log: Callable[[str], None] = print) -> dict:
     """Train (or with `checkpoint`, only score) the audit's classifiers; write every output to `out`."""
-    from lungmask_kit.classify.report import write_outputs
     from lungmask_kit.runtime import prepare_device
 
     t0 = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
-    if not manifest.is_file():
-        raise LungkitError(f"manifest not found: {manifest}")
     Normalization(settings.normalize), Channels(settings.channels)  # a wrong value fails here, not mid-run
     device = prepare_device(device)
-    out.mkdir(parents=True, exist_ok=True)
-    samples, info = load_samples(manifest, settings, labels_files)
+    samples, info = load_samples(manifest, settings, labels_files)  # a run folder or its manifest
+    with output_errors(out):
+        make_dirs(out)
+        return _run_in(out, manifest, samples, info, settings, device, checkpoint, progress, log, t0)
+
+
+def _run_in(out: Path, manifest: Path, samples: list[Sample], info: dict, settings: ClassifySettings, device,
+            checkpoint, progress: bool, log: Callable[[str], None], t0: float) -> dict:
+    from lungmask_kit.classify.report import write_outputs
+
     _check_variants(samples, settings, manifest)
     train, test, how = _split(samples, settings, checkpoint)
     log(f"{len(samples)} images ({info['positive']!r} positive: {sum(s.label for s in samples)}); "

@@ -12,7 +12,7 @@ from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, InputR
 
 
 def classify(
-    manifest: Annotated[Path, typer.Argument(help="A manifest.parquet from lungkit segment or lungkit variants.")],
+    manifest: Annotated[Path, typer.Argument(help="A segment or variants output folder (or its manifest.parquet).", metavar="OUT")],
     out: OutOpt,
     variant: Annotated[VariantChoice, typer.Option("--variant", help="Which variant's classifier to train (all: the three).")] = VariantChoice.all,
     normalize: Annotated[Normalization, typer.Option("--normalize", help="dataset: mean/std of the training split; imagenet: ImageNet's.")] = Normalization.dataset,

@@ -101,8 +101,12 @@ def presentation(ds, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     lo, hi = _modality_range(ds)
-    values = apply_modality_lut(stored, ds)
     monochrome1 = ds.PhotometricInterpretation == "MONOCHROME1"
+    top = hi - min(lo, 0.0)
+    dtype = np.uint16 if int(ds.get("BitsStored") or 8) > 8 or top > 255 else np.uint8
+    if _integer_rescale(ds) is not None and "VOILUTSequence" not in ds and "WindowCenter" not in ds:
+        return _integer_presentation(ds, stored, lo, hi, dtype, monochrome1), None
+    values = apply_modality_lut(stored, ds)
     windowed = None
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         try:
@@ -110,12 +114,46 @@ def presentation(ds, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]
             windowed = _to_uint8(apply_voi_lut(values, ds, prefer_lut=True), apply_voi_lut(ends, ds, prefer_lut=True), monochrome1)
         except (ValueError, TypeError, IndexError, KeyError):  # a malformed window: the model sees the pixels instead
             windowed = None
-    values = (lo + hi) - values if monochrome1 else values
-    shifted = np.asarray(values, np.float64) - min(lo, 0.0)
-    top = hi - min(lo, 0.0)
-    dtype = np.uint16 if int(ds.get("BitsStored") or 8) > 8 or top > 255 else np.uint8
-    pixels = np.clip(np.rint(shifted), 0, np.iinfo(dtype).max).astype(dtype)
-    return pixels, windowed
+    # one float64 working copy, changed in place (a 14000 px radiograph is 1.6 GB per float64 copy)
+    shifted = np.array(values, np.float64)
+    del values
+    if monochrome1:
+        np.subtract(lo + hi, shifted, out=shifted)
+    shifted -= min(lo, 0.0)
+    np.rint(shifted, out=shifted)
+    np.clip(shifted, 0, np.iinfo(dtype).max, out=shifted)
+    return shifted.astype(dtype), windowed
+
+
+def _integer_rescale(ds) -> tuple[int, int] | None:
+    """(slope, intercept) when the Modality LUT is a rescale by integers (most CR/DX: none, or slope 1), so the
+    pixels can be computed exactly in integers; None for a LUT sequence or a fractional rescale."""
+    if "ModalityLUTSequence" in ds:
+        return None
+    try:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if not (slope.is_integer() and intercept.is_integer()) or abs(slope) > 1 << 15 or abs(intercept) > 1 << 30:
+        return None
+    return int(slope), int(intercept)
+
+
+def _integer_presentation(ds, stored: np.ndarray, lo: float, hi: float, dtype, monochrome1: bool) -> np.ndarray:
+    """presentation()'s pixels without a float copy: the same values, in one int32 working array (half the
+    float64 one; int64 where the range needs it)."""
+    slope, intercept = _integer_rescale(ds)
+    bound = 2 * max(abs(lo), abs(hi)) + abs(intercept) + 1  # every intermediate stays within this
+    values = stored.astype(np.int32 if bound < 1 << 31 else np.int64)
+    if slope != 1:
+        values *= slope
+    if intercept:
+        values += intercept
+    if monochrome1:
+        np.subtract(int(lo + hi), values, out=values)
+    values -= int(min(lo, 0.0))
+    np.clip(values, 0, np.iinfo(dtype).max, out=values)
+    return values.astype(dtype)
 
 
 def _modality_range(ds) -> tuple[float, float]:

@@ -246,12 +246,13 @@ def output_errors(dest: str | Path) -> Iterator[None]:
 
 @contextmanager
 def staged_folder(dest: Path, run: Path, marker: str, maker: str, allow_inside_run: bool = False,
-                  resumable: bool = False) -> Iterator[Path]:
+                  resumable: bool = False, warnings: list[str] | None = None) -> Iterator[Path]:
     """A folder built whole and then swapped in at `dest` (`check_replaceable` first). One build at a time per
     `dest`: a second is refused while the first holds `.DEST.lungkit-lock`. The caller fills the yielded staging
     folder; on success it takes the user's umask and replaces `dest`. On failure a fresh staging folder is
     removed, a `resumable` one (`.DEST.lungkit-partial`) is kept for the next run to resume from. An OS error
-    (no space, read-only, no permission) is a LungkitError."""
+    (no space, read-only, no permission) is a LungkitError. The marker lists the files built, so that a re-run
+    can say (in `warnings`) which files someone added to the folder since: they go with the old folder."""
     dest = Path(dest)
     check_replaceable(dest, run, marker, maker, allow_inside_run)
     lock = dest.parent / f".{dest.name}.lungkit-lock"
@@ -271,8 +272,14 @@ def staged_folder(dest: Path, run: Path, marker: str, maker: str, allow_inside_r
         try:
             make_dirs(staging)
             yield staging
+            if not (staging / CHECKSUMS).is_file():  # a folder with checksums lists itself there
+                _list_files(staging, marker)
+            foreign = _files_not_listed(dest, marker)
             apply_umask(staging)
             replace_folder(staging, dest)
+            if foreign and warnings is not None:
+                warnings.append(f"{len(foreign)} file(s) added to {dest} since lungkit made it were removed with the old "
+                                f"folder (e.g. {foreign[0]}): keep your own files outside it")
         except BaseException as err:
             if not resumable:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -284,6 +291,34 @@ def staged_folder(dest: Path, run: Path, marker: str, maker: str, allow_inside_r
     finally:
         lock.unlink(missing_ok=True)  # while still held: a waiter that opened it retries on the new file
         os.close(fd)
+
+
+LISTING_HEADER = "# files of this folder, as lungkit built it:"
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format: a dataset's own list of its files
+
+
+def _list_files(folder: Path, marker: str) -> None:
+    """Append the folder's file list to its marker (the marker's first line says what the folder is)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != marker)
+    with open(folder / marker, "a", encoding="utf-8") as fh:
+        fh.write("\n".join([LISTING_HEADER, *names]) + "\n")
+
+
+def _files_not_listed(folder: Path, marker: str) -> list[str]:
+    """Files in a folder lungkit built that neither its marker nor its SHA256SUMS lists (none known without a list)."""
+    try:
+        text = (folder / marker).read_text(encoding="utf-8", errors="replace")
+        if LISTING_HEADER in text:
+            listed = set(text.split(LISTING_HEADER, 1)[1].splitlines())
+        elif (folder / CHECKSUMS).is_file():
+            lines = (folder / CHECKSUMS).read_text(encoding="utf-8", errors="replace").splitlines()
+            listed = {line.split("  ", 1)[1] for line in lines if "  " in line} | {CHECKSUMS}
+        else:
+            return []
+    except OSError:
+        return []
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != marker and p.relative_to(folder).as_posix() not in listed)
 
 
 def _take_build_lock(lock: Path, dest: Path) -> int:

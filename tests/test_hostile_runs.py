@@ -355,3 +355,18 @@ def test_merge_while_the_only_shard_runs_says_it_runs(tmp_path, capsys):
         assert main(["merge", str(out), "-q"]) == 2
     err = capsys.readouterr().err
     assert "still running" in err and "shard 1/2" in err
+
+
+@pytest.mark.parametrize("command", ["report", "publish"])
+def test_a_rerun_says_which_added_files_went_with_the_old_folder(tmp_path, run, capsys, command):
+    dest = tmp_path / "dest"
+    assert main([command, str(run), "-o", str(dest), "-q"]) == 0
+    (dest / "my-notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([command, str(run), "-o", str(dest), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "1 file(s) added" in err and "my-notes.txt" in err
+    assert main([command, str(run), "-o", str(dest), "-q"]) == 0
+    assert "added" not in capsys.readouterr().err  # lungkit's own files are never reported
+    if command == "publish":
+        assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest).returncode == 0

@@ -49,6 +49,8 @@ def echo_report_summary(s, quiet: bool) -> None:
         typer.echo(f"lungkit: warning: {s.unrendered} image(s) shown as placeholders: their originals were not found, "
                    "were changed since the run, or lie outside the input folder (give --input-root where they are now; "
                    "each card says why)", err=True)
+    for warning in s.warnings:
+        typer.echo(f"lungkit: warning: {warning}", err=True)
     if s.no_outline:
         typer.echo(f"lungkit: warning: {s.no_outline} image(s) shown without their mask's outline: the mask is missing, "
                    "unreadable or of another size (each card says which)", err=True)

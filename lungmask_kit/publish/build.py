@@ -91,7 +91,7 @@ def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None
     summary = PublishSummary(str(dataset), "masks-only" if options.masks_only else "full",
                              excluded_flagged=n_flagged, excluded_failed=n_failed)
     # a killed build resumes from .DATASET.lungkit-partial (kept on failure); one build per DATASET at a time
-    with staged_folder(dataset, source.run, MARKER, "lungkit publish", resumable=True) as staging:
+    with staged_folder(dataset, source.run, MARKER, "lungkit publish", resumable=True, warnings=summary.warnings) as staging:
         state = _Progress.open(staging, _publish_key(source, options))
         if not options.keep_identifiers:
             table, summary.pseudonymised = pseudonymise(table, state.pseudonym_key)

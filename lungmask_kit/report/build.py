@@ -21,7 +21,8 @@ def build_report(run: str | Path, report: str | Path, options: ReportOptions | N
     options = options or ReportOptions()
     data = open_run(run, options.input_root, COLUMNS)
     report = Path(report)
-    with staged_folder(report, data.run, MARKER, "lungkit report", allow_inside_run=True) as staging:
+    warnings: list[str] = []
+    with staged_folder(report, data.run, MARKER, "lungkit report", allow_inside_run=True, warnings=warnings) as staging:
         (staging / MARKER).write_text("a lungkit report; `lungkit report` replaces this folder whole\n")
         chosen = select(data, options)
         cards = render_cards(data, chosen.shown(), staging / "img", options)
@@ -29,4 +30,4 @@ def build_report(run: str | Path, report: str | Path, options: ReportOptions | N
     flagged, failed = int(data.equals("qc_pass", False).sum()), int(data.equals("status", "error").sum())
     return ReportSummary(str(report / "index.html"), pages, len(cards), flagged, failed,
                          sum(c["placeholder"] for c in cards.values()), sum(c["no_outline"] for c in cards.values()),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, warnings)

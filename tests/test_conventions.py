@@ -300,7 +300,8 @@ def test_calibrate_with_one_convention_keeps_or_leaves_the_other(tmp_path):
     from lungmask_kit.inference import Segmenter
     from lungmask_kit.training.calibrate import calibrate_model
 
-    v7, jsrt = _pairs(tmp_path / "v7", 10, "v7", 0), _pairs(tmp_path / "jsrt", 8, "jsrt", 100)
+    # 40 pairs each: 10 validation images per convention, the least `lungkit calibrate` accepts
+    v7, jsrt = _pairs(tmp_path / "v7", 40, "v7", 0), _pairs(tmp_path / "jsrt", 40, "jsrt", 100)
     weights = _tiny_model(tmp_path, ["v7", "jsrt"])
     said = []
     reports = calibrate_model(str(v7), weights, tmp_path / "one", 0.25, 0, "cpu", progress=False, log=said.append)

@@ -336,7 +336,44 @@ def test_calibrate_cli_writes_a_calibrated_copy_and_fails_cleanly(tmp_path, exam
     data = tmp_path / "data"
     shutil.copytree(example_images, data / "images")
     shutil.copytree(example_masks, data / "masks")
-    assert main(["calibrate", str(data), "-o", str(tmp_path / "copy"), "--val-fraction", "0.4", "-q"]) == 0
+    # 8 pairs: 3 validation images cannot set a threshold or check est_dice; refused, nothing written
+    assert main(["calibrate", str(data), "-o", str(tmp_path / "copy"), "--val-fraction", "0.4", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "too few images to calibrate" in err and "at least 10" in err and not (tmp_path / "copy").exists()
+    big = tmp_path / "big"
+    for i in range(24):  # the example pairs again, flipped and shifted: enough for a 10-image validation split
+        src = sorted((data / "images").iterdir())[i % 8]
+        image, mask = cv2.imread(str(src), cv2.IMREAD_UNCHANGED), cv2.imread(str(data / "masks" / src.name), cv2.IMREAD_UNCHANGED)
+        if i >= 8:
+            image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
+        if i >= 16:
+            image, mask = np.roll(image, 7, axis=0), np.roll(mask, 7, axis=0)
+        write_png(big / "images" / f"{i:02d}-{src.name}", image)
+        write_png(big / "masks" / f"{i:02d}-{src.name}", mask)
+    assert main(["calibrate", str(big), "-o", str(tmp_path / "copy"), "--val-fraction", "0.45", "-q"]) == 0
     cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
-    assert cfg["quality"]["report"]["n_val_images"] == 3 and cfg["quality"]["report"]["n_train_images"] == 5
+    assert cfg["quality"]["report"]["n_val_images"] >= 10 and cfg["quality"]["report"]["n_train_images"] >= 10
     assert DEFAULT_WEIGHTS.read_bytes() == before  # the bundled model is untouched with -o
+
+
+def test_calibrate_never_changes_the_bundled_model_and_a_failure_leaves_no_copy(tmp_path, example_images, example_masks, capsys):
+    from lungmask_kit.cli.app import main
+    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS
+
+    before = DEFAULT_WEIGHTS.read_bytes(), (DEFAULT_WEIGHTS.parent / "config.json").read_bytes()
+    assert main(["calibrate", str(tmp_path / "anything"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "bundled model" in err and "-o" in err and len(err.strip().splitlines()) == 1
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for i in range(30):
+        src = sorted(example_images.glob("*.png"))[i % 8]
+        shutil.copy(src, data / "images" / f"{i:02d}.png")
+        shutil.copy(example_masks / src.name, data / "masks" / f"{i:02d}.png")
+    (data / "images" / "05.png").write_bytes(b"not a png")  # a corrupt image: one line, and nothing at -o
+    assert main(["calibrate", str(data), "-o", str(tmp_path / "copy"), "--val-fraction", "0.4", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "05.png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "copy").exists() and not list(tmp_path.glob(".copy.lungkit-*"))
+    assert (DEFAULT_WEIGHTS.read_bytes(), (DEFAULT_WEIGHTS.parent / "config.json").read_bytes()) == before

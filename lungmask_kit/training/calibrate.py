@@ -8,6 +8,7 @@ split; `lungkit calibrate` refits an existing model (the bundled default include
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,8 +19,10 @@ import torch
 from lungmask_kit import defaults
 from lungmask_kit.derive import binarize_mask
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.imaging import read_gray, read_model_view
+from lungmask_kit.fileio import inside, staged_folder
+from lungmask_kit.imaging import ImageDecodeError, read_gray, read_model_view
 from lungmask_kit.metrics import dice
+from lungmask_kit.models.modeling import _config_path
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, resize_mask
 from lungmask_kit.quality import (
     EST_DICE_FEATURES,
@@ -62,7 +65,7 @@ def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: Postproces
     out: list[Observation] = []
     for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, unit="batch", leave=False):
         chunk = pairs[start:start + batch_size]
-        images = [read_model_view(p.image) for p in chunk]
+        images = [_read(p.image, read_model_view) for p in chunk]
         pred = segmenter.predict_batch(np.stack([segmenter.prepare(im) for im in images]), tta=True)
         for i, (pair, image) in enumerate(zip(chunk, images)):
             mask = clean_mask(pred.probabilities[i], post)
@@ -70,10 +73,19 @@ def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: Postproces
                       "flip_dice": flip_agreement(mask, clean_mask(pred.flipped[i], post))}
             score = None
             if with_truth:
-                truth = binarize_mask(read_gray(pair.mask))
+                truth = binarize_mask(_read(pair.mask, read_gray))
                 score = dice(resize_mask(mask, image.shape), truth) if truth.shape == image.shape else None
             out.append(Observation(pred.pooled[i], values, pair.patient_id or str(pair.image), score, pair.convention))
     return out
+
+
+def _read(path, read) -> np.ndarray:
+    """An image or mask of the calibration data; one that cannot be read stops the calibration with one line
+    (a fit on what is left would no longer be the split the user asked for)."""
+    try:
+        return read(path)
+    except (OSError, ImageDecodeError) as err:
+        raise LungkitError(f"cannot read {path}: {err}") from err
 
 
 def fit_image_density(train: np.ndarray, val: np.ndarray) -> ImageDensity | None:
@@ -244,32 +256,64 @@ def _kept_parts(config, fitted: list[str], log: Callable[[str], None]) -> dict[s
     return kept
 
 
+# The fewest images a calibration is refused below. The validation images set the gate's threshold (a high
+# quantile of their scores) and fit est_dice against their measured Dice, checked by cross-validation: with 2 of
+# them (8 pairs at --val-fraction 0.25) the Spearman is undefined and the threshold is one image's score, and the
+# gate then flagged 5 of 24 good CXRs. 10 is where a quantile and a rank correlation start to mean something; the
+# training images fit the image density and the mask-shape statistics.
+MIN_VAL_IMAGES = 10
+MIN_TRAIN_IMAGES = 10
+MODEL_MARKER = ".lungkit-model"
+
+
 def calibrate_model(data: str | Path | list, weights: str | Path | None, out: str | Path | None, val_fraction: float,
                     seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
                     conventions: list[str] | None = None) -> dict:
     """`lungkit calibrate`: split DATA as `lungkit train` does (each data argument alone, in its convention),
-    fit, store in the weights (or a copy in OUT). Returns each convention's report."""
-    import shutil
-
-    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, resolve_weights
+    fit, store in the user's weights or in a copy in OUT (built aside: a failed calibration leaves nothing
+    there). The bundled model is never changed. Returns each convention's report."""
+    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, resolve_weights
     from lungmask_kit.runtime import prepare_device
     from lungmask_kit.training.data import data_sources, split_sources
 
+    source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
+    if out is None and inside(source, DEFAULT_WEIGHTS.parent.parent):
+        raise LungkitError("the bundled model is part of the installed package and is never changed: give -o FOLDER "
+                           "for a calibrated copy")
     # bad data or an unusable split fails before anything is written
     sources = data_sources(data, conventions or [defaults.CONVENTION])
     train_pairs, val_pairs, by_patient = split_sources(sources, val_fraction, seed)
-    if not train_pairs or not val_pairs:
-        raise LungkitError(f"need both training and validation pairs (got {len(train_pairs)} / {len(val_pairs)})")
+    _check_enough(train_pairs, val_pairs, val_fraction)
     if not by_patient:
         log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
-    source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
     torch_device = prepare_device(device)  # an unusable device fails before anything is written
-    target = source
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / "model.safetensors"
-        for src, dst in ((source, target), (_config_path(source), out / "config.json")):
-            shutil.copyfile(src, dst)
-    models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
-    return {c: {**m.report, "min_est_dice": m.min_est_dice, "weights": str(target)} for c, m in models.items()}
+    if out is None:
+        models = calibrate(source, train_pairs, val_pairs, torch_device, progress=progress, log=log)
+        return _reports(models, source)
+    out = Path(out)
+    with staged_folder(out, source.parent, MODEL_MARKER, "lungkit calibrate") as staging:
+        target = staging / "model.safetensors"
+        shutil.copyfile(source, target)
+        shutil.copyfile(_config_path(source), staging / "config.json")
+        models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
+        (staging / MODEL_MARKER).write_text("a model calibrated by `lungkit calibrate`; a re-run replaces this folder\n")
+    return _reports(models, out / "model.safetensors")
+
+
+def _check_enough(train_pairs, val_pairs, val_fraction: float) -> None:
+    """Refuse a calibration set too small to fit what calibration fits (see MIN_VAL_IMAGES)."""
+    per_convention: dict[str, int] = {}
+    for p in val_pairs:
+        per_convention[p.convention] = per_convention.get(p.convention, 0) + 1
+    short = {c: n for c, n in per_convention.items() if n < MIN_VAL_IMAGES}
+    if not val_pairs or short or len(train_pairs) < MIN_TRAIN_IMAGES:
+        got = ", ".join(f"{n} {c}" for c, n in per_convention.items()) or "none"
+        raise LungkitError(
+            f"too few images to calibrate: {len(train_pairs)} training and {got} validation at --val-fraction "
+            f"{val_fraction:g}; calibration needs at least {MIN_TRAIN_IMAGES} training and {MIN_VAL_IMAGES} validation "
+            "images per convention (the gate's threshold and est_dice are fitted on the validation images; fewer make "
+            "them one image's accident)")
+
+
+def _reports(models: dict, weights: Path) -> dict:
+    return {c: {**m.report, "min_est_dice": m.min_est_dice, "weights": str(weights)} for c, m in models.items()}

@@ -584,7 +584,7 @@ def _shard_record(out: Path) -> dict:
     records = shard_records(out)
     running = running_holder(out)
     if not records and running:
-        raise LungkitError(f"no shard has finished into {out} yet, and shards are still running ({running}): "
+        raise LungkitError(f"{out} holds no finished shard yet, and shards are still running ({running}): "
                            "merge when they have finished")
     if not records:
         raise LungkitError(f"{out} holds no finished shard to merge (run `lungkit segment DIR -o {out} --shard K/N` first)")

@@ -55,12 +55,13 @@ def test_label_formats_parse(tmp_path):
 
 @pytest.fixture
 def class_manifest(tmp_path, random_weights):
-    """A segment manifest over covid/ and negative/ folders of synthetic CXRs (covid ones brighter)."""
+    """A segment manifest over covid/ and negative/ folders of synthetic CXRs (covid ones brighter). Each image is
+    its own radiograph (a brightened copy of a negative would be the same patient: classify groups such copies)."""
     src = tmp_path / "cls"
     for i in range(16):
-        img = cxr_like(72, 64, seed=i)
-        write_png(src / "covid" / f"c{i}.png", np.clip(img.astype(int) + 40, 0, 255).astype(np.uint8))
-        write_png(src / "negative" / f"n{i}.png", img)
+        covid = cxr_like(72, 64, seed=100 + i)
+        write_png(src / "covid" / f"c{i}.png", np.clip(covid.astype(int) + 40, 0, 255).astype(np.uint8))
+        write_png(src / "negative" / f"n{i}.png", cxr_like(72, 64, seed=i))
     out = tmp_path / "seg"
     assert main(["segment", str(src), "-o", str(out), "-w", str(random_weights), "--min-lung-fraction", "0", "-q"]) == 0
     return out / "manifest.parquet"

@@ -9,6 +9,7 @@ numbers, and the disk one keeps memory flat for 100k+ images.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.classify.grouping import SYNTHETIC, group_copies, patients_from_paths
 from lungmask_kit.fileio import OutsidePathError
 from lungmask_kit.manifest import RunManifest, open_run
 from lungmask_kit.runtime import available_cores
@@ -45,6 +47,7 @@ class ClassifySettings:
     positive: str | None = None
     include_flagged: bool = False
     labels_from_folders: bool = False
+    patient_from: str | None = None  # --patient-from REGEX: patient ids from the image paths
     input_root: str | None = None  # where the manifest's original images are now (--input-root)
     threshold: float = 0.5
 
@@ -62,6 +65,7 @@ class Sample:
     files: dict[str, Path] = field(default_factory=dict)  # variant -> file
     source: str | None = None
     mask: Path | None = None  # the lung mask, for saliency_in_lungs
+    sha256: str | None = None  # of the original file: exact copies are one pseudo-patient
 
 
 def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list | None = None) -> tuple[list[Sample], dict]:
@@ -88,9 +92,28 @@ def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list 
     if positive not in labels:
         raise LungkitError(f"positive label {positive!r} not among the labels {labels}; choose one with --positive")
     info = {"rows": len(rows), "excluded_error": 0, "excluded_qc": 0, "excluded_unlabelled": 0, "excluded_outside": 0}
+    if settings.patient_from:
+        derived = patients_from_paths([r["path"] for r in rows], settings.patient_from)
+        for r in rows:
+            r["patient_id"] = derived.get(r["path"])
     samples = [s for s in (_sample(r, run, positive, settings, info) for r in rows) if s]
-    info.update(positive=positive, labels=labels, n=len(samples))
+    info.update(positive=positive, labels=labels, n=len(samples), grouping=_group_unknown_patients(samples, settings))
     return samples, info
+
+
+def _group_unknown_patients(samples: list[Sample], settings: ClassifySettings) -> str:
+    """Pseudo-patients for the samples without a patient id (exact and near copies together); says how."""
+    unknown = [s for s in samples if s.patient_id.startswith(SYNTHETIC)]
+    known = len(samples) - len(unknown)
+    source = f"--patient-from {settings.patient_from!r}" if settings.patient_from else "the patient_id column"
+    if not unknown:
+        return f"patients from {source} ({len({s.patient_id for s in samples})} patients)"
+    groups, grouping = group_copies([s.image for s in unknown], [s.sha256 for s in unknown],
+                                    [s.files["original"] for s in unknown])
+    for s in unknown:
+        s.patient_id = groups[s.image]
+    said = f"{known} image(s) with a patient id from {source}; " if known else ""
+    return said + grouping.how
 
 
 def _sample(r: dict, run: RunManifest, positive: str, settings: ClassifySettings, info: dict):
@@ -112,16 +135,23 @@ def _sample(r: dict, run: RunManifest, positive: str, settings: ClassifySettings
     except OutsidePathError:
         info["excluded_outside"] += 1
         return None
-    return Sample(r["path"], r.get("patient_id") or f"image:{r['path']}", int(r["label"] == positive),
-                  (r.get("split") or "").lower(), files, r.get("source") or None, mask)
+    return Sample(r["path"], r.get("patient_id") or f"{SYNTHETIC}{r['path']}", int(r["label"] == positive),
+                  (r.get("split") or "").strip().lower(), files, r.get("source") or None, mask, r.get("sha256"))
+
+
+TRAIN_SPLITS = ("train", "val", "valid", "validation")
 
 
 def split_samples(samples: list[Sample], test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample], str]:
     """(train, test, how). A split column is used as is; otherwise whole patients, stratified by label."""
     if any(s.split for s in samples):
-        train = [s for s in samples if s.split in ("train", "val", "valid", "validation")]
+        train = [s for s in samples if s.split in TRAIN_SPLITS]
         test = [s for s in samples if s.split == "test"]
+        left = Counter(s.split or "(blank)" for s in samples if s.split not in TRAIN_SPLITS and s.split != "test")
         how = "given split column"
+        if left:
+            how += (f"; {sum(left.values())} image(s) left out, whose split is neither train/val nor test: "
+                    + ", ".join(f"{n} {v!r}" for v, n in left.most_common()))
     else:
         patients: dict[str, list[Sample]] = {}
         for s in samples:

@@ -106,7 +106,8 @@ def results_markdown(result: dict, settings, checkpoint, saliency_figure: bool) 
              f"{settings.image_size} px, {settings.epochs} epochs, seeds {settings.seed_list}, threshold {settings.threshold}. "
              f"Excluded: {info['excluded_error']} failed, {info['excluded_qc']} QC-flagged, {info['excluded_unlabelled']} "
              "unlabelled rows" + (f", {info['excluded_outside']} whose paths lead out of the run's folders"
-                                  if info.get("excluded_outside") else "") + "." + (f" Scored with checkpoint `{Path(checkpoint).name}`." if checkpoint else ""),
+                                  if info.get("excluded_outside") else "") + "."
+             + (f" Patients: {info['grouping']}." if info.get("grouping") else "") + (f" Scored with checkpoint `{Path(checkpoint).name}`." if checkpoint else ""),
              "", comparison_table(metrics, settings), "", f"Intervals: {METHOD}", ""]
     if result.get("comparisons"):
         lines += ["## Comparisons", "", *(f"- {c['sentence']}" for c in result["comparisons"]), ""]

@@ -20,7 +20,11 @@ from lungmask_kit.classify.model import (
     save_checkpoint, train_model,
 )
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import make_dirs, output_errors
+from lungmask_kit.fileio import check_replaceable, make_dirs, output_errors
+
+
+MARKER = ".lungkit-classify"  # an output folder holding it is ours to write into again
+CACHE_DIR = ".lungkit-cache"  # --cache disk: memory-mapped images, removed at the end (never OUT/.cache)
 
 
 @dataclass
@@ -67,8 +71,11 @@ def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.
     Normalization(settings.normalize), Channels(settings.channels)  # a wrong value fails here, not mid-run
     device = prepare_device(device)
     samples, info = load_samples(manifest, settings, labels_files)  # a run folder or its manifest
+    check_replaceable(out, manifest.parent if manifest.suffix == ".parquet" else manifest, MARKER, "lungkit classify",
+                      allow_inside_run=True)
     with output_errors(out):
         make_dirs(out)
+        (out / MARKER).write_text("results of `lungkit classify`; a re-run overwrites them\n")
         return _run_in(out, manifest, samples, info, settings, device, checkpoint, progress, log, t0)
 
 
@@ -80,7 +87,8 @@ def _run_in(out: Path, manifest: Path, samples: list[Sample], info: dict, settin
     train, test, how = _split(samples, settings, checkpoint)
     log(f"{len(samples)} images ({info['positive']!r} positive: {sum(s.label for s in samples)}); "
         f"train {len(train)}, test {len(test)} ({how})")
-    cache = ImageCache(settings.image_size, out / ".cache" if settings.cache == "disk" else None)
+    log(f"patients: {info['grouping']}")
+    cache = ImageCache(settings.image_size, out / CACHE_DIR if settings.cache == "disk" else None)
     run = _Run(settings, cache, device, out, progress, log)
     try:
         result = _score_checkpoint(run, test, checkpoint) if checkpoint is not None else _audit(run, samples, train, test)

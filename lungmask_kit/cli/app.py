@@ -68,6 +68,19 @@ def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+# what an interrupted command leaves: runs resume (segment, variants, merge, publish); the others start over
+_RESUMES = {"segment", "variants", "merge", "publish"}
+
+
+def _after_interrupt(argv: list[str]) -> str:
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command in _RESUMES:
+        return "run the same command again to resume"
+    if command == "train":
+        return "run the same command again with --resume to continue from the last finished epoch"
+    return f"nothing was kept: `lungkit {command}` starts over when run again" if command else "nothing was kept"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; the single place where LungkitError becomes a stderr line and an exit code.
 
@@ -87,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lungkit: error: {err}", file=sys.stderr)
         return err.exit_code
     except (Interrupted, KeyboardInterrupt) as err:
-        print("lungkit: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"lungkit: interrupted; {_after_interrupt(argv if argv is not None else sys.argv[1:])}", file=sys.stderr)
         return 128 + getattr(err, "signum", 2)
+    except OSError as err:  # an OS error no command turned into a message (an output folder, a device)
+        print(f"lungkit: error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        return 2
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:

@@ -3,7 +3,6 @@ it says it left out: issue 23's classify findings."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import cv2

@@ -4,7 +4,6 @@ image-mask pairs (no model), tampered the way a downloaded dataset or manifest c
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lungmask_kit.cli.app import main
-from lungmask_kit.fileio import InputReadError, staged_folder
+from lungmask_kit.fileio import InputReadError
 from lungmask_kit.imaging import read_decoded
 from lungmask_kit.qc import kind_reasons, reason_counts, split_reasons
 from lungmask_kit.report import ReportOptions, build_report

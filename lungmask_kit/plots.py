@@ -133,5 +133,5 @@ def saliency_png(examples: dict[str, tuple]) -> bytes:
             ax.imshow(images[c], cmap="gray", vmin=0, vmax=1)
             ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
             ax.contour(masks[c], levels=[0.5], colors="white", linewidths=0.6)
-            ax.set_title(f"{variant}: {inside:.0%} in lungs", fontsize=8)
+            ax.set_title(f"{variant}: {inside:.0%} in lungs" if np.isfinite(inside) else f"{variant}: no attribution", fontsize=8)
     return _png(fig)

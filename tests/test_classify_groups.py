@@ -107,3 +107,31 @@ def test_an_interrupt_says_what_it_means_for_each_command():
     assert "--resume" in _after_interrupt(["train", "data", "-o", "run"])
     assert "starts over" in _after_interrupt(["classify", "out", "-o", "cls"])
     assert "starts over" in _after_interrupt(["-q", "report", "out"])
+
+
+def test_too_few_test_patients_give_no_interval_no_p_value_and_no_claim():
+    from lungmask_kit.classify.audit import summarize
+
+    rng = np.random.default_rng(0)
+    labels = [1] * 30 + [0] * 3  # one negative patient with three images
+    patients = [f"p{i}" for i in range(30)] + ["n0"] * 3
+    good, bad = np.array([0.9] * 30 + [0.1] * 3), rng.random(33)
+    metrics, comparisons = summarize(labels, patients, {"lungs": [good], "nolungs": [bad]}, 0.5, 500, 0)
+    assert metrics["lungs"]["roc_auc_ci95"] is None and "1 negative" in metrics["lungs"]["note"]
+    (c,) = comparisons
+    assert c["p_value"] is None and c["difference_ci95"] is None and "no claim either way" in c["sentence"]
+
+
+def test_the_outside_the_lungs_sentence_follows_the_numbers():
+    from lungmask_kit.classify.audit import summarize
+
+    rng = np.random.default_rng(1)
+    labels = [1] * 40 + [0] * 40
+    patients = [f"p{i}" for i in range(80)]
+    chance_a, chance_b = rng.random(80), rng.random(80)  # both near AUC 0.5: nothing "does as well"
+    _, (c,) = summarize(labels, patients, {"lungs": [chance_a], "nolungs": [chance_b]}, 0.5, 500, 0)
+    assert "cannot be told apart" in c["sentence"] and "cues outside" not in c["sentence"]
+    strong = np.array(labels) * 0.6 + rng.random(80) * 0.4
+    strong_too = np.array(labels) * 0.6 + rng.random(80) * 0.4
+    _, (c,) = summarize(labels, patients, {"lungs": [strong], "nolungs": [strong_too]}, 0.5, 500, 0)
+    assert "cues outside" in c["sentence"] and c["p_value"] is not None

@@ -6,6 +6,11 @@ point value is the mean over seeds on the whole test split; its `_ci95` is the 2
 the replicates. A comparison of two variants uses the same draws for both (paired): the AUC difference's
 interval, and a two-sided p-value = 2 x the smaller share of replicates on either side of zero (at least
 1 / replicates). Replicates where a metric is undefined (one class drawn) are left out of that metric.
+
+Below MIN_TEST_PATIENTS_PER_CLASS test patients in either class, no interval and no p-value is reported (null,
+with a `note`): a patient bootstrap can only redraw the patients it has, so with a handful of them its
+percentiles describe those few people, not the population, and a p-value from it is an artefact (one negative
+test patient gave p = 0.002 for every comparison). The point values stay, flagged by the note.
 """
 
 from __future__ import annotations
@@ -16,6 +21,17 @@ from lungmask_kit.metrics import binary_classification_metrics, roc_auc
 
 METRICS = ("accuracy", "sensitivity", "specificity", "precision", "recall", "f1", "roc_auc")
 PAIRS = (("lungs", "nolungs"), ("original", "lungs"), ("original", "nolungs"))
+MIN_TEST_PATIENTS_PER_CLASS = 10
+USES_OUTSIDE_AUC = 0.7  # a lungs-removed classifier below this AUC is not "doing as well" at anything
+
+
+def too_few_patients(labels, patients, what: str = "test patients", minimum: int = MIN_TEST_PATIENTS_PER_CLASS) -> str | None:
+    """The note saying why intervals and p-values are withheld, or None when each class has enough patients."""
+    per_class = {c: len({p for p, y in zip(patients, labels) if int(y) == c}) for c in (1, 0)}
+    if min(per_class.values()) >= minimum:
+        return None
+    return (f"too few {what} for an interval or a p-value ({per_class[1]} positive, {per_class[0]} negative; "
+            f"at least {minimum} of each are needed)")
 
 
 def patient_draws(patients: list[str], replicates: int, seed: int) -> list[np.ndarray]:
@@ -46,10 +62,12 @@ def interval(values: list[float | None]) -> list[float] | None:
 
 
 def summarize(labels, patients, probs_by_variant: dict[str, list[np.ndarray]], threshold: float, replicates: int,
-              seed: int) -> tuple[dict, list[dict]]:
-    """({variant: metrics with `_ci95` and `per_seed`}, [comparisons]) on one test split."""
+              seed: int, min_patients: int = MIN_TEST_PATIENTS_PER_CLASS) -> tuple[dict, list[dict]]:
+    """({variant: metrics with `_ci95` and `per_seed`}, [comparisons]) on one test split; intervals and p-values
+    only with at least `min_patients` test patients per class."""
     labels = np.asarray(labels, int)
-    draws = patient_draws(patients, replicates, seed)
+    note = too_few_patients(labels, patients, minimum=min_patients)
+    draws = [] if note else patient_draws(patients, replicates, seed)
     boot = {v: [seed_mean(labels, probs, rows, threshold) for rows in draws] for v, probs in probs_by_variant.items()}
     metrics = {}
     for variant, probs in probs_by_variant.items():
@@ -57,32 +75,40 @@ def summarize(labels, patients, probs_by_variant: dict[str, list[np.ndarray]], t
         per_seed = [binary_classification_metrics(labels, p, threshold) for p in probs]
         metrics[variant] = {**point, **{f"{m}_ci95": interval([b[m] for b in boot[variant]]) for m in METRICS},
                             "n": int(len(labels)), "n_patients": int(len(set(patients))), "seeds": len(probs),
-                            "threshold": threshold, "per_seed": per_seed}
-    comparisons = [compare(a, b, metrics, boot) for a, b in PAIRS if a in metrics and b in metrics]
+                            "threshold": threshold, "per_seed": per_seed, "note": note}
+    comparisons = [compare(a, b, metrics, boot, note=note) for a, b in PAIRS if a in metrics and b in metrics]
     return metrics, comparisons
 
 
-def compare(a: str, b: str, metrics: dict, boot: dict, metric: str = "roc_auc") -> dict:
-    """Paired bootstrap of `metric`(a) - `metric`(b)."""
+def compare(a: str, b: str, metrics: dict, boot: dict, metric: str = "roc_auc", note: str | None = None) -> dict:
+    """Paired bootstrap of `metric`(a) - `metric`(b); no interval or p-value with a `note` (too few patients)."""
     point = None if metrics[a][metric] is None or metrics[b][metric] is None else metrics[a][metric] - metrics[b][metric]
     diffs = np.asarray([x[metric] - y[metric] for x, y in zip(boot[a], boot[b])
                         if x[metric] is not None and y[metric] is not None], np.float64)
     p = None
     if diffs.size:
         p = float(min(1.0, max(2 * min((diffs <= 0).mean(), (diffs >= 0).mean()), 1.0 / diffs.size)))
-    return {"a": a, "b": b, "metric": metric, "difference": point, "difference_ci95": interval(diffs.tolist()),
-            "p_value": p, "replicates": int(diffs.size), "sentence": comparison_sentence(a, b, point, interval(diffs.tolist()), p)}
+    ci = interval(diffs.tolist())
+    return {"a": a, "b": b, "metric": metric, "difference": point, "difference_ci95": ci, "p_value": p,
+            "replicates": int(diffs.size), "note": note,
+            "sentence": comparison_sentence(a, b, point, ci, p, note, {v: m.get(metric) for v, m in metrics.items()})}
 
 
-def comparison_sentence(a: str, b: str, diff: float | None, ci: list[float] | None, p: float | None) -> str:
-    """What the numbers support, in one sentence."""
-    if diff is None or ci is None:
+def comparison_sentence(a: str, b: str, diff: float | None, ci: list[float] | None, p: float | None,
+                        note: str | None = None, aucs: dict | None = None) -> str:
+    """What the numbers support, in one sentence, and nothing more."""
+    if diff is None:
         return f"{a} vs {b}: the AUC is undefined (one class in the test split), so nothing can be said."
+    if note or ci is None:
+        return (f"{a} vs {b}: the AUC differs by {diff:+.3f} on this test split, but there are {note or 'too few test patients'}"
+                ": no claim either way.")
     stats = f"(AUC difference {diff:+.3f}, 95% CI {ci[0]:+.3f} to {ci[1]:+.3f}, p = {p:.3f})"
     if ci[0] > 0 or ci[1] < 0:
         better, worse = (a, b) if diff > 0 else (b, a)
         return f"{better} scores a higher AUC than {worse} {stats}: the difference is larger than the test split's noise."
-    verdict = (" A classifier that does as well without the lungs is using cues outside them." if {a, b} == {"lungs", "nolungs"} else "")
+    nolungs = (aucs or {}).get("nolungs")
+    verdict = (" A classifier that does as well without the lungs is using cues outside them."
+               if {a, b} == {"lungs", "nolungs"} and nolungs is not None and nolungs >= USES_OUTSIDE_AUC else "")
     return f"{a} and {b} cannot be told apart on this test split {stats}.{verdict}"
 
 

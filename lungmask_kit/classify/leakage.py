@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lungmask_kit.classify.audit import interval, multiclass_auc, patient_draws
+from lungmask_kit.classify.audit import MIN_TEST_PATIENTS_PER_CLASS, interval, multiclass_auc, patient_draws, too_few_patients
 from lungmask_kit.metrics import binary_classification_metrics
 
 
@@ -26,7 +26,13 @@ def source_prediction(run, samples, train, test) -> dict:
     targets = np.array([index[s.source] for s in test])
     result = {"sources": {name: sum(s.source == name for s in samples) for name in sources},
               "test_sources": {name: int((targets == index[name]).sum()) for name in sources}, "variants": {}}
-    draws = patient_draws([s.patient_id for s in test], run.settings.bootstrap, run.settings.seed)
+    # enough test patients of every source, or no interval (the same rule as the COVID-19 metrics)
+    per_source = {name: len({s.patient_id for s in test if s.source == name}) for name in sources}
+    short = {k: n for k, n in per_source.items() if n < MIN_TEST_PATIENTS_PER_CLASS}
+    note = (f"too few test patients of a source for an interval ({', '.join(f'{k}: {n}' for k, n in short.items())}; "
+            f"at least {MIN_TEST_PATIENTS_PER_CLASS} each are needed)") if short else None
+    result["note"] = note
+    draws = [] if note else patient_draws([s.patient_id for s in test], run.settings.bootstrap, run.settings.seed)
     for variant in run.settings.variants:
         model, _, norm = run.train(variant, train, run.settings.seed, [index[s.source] for s in train], len(sources), "source")
         from lungmask_kit.classify.model import predict
@@ -34,7 +40,8 @@ def source_prediction(run, samples, train, test) -> dict:
         probs = predict(model, run.dataset(variant, test, targets, norm, augment=False, classes=len(sources)),
                         run.device, run.settings.batch_size)
         boot = [multiclass_auc(targets[rows], probs[rows]) for rows in draws]
-        result["variants"][variant] = {"auc": multiclass_auc(targets, probs), "auc_ci95": interval(boot), "n_test": len(test)}
+        auc = multiclass_auc(targets, probs)  # a point value; `note` says when it rests on too few patients
+        result["variants"][variant] = {"auc": auc, "auc_ci95": interval(boot), "n_test": len(test)}
         run.log(f"{variant}: source AUC {result['variants'][variant]['auc']}")
     return result
 
@@ -50,7 +57,8 @@ def leave_one_source_out(run, samples) -> dict:
         test = [s for s in samples if s.source == held]
         patients = {s.patient_id for s in test}
         train = [s for s in samples if s.source and s.source != held and s.patient_id not in patients]
-        entry = {"n": len(test), "positives": sum(s.label for s in test), "n_train": len(train), "variants": {}}
+        entry = {"n": len(test), "positives": sum(s.label for s in test), "n_train": len(train), "variants": {},
+                 "note": too_few_patients([s.label for s in test], [s.patient_id for s in test], "patients in this source")}
         if len({s.label for s in train}) < 2:
             out[held] = {**entry, "skipped": "the other sources hold one class only"}
             continue

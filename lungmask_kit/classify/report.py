@@ -109,6 +109,9 @@ def results_markdown(result: dict, settings, checkpoint, saliency_figure: bool) 
                                   if info.get("excluded_outside") else "") + "."
              + (f" Patients: {info['grouping']}." if info.get("grouping") else "") + (f" Scored with checkpoint `{Path(checkpoint).name}`." if checkpoint else ""),
              "", comparison_table(metrics, settings), "", f"Intervals: {METHOD}", ""]
+    for note in result.get("warnings", []):
+        lines += [f"**Not enough data for intervals or p-values**: {note}. The values above describe this test split "
+                  "only; the table shows no interval for them.", ""]
     if result.get("comparisons"):
         lines += ["## Comparisons", "", *(f"- {c['sentence']}" for c in result["comparisons"]), ""]
     sal = {v: m for v, m in metrics.items() if m.get("saliency_in_lungs") is not None}
@@ -116,7 +119,8 @@ def results_markdown(result: dict, settings, checkpoint, saliency_figure: bool) 
         lines += ["## Where the classifier looks", "",
                   "Share of the positive Grad-CAM attribution inside the lung mask (mean over test images and seeds, "
                   "95% CI by patient):", "",
-                  *(f"- {v}: {m['saliency_in_lungs']:.2f} ({m['saliency_in_lungs_ci95'][0]:.2f}-{m['saliency_in_lungs_ci95'][1]:.2f})"
+                  *(f"- {v}: {m['saliency_in_lungs']:.2f}" + (f" ({m['saliency_in_lungs_ci95'][0]:.2f}-"
+                    f"{m['saliency_in_lungs_ci95'][1]:.2f})" if m.get("saliency_in_lungs_ci95") and not m.get("note") else "")
                     for v, m in sal.items()), ""]
         if saliency_figure:
             lines += ["![Grad-CAM examples](saliency.png)", ""]
@@ -128,6 +132,10 @@ def results_markdown(result: dict, settings, checkpoint, saliency_figure: bool) 
     return "\n".join(lines) + "\n"
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _leakage_lines(result: dict) -> list[str]:
     lines = []
     src = result.get("source_prediction")
@@ -135,6 +143,8 @@ def _leakage_lines(result: dict) -> list[str]:
         lines += ["## Source leakage", "",
                   f"A classifier trained to predict the source ({', '.join(f'{k} {n}' for k, n in src['sources'].items())}) "
                   "from each variant; ROC AUC on the test split (macro one-vs-rest for more than two sources):", ""]
+        if src.get("note"):
+            lines += [f"Note: {src['note']}; the AUCs below describe this test split only.", ""]
         for v, r in src["variants"].items():
             ci = r.get("auc_ci95")
             lines.append(f"- {v}: " + ("n/a" if r["auc"] is None else f"{r['auc']:.3f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")))
@@ -142,6 +152,7 @@ def _leakage_lines(result: dict) -> list[str]:
     elif src and "skipped" in src:
         lines += ["## Source leakage", "", f"Skipped: {src['skipped']}.", ""]
     loso = result.get("leave_one_source_out")
+    notes: list[str] = []
     if loso and "held_out" in loso:
         lines += ["## Leave one source out", "", "| held-out source | n (positive) | variant | accuracy | sensitivity | specificity | ROC AUC |",
                   "|---|---|---|---|---|---|---|"]
@@ -149,10 +160,13 @@ def _leakage_lines(result: dict) -> list[str]:
             if "skipped" in e:
                 lines.append(f"| {held} | {e['n']} ({e['positives']}) | - | skipped: {e['skipped']} | | | |")
                 continue
+            if e.get("note"):
+                notes.append(f"{held}: {e['note']}")
             for v, m in e["variants"].items():
                 auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-                lines.append(f"| {held} | {e['n']} ({e['positives']}) | {v} | {m['accuracy']:.3f} | {m['sensitivity']:.3f} | "
-                             f"{m['specificity']:.3f} | {auc} |")
+                lines.append(f"| {held} | {e['n']} ({e['positives']}) | {v} | {_num(m['accuracy'])} | {_num(m['sensitivity'])} | "
+                             f"{_num(m['specificity'])} | {auc} |")
         lines.append("")
+        lines += [f"Note: {n}; that row describes those few images only." for n in notes] + ([""] if notes else [])
     return lines
 

@@ -127,7 +127,7 @@ def _audit(run: _Run, samples, train, test) -> dict:
     for variant, per_image in saliency.items():
         if per_image is not None:
             _add_saliency(metrics[variant], test, per_image, s)
-    result = {"metrics": metrics, "comparisons": comparisons}
+    result = {"metrics": metrics, "comparisons": comparisons, "warnings": _notes(metrics)}
     if s.leakage:
         from lungmask_kit.classify.leakage import leave_one_source_out, source_prediction
 
@@ -172,6 +172,11 @@ def _examples(run: _Run, variant: str, test, cams, masks, n: int = 4) -> tuple:
     return array[rows].astype(np.float32) / ImageCache.SCALE, cams[order], masks[order], [test[i].image for i in order]
 
 
+def _notes(metrics: dict) -> list[str]:
+    """The statistics' notes, once each (the same test split is behind every variant)."""
+    return sorted({m["note"] for m in metrics.values() if m.get("note")})
+
+
 def _add_saliency(m: dict, test, per_image: np.ndarray, s: ClassifySettings) -> None:
     from lungmask_kit.classify.audit import mean_ci
 
@@ -199,4 +204,4 @@ def _score_checkpoint(run: _Run, test, checkpoint) -> dict:
                              "probability": float(v), "prediction": int(v >= config.threshold)} for t, v in zip(test, probs[variant][0])]
     metrics, comparisons = summarize([t.label for t in test], [t.patient_id for t in test], probs, config.threshold,
                                      run.settings.bootstrap, run.settings.seed)
-    return {"metrics": metrics, "comparisons": comparisons}
+    return {"metrics": metrics, "comparisons": comparisons, "warnings": _notes(metrics)}

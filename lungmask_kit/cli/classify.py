@@ -74,6 +74,8 @@ def classify(
     if not quiet:
         typer.echo(comparison_table(result["metrics"], settings))
         typer.echo(f"train {result['n_train']} / test {result['n_test']} images, {result['seconds']:.0f} s; outputs in {out}")
+    for warning in result.get("warnings", []):
+        typer.echo(f"lungkit: warning: {warning}: intervals and p-values are left out (null in metrics.json)", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -50,3 +50,8 @@ TRAIN = {
     "val_fraction": 0.2,
     "seed": 0,
 }
+
+RUN_FILE = ".lungkit-run.json"  # marks a segment or variants output folder
+# files that mark a folder lungkit wrote (a run, a report, a dataset, a calibrated model, a classify audit):
+# such a folder inside an input folder is never read as input
+OUTPUT_MARKERS = (RUN_FILE, ".lungkit-report", ".lungkit-dataset", ".lungkit-model", ".lungkit-classify")

@@ -6,6 +6,8 @@ import fnmatch
 import functools
 import hashlib
 import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from lungmask_kit import defaults
@@ -28,16 +30,39 @@ def wants_dicom(rel: str, dicom: bool = False) -> bool:
     return name.endswith(defaults.DICOM_EXTENSIONS) or (dicom and not name.endswith(defaults.IMAGE_EXTENSIONS))
 
 
+@dataclass
+class Scan:
+    """What a walk of an input folder found: the images, the files it does not read (by extension), and the
+    lungkit output folders inside it, which are never read as input."""
+
+    images: list[str]
+    ignored: Counter = field(default_factory=Counter)  # ".webp" -> files
+    output_folders: list[str] = field(default_factory=list)  # relative paths
+
+    def ignored_text(self) -> str:
+        """"6 files: 2 .webp, 1 .gif, ..." (empty when none)."""
+        n = sum(self.ignored.values())
+        if not n:
+            return ""
+        return f"{n} file(s): " + ", ".join(f"{k} {ext}" for ext, k in self.ignored.most_common())
+
+
 def find_images(root: str | Path, glob: str | None = None, dicom: bool = False) -> list[str]:
-    """Relative POSIX paths of every image under `root`, sorted; `glob` filters the relative path; `dicom`
-    also takes extensionless files (see is_image_name).
+    """Relative POSIX paths of every image under `root`, sorted (see scan_images)."""
+    return scan_images(root, glob, dicom).images
+
+
+def scan_images(root: str | Path, glob: str | None = None, dicom: bool = False) -> Scan:
+    """Every image under `root` (relative POSIX paths, sorted); `glob` filters the relative path; `dicom` also
+    takes extensionless files (see is_image_name). Files of other types are counted by extension; a folder
+    lungkit wrote (defaults.OUTPUT_MARKERS) is skipped whole.
 
     An explicit stack, not recursion, so folder depth has no limit. Symlinked folders are followed once
     (loops are cut by tracking real paths); hidden files and our own temp files are skipped. Whether an
     entry is a readable regular file is decided when it is read, so a bad entry costs one error row.
     """
     root = Path(root)
-    found: list[str] = []
+    scan = Scan([])
     seen_dirs: set[str] = {os.path.realpath(root)}
     stack: list[tuple[str, str]] = [(str(root), "")]  # (folder on disk, its relative POSIX path)
     while stack:
@@ -52,12 +77,21 @@ def find_images(root: str | Path, glob: str | None = None, dicom: bool = False) 
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if _is_dir(entry):
                 real = os.path.realpath(entry.path)
-                if real not in seen_dirs:
-                    seen_dirs.add(real)
+                if real in seen_dirs:
+                    continue
+                seen_dirs.add(real)
+                if any(os.path.lexists(os.path.join(entry.path, m)) for m in defaults.OUTPUT_MARKERS):
+                    scan.output_folders.append(rel)
+                else:
                     stack.append((entry.path, rel))
-            elif is_image_name(entry.name, dicom) and (not glob or fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(entry.name, glob)):
-                found.append(rel)
-    return sorted(found)
+            elif not glob or fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(entry.name, glob):
+                if is_image_name(entry.name, dicom):
+                    scan.images.append(rel)
+                else:
+                    scan.ignored[PurePosixPath(entry.name).suffix.lower() or "(no extension)"] += 1
+    scan.images.sort()
+    scan.output_folders.sort()
+    return scan
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

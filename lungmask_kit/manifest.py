@@ -410,6 +410,7 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)  # e.g. damaged manifest files set aside
     next_step: str = ""  # what the user does next (a shard: merge once every shard has finished)
     uncalibrated: bool = False  # the model had no quality statistics
+    ignored: str = ""  # files under the input folder that are not images lungkit reads ("2 .webp, 1 .gif")
 
     @property
     def images_per_second(self) -> float:

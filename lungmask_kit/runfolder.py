@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from lungmask_kit import defaults
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes, confined, remove_stale_temps
 from lungmask_kit.fileio import lock_holder as _holder
@@ -26,7 +27,7 @@ from lungmask_kit.fileio import open_lock_file as _open_lock
 from lungmask_kit.fileio import try_flock as _flock
 from lungmask_kit.fileio import write_lock_holder as _write_holder
 
-RUN_FILE = ".lungkit-run.json"
+RUN_FILE = defaults.RUN_FILE
 LOCK_FILE = ".lungkit.lock"
 SHARD_LOCK = ".lungkit-shard-{tag}.lock"
 OUTPUT_COLUMNS = {"segment": ("mask_path", "lungs_path", "nolungs_path"), "variants": ("lungs_path", "nolungs_path")}

@@ -21,7 +21,7 @@ import numpy as np
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import derive_variants, lung_fields
-from lungmask_kit.discovery import find_images, output_names, output_path_problem, wants_dicom
+from lungmask_kit.discovery import Scan, output_names, output_path_problem, scan_images, wants_dicom
 from lungmask_kit.engine import ByteBudget, EngineSettings, Item, run_local
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, atomic_write_bytes, confined, inside, read_regular_file
@@ -330,16 +330,22 @@ class _LocalSteps:
         return self.writer.failed(item.row, err)
 
 
-def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> list[str]:
+def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> Scan:
+    if root.is_file():
+        raise LungkitError(f"{root} is a file: give the folder that holds the images (segment reads every image under it)")
     if not root.is_dir():
         raise LungkitError(f"input folder not found: {root}")
     if os.path.realpath(out) == os.path.realpath(root):
         raise LungkitError("the output folder must differ from the input folder")
+    if inside(root, out):
+        raise LungkitError(f"the input folder {root} lies inside the output folder {out}: choose an output folder outside it")
+    scan = scan_images(root, glob, dicom)
     # never read our own outputs back as inputs when --out lies inside the input folder
-    rels = [r for r in find_images(root, glob, dicom) if not inside(root / r, out)]
-    if not rels:
-        raise NoImagesError(f"no images found under {root}" + (f" matching {glob!r}" if glob else ""))
-    return rels
+    scan.images = [r for r in scan.images if not inside(root / r, out)]
+    if not scan.images:
+        ignored = f" (ignored {scan.ignored_text()}: not image types lungkit reads)" if scan.ignored else ""
+        raise NoImagesError(f"no images found under {root}" + (f" matching {glob!r}" if glob else "") + ignored)
+    return scan
 
 
 def _check_options(options: SegmentOptions) -> Shard | None:
@@ -361,7 +367,8 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     t_start = time.perf_counter()
     shard = _check_options(options)
     root, out = Path(input_dir), Path(out)
-    rels = _discover(root, out, options.glob, options.dicom)
+    scan = _discover(root, out, options.glob, options.dicom)
+    rels = scan.images
     from lungmask_kit.runtime import WarningTally
 
     kind = RunKind("segment", os.path.realpath(root))
@@ -371,7 +378,18 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
         summary = run.finish(t_start)
     if tally.summary():
         summary.warnings.append(tally.summary())
+    _say_what_was_not_read(summary, scan, root, out)
     return summary
+
+
+def _say_what_was_not_read(summary: RunSummary, scan: Scan, root: Path, out: Path) -> None:
+    """The summary's ignored files, and one warning for lungkit output folders found in the input (this run's own
+    --out inside the input folder is expected and not mentioned)."""
+    summary.ignored = scan.ignored_text()
+    others = [f for f in scan.output_folders if os.path.realpath(root / f) != os.path.realpath(out)]
+    if others:
+        summary.warnings.append(f"not read: {len(others)} lungkit output folder(s) inside the input folder "
+                                f"(e.g. {others[0]}); lungkit's outputs are never taken as input")
 
 
 class _SegmentRun:
@@ -561,7 +579,7 @@ def merge_shards(out: str | Path) -> RunSummary:
     out = Path(out)
     record = _shard_record(out)
     root = (out / record["input_root"]).resolve()
-    rels = _discover(root, out, record["glob"], record["dicom"])
+    rels = _discover(root, out, record["glob"], record["dicom"]).images
     paths = [manifest_path(r) for r in rels]
     kind = RunKind("segment", os.path.realpath(root))
     count = Shard.parse(record["shard"]).count

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -522,3 +523,30 @@ def test_a_decoder_message_right_after_a_progress_bar_update_is_counted():
         assert rest == b"" and tally.count == 1, cut
         assert tally.first.startswith("Corrupt JPEG data: premature end"), cut
         assert b"".join(shown) == b"\r  0%|    | 0/6 [00:00<?, ?img/s]\r 50%|##| 3/6\n", cut
+
+
+# --- issue 23: what segment does not read, and folder mix-ups ----------------------------------------------------
+
+def test_segment_counts_what_it_ignores_and_never_reads_an_earlier_run(tmp_path, small_corpus, random_weights, capsys):
+    for name in ("a.webp", "b.webp", "c.gif", "d.jp2", "e.pdf", "notes"):
+        (small_corpus / name).write_bytes(b"whatever")
+    old = tmp_path / "old-run"
+    assert _segment(small_corpus, old, random_weights) == 0
+    shutil.copytree(old, small_corpus / "old-run")  # an earlier run kept inside the input folder
+    capsys.readouterr()
+    assert main(["segment", str(small_corpus), "-o", str(tmp_path / "new"), "-w", str(random_weights)]) == 0
+    captured = capsys.readouterr()
+    ignored = " ".join(captured.out.split())
+    assert "6 file(s): 2 .webp" in ignored and all(k in ignored for k in ("1 .gif", "1 .jp2", "1 .pdf", "1 (no extension)"))
+    assert captured.err.count("not read: 1 lungkit output folder") == 1
+    assert len(_manifest(tmp_path / "new")) == 3  # the 3 images, none of the old run's masks
+
+
+def test_folder_mix_ups_get_the_right_message(tmp_path, small_corpus, random_weights, capsys):
+    image = next(small_corpus.iterdir())
+    assert _segment(image, tmp_path / "o1", random_weights) == 2
+    assert "is a file: give the folder" in capsys.readouterr().err
+    outer = tmp_path / "outer"
+    shutil.copytree(small_corpus, outer / "images")
+    assert _segment(outer / "images", outer, random_weights) == 2
+    assert "lies inside the output folder" in capsys.readouterr().err

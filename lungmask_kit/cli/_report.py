@@ -24,6 +24,7 @@ def echo_run_summary(s, title: str) -> None:
     reasons = ", ".join(f"{n} {k}" for k, n in sorted(s.flag_reasons.items(), key=lambda kv: -kv[1]))
     typer.echo(table([
         ("found", s.found),
+        *([("ignored (not images lungkit reads)", s.ignored)] if getattr(s, "ignored", "") else []),
         ("skipped (already done)", s.skipped),
         ("ok", s.ok),
         ("flagged by QC", f"{s.flagged}" + (f" ({reasons})" if reasons else "")),

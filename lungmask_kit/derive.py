@@ -58,6 +58,25 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int]
     )
 
 
+# a mask's two most common values cover at least this share of it: anti-aliased edges of a small mask took 6%
+# here; of 510 radiographs and photographs (cxr-cls, cxr-ood) the most a pair of values covered was 51%
+MASK_EXTREME_SHARE = 0.8
+
+
+def not_a_mask(pixels: np.ndarray) -> str | None:
+    """Why an image is not a mask (None when it is one): a mask has two values, a colour-mapped one two colours'
+    luminances, an anti-aliased one a few more along its edges; a photograph or a radiograph has many."""
+    if pixels.ndim != 2:
+        return f"not a 2-D mask (shape {pixels.shape})"
+    counts = np.sort(np.bincount(pixels.ravel()) if pixels.dtype.kind == "u" and pixels.dtype.itemsize <= 2
+                     else np.unique(pixels, return_counts=True)[1])
+    share = counts[-2:].sum() / pixels.size
+    if share < MASK_EXTREME_SHARE:
+        return (f"not a binary mask: its two most common values cover {share:.0%} of its pixels (a mask's cover "
+                f"{MASK_EXTREME_SHARE:.0%} or more)")
+    return None
+
+
 def binarize_mask(mask: np.ndarray) -> np.ndarray:
     """Any mask file's pixels -> bool, by one documented rule.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lungmask_kit.derive import binarize_mask
+from lungmask_kit.derive import binarize_mask, not_a_mask
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import OutsidePathError, atomic_write_bytes, make_dirs, output_errors
@@ -19,7 +19,7 @@ from lungmask_kit.imaging import ImageDecodeError, read_gray
 from lungmask_kit.manifest import MANIFEST_NAME, open_run, write_table
 from lungmask_kit.metrics import dice, hd95, iou
 
-METRICS = ("dice", "iou", "hd95_px", "dice_right_lung", "dice_left_lung")
+METRICS = ("dice", "iou", "hd95_px", "hd95_mm", "dice_right_lung", "dice_left_lung")
 FIELDS = [
     pa.field("path", pa.string()),
     pa.field("pred_mask", pa.string()),
@@ -27,6 +27,7 @@ FIELDS = [
     pa.field("dice", pa.float64()),
     pa.field("iou", pa.float64()),
     pa.field("hd95_px", pa.float64()),
+    pa.field("hd95_mm", pa.float64()),  # where the manifest knows the pixel spacing (a DICOM's)
     # each lung against the truth's lung on the same side (both split by postprocess.lung_sides, or the
     # prediction's right_lung_rle / left_lung_rle where its manifest has them)
     pa.field("dice_right_lung", pa.float64()),
@@ -47,6 +48,7 @@ class Predictions:
     sides: dict[str, tuple[dict, dict]] = field(default_factory=dict)  # (right, left) lung RLEs
     convention: str | None = None  # what the masks outline, where the manifest says
     refused: dict[str, str] = field(default_factory=dict)  # masks not read: why (a path out of the run)
+    spacing: dict[str, tuple[float, float]] = field(default_factory=dict)  # (row, column) mm per pixel
 
 
 def _predictions(pred: Path) -> Predictions:
@@ -54,7 +56,7 @@ def _predictions(pred: Path) -> Predictions:
     if pred.is_dir() and (pred / MANIFEST_NAME).is_file():  # a run folder: its manifest says where its masks are
         pred = pred / MANIFEST_NAME
     if pred.is_file() and pred.suffix == ".parquet":
-        wanted = ("path", "status", "mask_path", "est_dice", "convention", "right_lung_rle", "left_lung_rle")
+        wanted = ("path", "status", "mask_path", "est_dice", "convention", "right_lung_rle", "left_lung_rle", "pixel_spacing")
         # a damaged or foreign file is one line, not a traceback
         run = open_run(pred, columns=wanted)
         meta = run.meta
@@ -73,6 +75,7 @@ def _predictions(pred: Path) -> Predictions:
             {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None},
             {stem_key(r["path"]): (r["right_lung_rle"], r["left_lung_rle"]) for r in ok if r.get("right_lung_rle")},
             conventions.pop() if len(conventions) == 1 else meta.get("convention"), refused,
+            {stem_key(r["path"]): tuple(r["pixel_spacing"]) for r in ok if r.get("pixel_spacing")},
         )
     if pred.is_dir():
         rels = find_images(pred)
@@ -96,6 +99,17 @@ def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | N
         right, left = labels == RIGHT_LUNG, labels == LEFT_LUNG
     truth_sides = lung_sides(truth)
     return {"dice_right_lung": dice(right, truth_sides == RIGHT_LUNG), "dice_left_lung": dice(left, truth_sides == LEFT_LUNG)}
+
+
+def _truth_pixels(path: Path, root: Path) -> np.ndarray:
+    """A truth mask's pixels; a file that is not a mask (a photograph, a radiograph: --truth at the wrong
+    folder) stops the evaluation with one line naming it, rather than scoring it."""
+    pixels = read_gray(path)
+    problem = not_a_mask(pixels)
+    if problem:
+        raise LungkitError(f"--truth {root}: {path.relative_to(root).as_posix()} is {problem}; give the folder of "
+                           "the ground-truth masks")
+    return pixels
 
 
 def _relative(path: Path, out: str | Path) -> str:
@@ -139,10 +153,12 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         row = {"path": paths[key], "pred_mask": _relative(preds[key], out), "truth_mask": _relative(truths[key], out), "status": "ok",
                "est_dice": estimated.get(key)}
         try:
-            p, t = binarize_mask(read_gray(preds[key])), binarize_mask(read_gray(truths[key]))
+            p, t = binarize_mask(read_gray(preds[key])), binarize_mask(_truth_pixels(truths[key], truth))
             if p.shape != t.shape:
                 raise ValueError(f"prediction {p.shape[::-1]} and truth {t.shape[::-1]} differ in size")
-            row.update(dice=dice(p, t), iou=iou(p, t), hd95_px=hd95(p, t), **_lung_dice(p, t, found.sides.get(key)))
+            spacing = found.spacing.get(key)
+            row.update(dice=dice(p, t), iou=iou(p, t), hd95_px=hd95(p, t), hd95_mm=hd95(p, t, spacing) if spacing else None,
+                       **_lung_dice(p, t, found.sides.get(key)))
         except (OSError, ImageDecodeError, ValueError) as err:
             row.update(status="error", error=str(err))
         rows.append(row)

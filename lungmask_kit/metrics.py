@@ -28,8 +28,9 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return m.astype(bool) & ~cv2.erode(m, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
-    """95th percentile symmetric Hausdorff distance between mask boundaries, in pixels.
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] | None = None) -> float:
+    """95th percentile symmetric Hausdorff distance between mask boundaries: in pixels, or in mm with
+    `spacing` = (row, column) pixel spacing in mm (a DICOM's PixelSpacing; anisotropic ones included).
 
     Each direction's 95th percentile of boundary-to-boundary distances, then the larger (the usual
     definition, as in MONAI). Both empty: 0. One empty: NaN (undefined).
@@ -40,9 +41,17 @@ def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
     if not bp.any() or not bt.any():
         return math.nan
     # distance of every pixel to the nearest boundary pixel of the other mask
-    dist_to_t = cv2.distanceTransform((~bt).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    dist_to_p = cv2.distanceTransform((~bp).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist_to_t, dist_to_p = _distance_to(bt, spacing), _distance_to(bp, spacing)
     return float(max(np.percentile(dist_to_t[bp], 95), np.percentile(dist_to_p[bt], 95)))
+
+
+def _distance_to(boundary: np.ndarray, spacing: tuple[float, float] | None) -> np.ndarray:
+    if spacing is None or spacing[0] == spacing[1]:
+        dist = cv2.distanceTransform((~boundary).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        return dist if spacing is None else dist * float(spacing[0])
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~boundary, sampling=spacing)
 
 
 def binary_classification_metrics(labels, probabilities, threshold: float = 0.5) -> dict:

@@ -1,4 +1,7 @@
 import math
+import shutil
+
+import cv2
 
 import numpy as np
 import pandas as pd
@@ -53,3 +56,39 @@ def test_evaluate_a_variants_manifest_reads_its_masks_where_they_are(tmp_path, e
     assert main(["evaluate", str(out / "manifest.parquet"), "--truth", str(example_masks), "-o", str(tmp_path / "ev"), "-q"]) == 0
     rows = pq.read_table(tmp_path / "ev" / "metrics.parquet").to_pylist()
     assert len(rows) == 8 and all(r["status"] == "ok" and r["dice"] == 1.0 for r in rows)
+
+
+def test_truth_that_is_not_masks_is_refused_naming_the_first(tmp_path, example_images, example_masks, capsys):
+    from lungmask_kit.cli.app import main
+
+    pred = tmp_path / "pred"
+    shutil.copytree(example_masks, pred)
+    assert main(["evaluate", str(pred), "--truth", str(example_images), "-o", str(tmp_path / "ev"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    first = sorted(p.name for p in example_images.glob("*.png"))[0]
+    assert len(err.splitlines()) == 1 and "not a binary mask" in err and first in err
+    # anti-aliased masks (soft edges) are still masks
+    soft = tmp_path / "soft"
+    for p in example_masks.glob("*.png"):
+        m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        write_png(soft / p.name, cv2.GaussianBlur(m, (5, 5), 0))
+    assert main(["evaluate", str(pred), "--truth", str(soft), "-o", str(tmp_path / "ev2"), "-q"]) == 0
+
+
+def test_hd95_in_mm_follows_the_pixel_spacing():
+    from scipy.spatial.distance import cdist
+
+    from lungmask_kit.metrics import _boundary, hd95
+
+    a = np.zeros((60, 50), bool)
+    a[10:40, 8:30] = True
+    b = np.zeros_like(a)
+    b[14:46, 12:38] = True
+    px = hd95(a, b)
+    assert hd95(a, b, (0.5, 0.5)) == pytest.approx(px * 0.5)
+    ys_a, xs_a = np.nonzero(_boundary(a))
+    ys_b, xs_b = np.nonzero(_boundary(b))
+    spacing = (0.3, 0.9)
+    d = cdist(np.c_[ys_a * spacing[0], xs_a * spacing[1]], np.c_[ys_b * spacing[0], xs_b * spacing[1]])
+    brute = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    assert hd95(a, b, spacing) == pytest.approx(brute, rel=1e-6)

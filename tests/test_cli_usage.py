@@ -95,3 +95,23 @@ def test_a_file_that_is_not_a_lungkit_manifest_is_one_line(tmp_path, capsys, com
     assert main([a.format(m=m, tmp=tmp_path) for a in command]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("lungkit: error")]) == 1
+
+
+COMMANDS = ["segment", "merge", "variants", "report", "publish", "classify", "train", "calibrate", "evaluate", "stats"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_defaults_and_extras_in_panels_with_readable_metavars(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for line in out.splitlines():
+        text = line.strip("│ ").rstrip()
+        assert not text.endswith(" .") and "(default: )" not in text  # a default eaten by Rich markup
+        assert "<list[" not in text or "DATA" in text  # options name what one value is (arguments show their name)
+        if "--help" not in text:
+            assert "<bool>" not in text
+    if command == "segment":
+        assert "pip install 'lungkit[ray]'" in out and "(default: the model's, 0.5)" in out
+        for panel in ("Input and output", "Model", "Quality control", "Performance", "Cluster"):
+            assert f"─ {panel} ─" in out

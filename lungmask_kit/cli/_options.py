@@ -41,7 +41,7 @@ MaxOodScoreOpt = Annotated[
 InputRootOpt = Annotated[
     Path | None,
     typer.Option("--input-root", help="Where the manifest's original images are now, if they moved "
-                 "[default: the folder it recorded, relative to the manifest, then absolute]."),
+                 "(default: the folder it recorded, relative to the manifest, then absolute)."),
 ]
 ConventionOpt = Annotated[
     Convention,
@@ -71,3 +71,59 @@ ReportOpt = Annotated[
     bool,
     typer.Option("--report", help="Also write the QC page OUT/report/index.html at the end (as `lungkit report OUT`)."),
 ]
+
+
+# Help panels, by parameter name (the same name means the same thing in every command); what is not listed
+# stays in the first panel, "Options".
+HELP_PANELS = {
+    "Input and output": ("out", "glob", "dicom", "labels", "labels_from_folders", "input_root", "overwrite", "in_place",
+                         "images", "masks", "truth", "name", "license", "masks_only", "shard_mb", "keep_identifiers",
+                         "only", "crop", "margin", "resize_masks", "report", "patient_from"),
+    "Model": ("weights", "convention", "threshold", "min_object_fraction", "max_hole_fraction", "keep_largest", "tta",
+              "arch", "init", "pretrained", "encoder", "encoder_weights", "in_channels", "size", "checkpoint",
+              "eval_only", "normalize", "channels"),
+    "Quality control": ("min_lung_fraction", "max_ood_score", "min_est_dice", "include_flagged", "sample", "lowest",
+                        "per_page"),
+    "Performance": ("device", "precision", "batch_size", "workers", "jobs", "max_decoded_mb", "gpu_decode", "cache"),
+    "Cluster": ("shard", "engine", "ray_address"),
+}
+_PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}
+
+
+def arrange_help(app: typer.Typer) -> None:
+    """Every command's options into HELP_PANELS, and no `<bool>` metavar on a flag: done once, on the option
+    declarations themselves, so each command module keeps only its arguments."""
+    import typing
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        for name, hint in hints.items():
+            info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, (OptionInfo, ArgumentInfo))), None)
+            if info is None:
+                continue
+            kind = typing.get_args(hint)[0]
+            if isinstance(info, OptionInfo) and info.rich_help_panel is None and name in _PANEL_OF:
+                info.rich_help_panel = _PANEL_OF[name]
+            if info.metavar is None:
+                info.metavar = "" if kind is bool else _list_metavar(kind, name, isinstance(info, ArgumentInfo))
+        # the annotations are strings (postponed evaluation): keep the evaluated ones, so Typer reads these objects
+        command.callback.__annotations__ = hints
+
+
+def _list_metavar(kind, name: str, argument: bool) -> str | None:
+    """A repeatable option's or argument's metavar: what one value is (`PATH`, `v7|jsrt`), not `<list[Path]>`."""
+    import enum
+    import typing
+
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    inner = typing.get_args(args[0]) if args and typing.get_origin(args[0]) is list else typing.get_args(kind) if typing.get_origin(kind) is list else ()
+    if not inner:
+        return None
+    if argument:
+        return name.upper()
+    element = inner[0]
+    if isinstance(element, type) and issubclass(element, enum.Enum):
+        return "|".join(e.value for e in element)
+    return "PATH" if element is Path else "TEXT"

@@ -42,9 +42,11 @@ def _root(
 def _register() -> None:
     """Each command module adds its command, once, when this module is imported."""
     from lungmask_kit.cli import calibrate, classify, evaluate, merge, publish, report, segment, stats, train, variants
+    from lungmask_kit.cli._options import arrange_help
 
     for module in (segment, merge, variants, report, publish, classify, train, calibrate, evaluate, stats):
         module.register(app)
+    arrange_help(app)
 
 
 _register()

@@ -14,7 +14,7 @@ from lungmask_kit.choices import Convention
 
 
 def calibrate(
-    data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split,convention]); one per convention for a model with several.")],
+    data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask\\[,patient_id,split,convention]); one per convention for a model with several.")],
     weights: WeightsOpt = None,
     convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order. Default: v7.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a calibrated copy of the model here instead of updating it in place.")] = None,

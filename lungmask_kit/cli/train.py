@@ -13,7 +13,7 @@ from lungmask_kit.choices import Convention, EncoderWeights, Precision
 
 
 def train(
-    data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask[,patient_id,split,convention]); several for a model with an output per convention.")],
+    data: Annotated[list[Path], typer.Argument(help="images/ + masks/ folder, COVID-QU-Ex root, or CSV (image,mask\\[,patient_id,split,convention]); several for a model with an output per convention.")],
     out: OutOpt,
     convention: Annotated[list[Convention] | None, typer.Option("--convention", help="What the masks of DATA outline: once for all DATA, or once per DATA in order (v7 = whole lung, behind the heart included; jsrt = visible lung fields). Default: v7.")] = None,
     init: Annotated[str | None, typer.Option("--init", help="Start from these weights (a .safetensors file or folder; 'default': the bundled model) instead of --encoder-weights; outputs are matched by convention.")] = None,

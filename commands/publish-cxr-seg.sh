@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Segment cxr-seg and publish it twice: a full Parquet dataset (images, masks, lungs, nolungs) and a masks-only
 # one (COCO RLE), each with a dataset card, croissant.json and SHA256SUMS; then rebuild the variants from the
-# masks-only one and check the checksums. Run from the repository root after `pip install -e .`.
+# masks-only one and check the checksums. Run from the repository root after the README's first set-up command.
 set -euo pipefail
+[ -x .venv/bin/lungkit ] && PATH="$PWD/.venv/bin:$PATH"  # the README's set-up venv, active or not
 data=${1:-../shared/data/cxr-seg}
 out=${2:-runs/publish-cxr-seg}
 mkdir -p "$(dirname "$out")"
 python - "$data" "$out" <<'PY'
-import sys, pandas as pd
-pairs = pd.read_csv(f"{sys.argv[1]}/pairs.csv")
-pd.DataFrame({"path": pairs.name + ".png", "patient_id": pairs.patient_id, "view": pairs.view,
-              "finding": pairs.finding, "license": pairs.image_license}).to_csv(f"{sys.argv[2]}-labels.csv", index=False)
+import csv, sys
+with open(f"{sys.argv[1]}/pairs.csv", newline="") as src, open(f"{sys.argv[2]}-labels.csv", "w", newline="") as dst:
+    out = csv.writer(dst)
+    out.writerow(["path", "patient_id", "view", "finding", "license"])
+    for r in csv.DictReader(src):
+        out.writerow([r["name"] + ".png", r["patient_id"], r["view"], r["finding"], r["image_license"]])
 PY
 lungkit segment "$data/images" -o "$out/segment" --labels "$out-labels.csv"
 lungkit publish "$out/segment" -o "$out/full" --name cxr-seg-lungs

@@ -10,6 +10,7 @@
 #   IMAGE_SIZE (default 224), EPOCHS (default 10), DEVICE (default auto).
 # A GPU is strongly advised: ~30k images x 3 variants x 4 configurations.
 set -euo pipefail
+[ -x .venv/bin/lungkit ] && PATH="$PWD/.venv/bin:$PATH"  # the README's set-up venv, active or not
 covidx=${1:?usage: commands/reproduce-covidx.sh COVIDX_DIR [OUT]}
 out=${2:-out/covidx}
 shift $(( $# >= 2 ? 2 : 1 ))

@@ -9,6 +9,7 @@
 # again. On GPU nodes add --gres=gpu:1 (the model then runs on the GPU and gray JPEGs decode with nvJPEG).
 # Set SBATCH_PARTITION / SBATCH_ACCOUNT in the environment as your site requires.
 set -euo pipefail
+[ -x .venv/bin/lungkit ] && PATH="$PWD/.venv/bin:$PATH"  # the README's set-up venv, active or not
 if [ $# -lt 3 ]; then
   echo "usage: $0 DIR OUT N [segment options...]" >&2
   exit 2

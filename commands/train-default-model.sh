@@ -8,6 +8,7 @@
 # fine-tuned from the parent): about 30 minutes on 2 CPU cores with bf16 (AVX512-BF16); minutes on one GPU.
 # Set PARENT=default to fine-tune from the bundled model instead of training stage 1.
 set -euo pipefail
+[ -x .venv/bin/lungkit ] && PATH="$PWD/.venv/bin:$PATH"  # the README's set-up venv, active or not
 data=${1:-../shared/data}
 run=${2:-runs/default-model}
 mkdir -p "$run"

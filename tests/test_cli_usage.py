@@ -81,14 +81,19 @@ def test_library_errors_are_one_line_exit_2(argv, message, tmp_path, example_ima
 
 
 @pytest.mark.parametrize("command", [["classify", "{m}", "-o", "{tmp}/cls"], ["evaluate", "{m}", "--truth", "{tmp}", "-o", "{tmp}/ev"],
-                                     ["report", "{m}"], ["variants", "{m}", "-o", "{tmp}/var"]])
-@pytest.mark.parametrize("content", ["text", "plain parquet"])
+                                     ["report", "{m}"], ["variants", "{m}", "-o", "{tmp}/var"],
+                                     ["publish", "{m}", "-o", "{tmp}/ds"]])
+@pytest.mark.parametrize("content", ["text", "plain parquet", "run folder with a text manifest"])
 def test_a_file_that_is_not_a_lungkit_manifest_is_one_line(tmp_path, capsys, command, content):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     m = tmp_path / "junk.parquet"
-    if content == "text":
+    if content == "run folder with a text manifest":  # every command also takes the run folder itself
+        m = tmp_path / "run"
+        m.mkdir()
+        (m / "manifest.parquet").write_text("not parquet\n")
+    elif content == "text":
         m.write_text("not parquet\n")
     else:
         pq.write_table(pa.table({"path": ["a.png"], "x": [1]}), m)

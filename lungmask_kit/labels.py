@@ -12,6 +12,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from lungmask_kit.discovery import wants_dicom
 from lungmask_kit.errors import LungkitError
 
 _PATH_COLS = ("path", "filename", "image", "file", "relative_path")
@@ -149,7 +150,8 @@ def write_label_report(out: Path, unmatched: list[LabelRow], conflicts: list[Lab
     atomic_write_bytes(out / "unmatched_labels.csv", buf.getvalue().encode())
 
 
-# header columns a label file may also give (e.g. cxr-cls's view): the label fills them where the header did not
+# header columns a label file may also give (e.g. cxr-cls's view): for a DICOM the label fills them where the
+# header did not; for any other image (no header) the label file's value is the value
 _LABEL_FILLS = ("view", "modality", "study_uid", "series_uid", "sop_uid")
 
 
@@ -180,8 +182,11 @@ def labels_update(matched: dict):
         names = sorted({k for e in extras for k in e} - ({f.name for f in SEGMENT_FIELDS} - set(_LABEL_FILLS)))
         for name in names:
             values = [e.get(name) for e in extras]
-            if name in _LABEL_FILLS:
-                values = [o if o is not None else v for o, v in zip(table.column(name).to_pylist(), values)]
+            if name in _LABEL_FILLS:  # a DICOM's own header wins; other images have none, so the label file's
+                # value replaces an earlier one (a corrected view takes effect on the re-run)
+                own = table.column(name).to_pylist()
+                values = [o if o is not None and wants_dicom(p, True) else (v if v is not None else o)
+                          for p, o, v in zip(paths, own, values)]
             table = set_strings(table, name, values)
         return table
 

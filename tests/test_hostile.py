@@ -550,3 +550,16 @@ def test_folder_mix_ups_get_the_right_message(tmp_path, small_corpus, random_wei
     shutil.copytree(small_corpus, outer / "images")
     assert _segment(outer / "images", outer, random_weights) == 2
     assert "lies inside the output folder" in capsys.readouterr().err
+
+
+def test_a_corrected_view_label_takes_effect_on_the_re_run(tmp_path, small_corpus, random_weights):
+    names = sorted(p.name for p in small_corpus.iterdir())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,view\n" + "".join(f"{n},x,{'L' if i == 0 else 'PA'}\n" for i, n in enumerate(names)))
+    out = tmp_path / "out"
+    assert _segment(small_corpus, out, random_weights, "--labels", labels, "--min-lung-fraction", "0") == 0
+    assert "lateral view" in (_manifest(out).loc[names[0], "qc_reason"] or "")
+    labels.write_text("path,label,view\n" + "".join(f"{n},x,PA\n" for n in names))  # the curator corrects it
+    assert _segment(small_corpus, out, random_weights, "--labels", labels, "--min-lung-fraction", "0") == 0
+    m = _manifest(out)
+    assert m.loc[names[0], "view"] == "PA" and pd.isna(m.loc[names[0], "qc_reason"])  # no reason left

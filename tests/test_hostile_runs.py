@@ -185,12 +185,13 @@ sys.exit(main(sys.argv[1:]))
 
 def test_fifo_and_dev_zero_masks_under_a_memory_limit(tmp_path, run):
     masks = tmp_path / "data" / "masks"
+    shutil.copytree(masks, tmp_path / "truth")
     (masks / "v00.png").unlink()
     os.mkfifo(masks / "v00.png")
     (masks / "v01.png").unlink()
     os.symlink("/dev/zero", masks / "v01.png")
     for argv in (["report", str(run), "-o", str(tmp_path / "rep"), "--sample", "10", "-q"],
-                 ["evaluate", str(run), "--truth", str(tmp_path / "data" / "images"), "-o", str(tmp_path / "ev"), "-q"]):
+                 ["evaluate", str(run), "--truth", str(tmp_path / "truth"), "-o", str(tmp_path / "ev"), "-q"]):
         result = subprocess.run([sys.executable, "-c", MEMORY_LIMIT, *argv], capture_output=True, text=True, timeout=240)
         assert result.returncode == (1 if argv[0] == "evaluate" else 0), result.stderr  # evaluate: 2 error rows
         assert "Traceback" not in result.stderr

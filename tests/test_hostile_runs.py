@@ -370,3 +370,15 @@ def test_a_rerun_says_which_added_files_went_with_the_old_folder(tmp_path, run, 
     assert "added" not in capsys.readouterr().err  # lungkit's own files are never reported
     if command == "publish":
         assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest).returncode == 0
+
+
+def test_shard_mb_below_a_row_group_still_cuts_shards(tmp_path, example_images, example_masks):
+    out = tmp_path / "var"
+    assert main(["variants", "--images", str(example_images), "--masks", str(example_masks), "-o", str(out), "-j", "1",
+                 "-q"]) == 0
+    ds = tmp_path / "ds"
+    assert main(["publish", str(out), "-o", str(ds), "--include-flagged", "--shard-mb", "4", "-q"]) == 0
+    shards = sorted((ds / "data").glob("*.parquet"))
+    total = sum(p.stat().st_size for p in shards)
+    assert total > 8 << 20 and len(shards) >= total // (8 << 20)  # about 4 MB each, not one file of everything
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in shards) == 8

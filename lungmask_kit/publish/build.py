@@ -256,12 +256,16 @@ class _ShardWriter:
         self.group_bytes = 0
 
     def add(self, chunk: pa.Table) -> None:
-        self.group.append(chunk)
-        self.group_bytes += chunk.nbytes
-        if self.group_bytes >= self.group_limit:
-            self._flush_group()
-        if self.bytes >= self.limit:
-            self._close_shard()
+        """A chunk of rows, in pieces of about a row group (a chunk of large images can exceed a small shard)."""
+        step = max(1, self.group_limit // max(1, chunk.nbytes // max(1, chunk.num_rows)))
+        for start in range(0, chunk.num_rows, step):
+            piece = chunk.slice(start, step)
+            self.group.append(piece)
+            self.group_bytes += piece.nbytes
+            if self.group_bytes >= self.group_limit:
+                self._flush_group()
+            if self.bytes >= self.limit:
+                self._close_shard()
 
     def _flush_group(self) -> None:
         if not self.group:

@@ -4,6 +4,7 @@ image-mask pairs (no model), tampered the way a downloaded dataset or manifest c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -382,3 +383,16 @@ def test_shard_mb_below_a_row_group_still_cuts_shards(tmp_path, example_images, 
     total = sum(p.stat().st_size for p in shards)
     assert total > 8 << 20 and len(shards) >= total // (8 << 20)  # about 4 MB each, not one file of everything
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in shards) == 8
+
+
+def test_the_card_says_only_what_is_true(tmp_path, run, capsys):
+    ds = tmp_path / "ds"
+    assert main(["publish", str(run), "-o", str(ds), "--include-flagged", "--masks-only"]) == 0
+    assert "licence is unknown" in capsys.readouterr().err  # no license column, no --license
+    card = (ds / "README.md").read_text()
+    assert 'license: "unknown"' in card and "ask the source's owners" in card and "see the licence table" not in card
+    assert "year = {" in card and "author = {" in card
+    croissant = json.loads((ds / "croissant.json").read_text())
+    assert "flag rates" not in json.dumps(croissant) and "year = {" in croissant["citeAs"]
+    table = pq.read_table(next((ds / "data").glob("*.parquet")))
+    assert not {"mask_path", "lungs_path", "nolungs_path"} & set(table.column_names)  # files the dataset lacks

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -181,10 +182,22 @@ def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, 
     lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.0), "
               "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file).", "",
               "## Citation", "", "Cite the sources of the images" + (" (see the licence table)" if licences else "")
-              + " and lungkit:", "", "```bibtex",
-              "@software{lungkit,", "  title = {lungkit: batch lung masks for chest X-ray datasets},",
-              f"  version = {{{meta.get('lungkit_version', __version__)}}},", "}", "```"]
+              + ", this dataset and lungkit (add the URL where you publish the dataset to its entry):", "",
+              "```bibtex", *citation(name, meta, table.num_rows), "```"]
     return lines
+
+
+def citation(name: str, meta: dict, rows: int) -> list[str]:
+    """BibTeX for the dataset and for lungkit: author, year, title and version; no URL lungkit cannot know."""
+    year = (meta.get("finished_at") or time.strftime("%Y"))[:4]
+    key = re.sub(r"\W+", "_", name).strip("_").lower() or "dataset"
+    title = re.sub(r"[{}\\]", "", name)
+    version = meta.get("lungkit_version", __version__)
+    return [f"@misc{{{key}_{year},", f"  title = {{{title}: lung masks of {rows} chest X-rays}},",
+            "  author = {{the dataset's publishers}},", f"  year = {{{year}}},",
+            f"  note = {{Made with lungkit {version} (`lungkit {meta.get('command', 'segment')}`, `lungkit publish`)}},",
+            "}", "@software{lungkit,", "  title = {lungkit: batch lung masks for chest X-ray datasets},",
+            "  author = {{lungkit contributors}},", f"  year = {{{year}}},", f"  version = {{{version}}},", "}"]
 
 
 def _identifiers_sentence(table: pa.Table, summary: PublishSummary) -> str:
@@ -267,7 +280,7 @@ def write_croissant(folder: Path, source: RunManifest, table: pa.Table, summary:
         "conformsTo": ["http://mlcommons.org/croissant/1.0", "http://mlcommons.org/croissant/RAI/1.0"],
         "description": f"Lung masks of {table.num_rows} chest X-rays made with lungkit ({summary.mode} mode); see README.md.",
         "license": licence,
-        "version": "1.0.0", "citeAs": "lungkit, batch lung masks for chest X-ray datasets",
+        "version": "1.0.0", "citeAs": "\n".join(citation(name, meta, table.num_rows)),
         "datePublished": meta.get("finished_at", "")[:10] or None,
         "keywords": ["chest X-ray", "lung segmentation", "medical imaging"],
         "rai:dataCollection": "Masks predicted by a lung segmentation model over an existing chest X-ray corpus; no new "

@@ -37,7 +37,13 @@ def check_writable(out: Path) -> None:
     probe = out / f".lungkit-write-check-{socket.gethostname()}-{os.getpid()}"  # shards check side by side
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(probe, b"ok")
+        # written directly, not through a temp file: a run sweeping stale temp files (it holds the lock; this
+        # process does not yet) would delete that temp file under us
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise LungkitError(f"cannot write to output folder {out}: {err.strerror or err}") from err

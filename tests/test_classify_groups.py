@@ -3,6 +3,7 @@ it says it left out: issue 23's classify findings."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import cv2
@@ -135,3 +136,17 @@ def test_the_outside_the_lungs_sentence_follows_the_numbers():
     strong_too = np.array(labels) * 0.6 + rng.random(80) * 0.4
     _, (c,) = summarize(labels, patients, {"lungs": [strong], "nolungs": [strong_too]}, 0.5, 500, 0)
     assert "cues outside" in c["sentence"] and c["p_value"] is not None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_classify_precision_is_used_and_recorded(copies_manifest, tmp_path, precision):
+    from lungmask_kit.runtime import cpu_has_bf16
+
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 units")
+    out = tmp_path / precision
+    assert main(["classify", str(copies_manifest), "-o", str(out), "--labels-from-folders", "--precision", precision,
+                 *TINY]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["settings"]["precision"] == precision
+    assert 0 <= doc["variants"]["original"]["accuracy"] <= 1

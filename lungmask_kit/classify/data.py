@@ -47,6 +47,7 @@ class ClassifySettings:
     positive: str | None = None
     include_flagged: bool = False
     labels_from_folders: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16: training and scoring (runtime.training_autocast); Grad-CAM in fp32
     patient_from: str | None = None  # --patient-from REGEX: patient ids from the image paths
     input_root: str | None = None  # where the manifest's original images are now (--input-root)
     threshold: float = 0.5

@@ -38,7 +38,7 @@ def source_prediction(run, samples, train, test) -> dict:
         from lungmask_kit.classify.model import predict
 
         probs = predict(model, run.dataset(variant, test, targets, norm, augment=False, classes=len(sources)),
-                        run.device, run.settings.batch_size)
+                        run.device, run.settings.batch_size, run.settings.precision)
         boot = [multiclass_auc(targets[rows], probs[rows]) for rows in draws]
         auc = multiclass_auc(targets, probs)  # a point value; `note` says when it rests on too few patients
         result["variants"][variant] = {"auc": auc, "auc_ci95": interval(boot), "n_test": len(test)}
@@ -67,7 +67,7 @@ def leave_one_source_out(run, samples) -> dict:
 
             model, _, norm = run.train(variant, train, run.settings.seed, None, 1, f"without-{held}")
             ds = run.dataset(variant, test, [s.label for s in test], norm, augment=False)
-            m = binary_classification_metrics([s.label for s in test], predict(model, ds, run.device, run.settings.batch_size),
+            m = binary_classification_metrics([s.label for s in test], predict(model, ds, run.device, run.settings.batch_size, run.settings.precision),
                                               run.settings.threshold)
             entry["variants"][variant] = {k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")}
         out[held] = entry

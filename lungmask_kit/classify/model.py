@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from lungmask_kit import __version__, defaults
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.models.modeling import ModelConfig, build_model
+from lungmask_kit.runtime import training_autocast
 
 IMAGENET_GRAY_MEAN = float(np.mean(defaults.IMAGENET_MEAN))  # ImageNet stats averaged for 1-channel input
 IMAGENET_GRAY_STD = float(np.mean(defaults.IMAGENET_STD))
@@ -125,16 +126,18 @@ def train_model(model, train_ds: CachedImages, settings, seed: int, device, prog
     steps = settings.epochs * max(1, len(loader))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
     fit(model, loader, compute, optimizer, device, settings.epochs, scheduler=scheduler, progress=progress,
-        log=log, label=label)
+        log=log, label=label, autocast=training_autocast(settings.precision, device))
     return model
 
 
 @torch.inference_mode()
-def predict(model, ds: CachedImages, device, batch_size: int) -> np.ndarray:
+def predict(model, ds: CachedImages, device, batch_size: int, precision: str = "auto") -> np.ndarray:
+    """Probabilities of the positive class (or of each class), under the run's --precision (Grad-CAM stays fp32)."""
+    dtype = training_autocast(precision, device)
     model.eval()
     out = []
     for x, _ in DataLoader(ds, batch_size=batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x.to(device, memory_format=torch.channels_last)).float()
         out.append((torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

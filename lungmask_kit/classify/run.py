@@ -147,7 +147,7 @@ def _variant(run: _Run, variant: str, train, test, masks):
         name = f"{variant}.safetensors" if k == 0 else f"{variant}-seed{seed}.safetensors"
         save_checkpoint(model, config, run.out / "checkpoints" / name)
         ds = run.dataset(variant, test, [t.label for t in test], norm, augment=False)
-        p = predict(model, ds, run.device, s.batch_size)
+        p = predict(model, ds, run.device, s.batch_size, s.precision)
         probs.append(p)
         run.predictions += [{"variant": variant, "seed": seed, "image": t.image, "patient_id": t.patient_id, "label": t.label,
                              "probability": float(v), "prediction": int(v >= s.threshold)} for t, v in zip(test, p)]
@@ -199,7 +199,8 @@ def _score_checkpoint(run: _Run, test, checkpoint) -> dict:
     probs = {}
     for variant in run.settings.variants:
         ds = run.dataset(variant, test, [t.label for t in test], (config.mean, config.std, config.in_channels), augment=False)
-        probs[variant] = [predict(model.to(memory_format=torch.channels_last), ds, run.device, run.settings.batch_size)]
+        probs[variant] = [predict(model.to(memory_format=torch.channels_last), ds, run.device, run.settings.batch_size,
+                                  run.settings.precision)]
         run.predictions += [{"variant": variant, "seed": None, "image": t.image, "patient_id": t.patient_id, "label": t.label,
                              "probability": float(v), "prediction": int(v >= config.threshold)} for t, v in zip(test, probs[variant][0])]
     metrics, comparisons = summarize([t.label for t in test], [t.patient_id for t in test], probs, config.threshold,

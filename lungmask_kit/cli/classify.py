@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lungmask_kit.choices import CacheKind, Channels, Init, Normalization, VariantChoice
+from lungmask_kit.choices import CacheKind, Channels, Init, Normalization, Precision, VariantChoice
 from lungmask_kit.cli._options import BatchSizeOpt, DeviceOpt, EpochsOpt, InputRootOpt, LabelsOpt, LrOpt, OutOpt, QuietOpt, SeedOpt
 
 
@@ -40,6 +40,7 @@ def classify(
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Score --checkpoint on this manifest without training.")] = False,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A classifier .safetensors written by lungkit classify.")] = None,
     device: DeviceOpt = "auto",
+    precision: Annotated[Precision, typer.Option("--precision", help="auto: bf16 autocast on CUDA and on a CPU with bf16 units (AVX512-BF16 or AMX), fp32 elsewhere; Grad-CAM runs in fp32.")] = Precision.auto,
     quiet: QuietOpt = False,
 ) -> None:
     """A shortcut audit: --seeds classifiers per variant on held-out patients; accuracy, sensitivity, specificity,
@@ -66,7 +67,7 @@ def classify(
         pretrained=pretrained, init="imagenet" if pretrained and init is Init.scratch else init.value, seeds=seeds,
         bootstrap=bootstrap, saliency=saliency, leakage=leakage, cache=cache.value,
         image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, test_fraction=test_fraction,
-        positive=positive, include_flagged=include_flagged, labels_from_folders=labels_from_folders, patient_from=patient_from,
+        positive=positive, include_flagged=include_flagged, labels_from_folders=labels_from_folders, patient_from=patient_from, precision=precision.value,
         input_root=str(input_root) if input_root else None,
     )
     result = run_classify(manifest, out, settings, device, labels_files=list(labels or []),

@@ -40,8 +40,9 @@ def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: 
 
 
 def fit(model, loader, compute_loss: Callable, optimizer, device, epochs: int, scheduler=None, progress: bool = True,
-        log: Callable[[str], None] = print, label: str = "") -> list[float]:
-    """`epochs` passes with a per-step scheduler; returns the mean loss of each epoch."""
+        log: Callable[[str], None] = print, label: str = "", autocast: torch.dtype | None | str = "device") -> list[float]:
+    """`epochs` passes with a per-step scheduler; returns the mean loss of each epoch. `autocast` as in
+    `train_epoch`."""
     model.to(device).to(memory_format=torch.channels_last)
     total = epochs * max(1, len(loader))
 
@@ -52,6 +53,6 @@ def fit(model, loader, compute_loss: Callable, optimizer, device, epochs: int, s
     losses = []
     for epoch in range(epochs):
         losses.append(train_epoch(model, loader, compute_loss, optimizer, device, f"{label} epoch {epoch + 1}/{epochs}",
-                                  progress, after_step=step_schedule))
+                                  progress, after_step=step_schedule, autocast=autocast))
         log(f"{label}: epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
     return losses

@@ -53,7 +53,6 @@ class EngineSettings:
     batch_size: int
     workers: int  # decode threads and writer threads, each
     max_decoded_bytes: int
-    progress: bool = True
 
 
 class ByteBudget:

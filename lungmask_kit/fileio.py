@@ -8,11 +8,14 @@ file here, ~7 ms per image -- since a lost image after a power cut is simply red
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
 import socket
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -20,6 +23,17 @@ from typing import Iterator
 from lungmask_kit.errors import LungkitError
 
 TMP_PREFIX = ".lungkit-tmp-"
+
+
+def digest(payload) -> str:
+    """A short, stable key of JSON-able settings (resume keys, the shape gate's and publish's keys): 16 hex digits
+    of the sha256 of their JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def utc_stamp() -> str:
+    """Now, as the manifests' `finished_at` writes it (ISO 8601, UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _current_umask() -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from lungmask_kit import defaults
 from lungmask_kit.dicom import is_dicom
+from lungmask_kit.discovery import wants_dicom
 from lungmask_kit.fileio import InputReadError, read_regular_file
 
 # OpenCV refuses images above this many pixels itself; keep it at our limit (read on first decode).
@@ -186,10 +187,6 @@ def decode_dicom(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, force
         raise ImageDecodeError(str(err), header) from err
 
 
-def is_dicom_name(name: str | os.PathLike) -> bool:
-    return str(name).lower().endswith(defaults.DICOM_EXTENSIONS)
-
-
 class InputChangedError(InputReadError):
     """The file is not the one a run recorded (its sha256 differs)."""
 
@@ -206,7 +203,7 @@ def read_input(path: str | os.PathLike, dicom: bool = False, expect_sha256: str 
 
 
 def read_decoded(path: str | os.PathLike) -> DecodedImage:
-    return read_input(path, dicom=is_dicom_name(path))[1]
+    return read_input(path, dicom=wants_dicom(str(path)))[1]
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:

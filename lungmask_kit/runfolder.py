@@ -26,6 +26,7 @@ from lungmask_kit.fileio import lock_holder as _holder
 from lungmask_kit.fileio import open_lock_file as _open_lock
 from lungmask_kit.fileio import try_flock as _flock
 from lungmask_kit.fileio import write_lock_holder as _write_holder
+from lungmask_kit.manifest import MANIFEST_NAME
 
 RUN_FILE = defaults.RUN_FILE
 LOCK_FILE = ".lungkit.lock"
@@ -187,6 +188,15 @@ def mark(out: Path, kind: RunKind) -> None:
     atomic_write_bytes(out / RUN_FILE, json.dumps({"command": kind.command, "input_root": relative}).encode())
 
 
+def keep_existing(root: Path, overwrite: bool) -> Callable[[str], bool]:
+    """Which earlier rows outside this run's images stay in the merged manifest: those whose input is still in the
+    input folder (rows of another --glob), none with --overwrite."""
+    def keep(path: str) -> bool:
+        return not overwrite and confined(path) and os.path.lexists(root / path)
+
+    return keep
+
+
 def remove_outputs(out: Path, rows: list[dict], command: str) -> int:
     """Delete the output files these manifest rows name (lungkit's own files only, inside OUT); returns how many."""
     removed = 0
@@ -215,7 +225,7 @@ class RunFolder:
     """
 
     def __init__(self, out: Path, kind: RunKind, fields: list, overwrite: bool = False, shard: Shard | None = None,
-                 manifest_name: str = "manifest.parquet"):
+                 manifest_name: str = MANIFEST_NAME):
         self.out, self.kind, self.fields, self.overwrite, self.shard = out, kind, fields, overwrite, shard
         self.manifest_name = manifest_name
         self.warnings: list[str] = []  # damaged manifest files set aside

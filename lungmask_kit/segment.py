@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from lungmask_kit import __version__, defaults
 from lungmask_kit.derive import derive_variants, lung_fields
 from lungmask_kit.discovery import Scan, output_names, output_path_problem, scan_images, wants_dicom
 from lungmask_kit.engine import ByteBudget, EngineSettings, Item, run_local
+from lungmask_kit.decoder_warnings import WarningTally
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, confined, inside, read_regular_file
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, digest, inside, read_regular_file, utc_stamp
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.labels import labels_update, write_label_report
-from lungmask_kit.manifest import SEGMENT_FIELDS, MissingRowsError, RunSummary, SegmentRow, folder_entries
+from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, RunSummary, SegmentRow, folder_entries
 from lungmask_kit.postprocess import (
     PostprocessSettings,
     clean_mask,
@@ -39,9 +39,8 @@ from lungmask_kit.postprocess import (
     split_by_region,
 )
 from lungmask_kit.qc import QCThresholds, qc_update
-from lungmask_kit.runfolder import RunFolder, RunKind, Shard, running_holder, shard_records
+from lungmask_kit.runfolder import RunFolder, RunKind, Shard, keep_existing, running_holder, shard_records
 
-MANIFEST_NAME = "manifest.parquet"
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
 # Bump when the bytes written for the same input and settings change.
 OUTPUT_FORMAT = 3  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns
@@ -100,7 +99,7 @@ def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bo
         "precision": precision,
         "backend": "torch",
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 class _OutputWriteError(LungkitError):
@@ -369,8 +368,6 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions,
     root, out = Path(input_dir), Path(out)
     scan = _discover(root, out, options.glob, options.dicom)
     rels = scan.images
-    from lungmask_kit.runtime import WarningTally
-
     kind = RunKind("segment", os.path.realpath(root))
     with RunFolder(out, kind, SEGMENT_FIELDS, options.overwrite, shard, MANIFEST_NAME) as folder, WarningTally() as tally:
         run = _SegmentRun(root, folder, rels, options)
@@ -467,7 +464,7 @@ class _SegmentRun:
         from lungmask_kit.runtime import available_cores
 
         o = self.options
-        settings = EngineSettings(o.batch_size, o.workers or available_cores(), o.max_decoded_mb << 20, o.progress)
+        settings = EngineSettings(o.batch_size, o.workers or available_cores(), o.max_decoded_mb << 20)
         budget = ByteBudget(settings.max_decoded_bytes)
         steps = _LocalSteps(self.reader(), self.writer(), self.segmenter, budget, self.pad_to, o.tta)
         run_local(steps, self.tasks, settings, self.record, budget, bar)
@@ -491,8 +488,9 @@ class _SegmentRun:
 
         s = self.summary
         s.uncalibrated = self.segmenter.quality is None
-        if oom_note(self.segmenter):
-            s.warnings.append(oom_note(self.segmenter))
+        note = oom_note(self.segmenter)
+        if note:
+            s.warnings.append(note)
         if self.folder.shard is None:
             _finish_manifest(self.folder, self.root, self.paths, self.labels, self.thresholds, self._metadata(), s)
         else:
@@ -534,7 +532,7 @@ class _SegmentRun:
             "engine": options.engine,
             "batch_size": options.batch_size,
             "labels": [str(p) for p in options.labels],
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finished_at": utc_stamp(),
         }
 
 
@@ -560,10 +558,7 @@ def _finish_manifest(folder: RunFolder, root: Path, paths: list[str], labels: _L
         table = labels_update(labels.matched)(table) if labels.given else table
         return qc_update(thresholds)(table)
 
-    def keep_other(path: str) -> bool:
-        return not folder.overwrite and confined(path) and os.path.lexists(root / path)
-
-    table, s.removed_stale = folder.finalize(paths, metadata, update=update, keep_other=keep_other)
+    table, s.removed_stale = folder.finalize(paths, metadata, update=update, keep_other=keep_existing(root, folder.overwrite))
     s.count(table)
     s.manifest = str(out / MANIFEST_NAME)
     s.output_folders = [str(out / d) for d in OUTPUT_DIRS.values()]
@@ -586,7 +581,7 @@ def merge_shards(out: str | Path) -> RunSummary:
     with RunFolder(out, kind, SEGMENT_FIELDS, manifest_name=MANIFEST_NAME) as folder:
         s = RunSummary(found=len(paths))
         labels = _Labels(record["labels"], paths)
-        metadata = {**record["metadata"], "shards": count, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        metadata = {**record["metadata"], "shards": count, "finished_at": utc_stamp()}
         try:
             _finish_manifest(folder, root, paths, labels, QCThresholds(**record["thresholds"]), metadata, s)
         except MissingRowsError as err:

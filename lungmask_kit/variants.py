@@ -22,12 +22,23 @@ import numpy as np
 import pyarrow as pa
 
 from lungmask_kit import __version__, defaults, rle
+from lungmask_kit.decoder_warnings import WarningTally
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants, lung_fields
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, OutsidePathError, atomic_write_bytes, confined, inside, read_regular_file
+from lungmask_kit.fileio import (
+    InputReadError,
+    OutsidePathError,
+    atomic_write_bytes,
+    confined,
+    digest,
+    inside,
+    read_regular_file,
+    utc_stamp,
+)
 from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
 from lungmask_kit.manifest import (
+    MANIFEST_NAME,
     SEGMENT_FIELDS,
     VARIANTS_EXTRA_FIELDS,
     RunSummary,
@@ -36,10 +47,9 @@ from lungmask_kit.manifest import (
     folder_entries,
     open_run,
 )
-from lungmask_kit.runfolder import RunFolder, RunKind
+from lungmask_kit.runfolder import RunFolder, RunKind, keep_existing
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
-MANIFEST_NAME = "manifest.parquet"
 OUTPUT_FORMAT = 3  # 2: ood_shape_score; 3: right and left lung columns
 _CHUNK = 64  # rows per manifest part
 
@@ -79,7 +89,7 @@ class _Task:
 def _settings_key(options: VariantsOptions, gate: _ShapeGate | None) -> str:
     payload = {"crop": options.crop, "margin": options.margin if options.crop else 0, "only": sorted(options.only),
                "resize_masks": options.resize_masks, "format": OUTPUT_FORMAT, "shape_gate": gate and gate.digest}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def pairs_from_folders(images: Path, masks: Path, glob: str | None = None, dicom: bool = False) -> list[tuple[str, str | None]]:
@@ -188,16 +198,13 @@ def _shape_gate(weights, convention: str = defaults.CONVENTION) -> _ShapeGate | 
         shape = convention_config(config.quality, convention)["shape"]
     except ValueError as err:
         raise LungkitError(f"the shape gate of {config.name}: {err}") from err
-    digest = hashlib.sha256(json.dumps([shape, config.input_size], sort_keys=True).encode()).hexdigest()[:16]
-    return _ShapeGate(ShapeModel.from_dict(shape), config.input_size, digest)
+    return _ShapeGate(ShapeModel.from_dict(shape), config.input_size, digest([shape, config.input_size]))
 
 
 def _process(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
              gate: _ShapeGate | None = None) -> tuple[dict, tuple[int, str | None]]:
     """One image-mask pair -> (a manifest row, (warnings counted, the first)); runs in a joblib worker and
     never raises for bad input. The warnings decoding raised are counted, not printed."""
-    from lungmask_kit.runtime import WarningTally
-
     with WarningTally() as tally:
         try:
             row = _process_pair(task, out, options, key, done, gate)
@@ -392,7 +399,6 @@ def _convention_of(tasks: list[_Task]) -> str:
 def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
                 manifest: Path | None, t0: float, carried=None) -> RunSummary:
     from lungmask_kit.qc import QCThresholds, qc_update
-    from lungmask_kit.runtime import WarningTally
 
     out = folder.out
     summary = RunSummary(found=len(tasks))
@@ -410,16 +416,13 @@ def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task],
         "source_manifest": Path(os.path.relpath(manifest, out)).as_posix() if manifest else None,
         "crop": options.crop, "margin": options.margin, "only": list(options.only), "resize_masks": options.resize_masks,
         "min_lung_fraction": options.min_lung_fraction, "qc": thresholds.as_dict(), "settings_key": key,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished_at": utc_stamp(),
     }
-
-    def keep_other(path: str) -> bool:  # rows of another --glob stay while their image does
-        return not options.overwrite and confined(path) and os.path.lexists(images_root / path)
 
     def update(table):
         return qc_update(thresholds)(carry_columns(table, carried) if carried is not None else table)
 
-    table, summary.removed_stale = folder.finalize([t.rel for t in tasks], metadata, update=update, keep_other=keep_other)
+    table, summary.removed_stale = folder.finalize([t.rel for t in tasks], metadata, update=update, keep_other=keep_existing(images_root, options.overwrite))
     summary.warnings[:0] = folder.warnings
     if tally.summary():
         summary.warnings.append(tally.summary())

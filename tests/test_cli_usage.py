@@ -120,3 +120,13 @@ def test_help_shows_defaults_and_extras_in_panels_with_readable_metavars(command
         assert "pip install 'lungkit[ray]'" in out and "(default: the model's, 0.5)" in out
         for panel in ("Input and output", "Model", "Quality control", "Performance", "Cluster"):
             assert f"─ {panel} ─" in out
+
+
+def test_the_cli_imports_no_heavy_library_until_a_command_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys, lungmask_kit.cli.app; "
+            "print(sorted(m for m in ('torch', 'cv2', 'pyarrow', 'pydicom', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

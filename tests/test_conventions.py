@@ -4,7 +4,6 @@ calibration, evaluation."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import cv2
 import numpy as np

@@ -511,7 +511,7 @@ def test_c_decoder_messages_are_counted_not_printed(tmp_path, random_weights, co
 def test_a_decoder_message_right_after_a_progress_bar_update_is_counted():
     """libjpeg can write straight after tqdm's "\\r..." update (no newline between them), and a pipe read can
     end anywhere: the message is still counted whole and the bar still shown (a CI run once printed it)."""
-    from lungmask_kit.runtime import WarningTally, _DecoderLineFilter
+    from lungmask_kit.decoder_warnings import WarningTally, _DecoderLineFilter
 
     stream = b"\r  0%|    | 0/6 [00:00<?, ?img/s]Corrupt JPEG data: premature end of data segment\n\r 50%|##| 3/6\n"
     for cut in range(1, len(stream)):

@@ -1,4 +1,11 @@
-"""`lungkit` entry point: registers one module per command and turns library errors into exit codes."""
+"""`lungkit` entry point: registers one module per command and turns library errors into exit codes.
+
+The import rule: a module imports what it depends on at its top, so its first screen says what it uses. Imports
+inside functions are kept for two reasons only: in `cli/` (the command's library is loaded when the command
+runs, so `lungkit --help` and every usage error stay fast and never load torch), and for heavy or optional
+packages (torch in modules that can work without it, ray, jinja2, matplotlib, joblib, pydicom, timm, openvino).
+`tests/test_cli_usage.py` checks that importing this module loads neither torch nor OpenCV nor pyarrow.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import typer
 
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import DeviceOpt, QuietOpt, SeedOpt, WeightsOpt
-from lungmask_kit.cli._report import table
+from lungmask_kit.cli._output import table
 from lungmask_kit.choices import Convention
 
 

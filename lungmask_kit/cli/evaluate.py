@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit.cli._options import OutOpt, QuietOpt
-from lungmask_kit.cli._report import table
+from lungmask_kit.cli._output import table
 from lungmask_kit.choices import Convention
 
 

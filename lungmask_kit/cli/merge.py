@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit.cli._options import QuietOpt, ReportOpt
-from lungmask_kit.cli._report import finish_run
+from lungmask_kit.cli._output import finish_run
 
 
 def merge(

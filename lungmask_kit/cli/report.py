@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit.cli._options import InputRootOpt, QuietOpt
+from lungmask_kit.cli._output import echo_report_summary
 
 
 def report(
@@ -39,21 +40,6 @@ def report(
                             input_root=input_root, progress=not quiet)
     s = build_report(run, folder, options)
     echo_report_summary(s, quiet)
-
-
-def echo_report_summary(s, quiet: bool) -> None:
-    if not quiet:
-        typer.echo(f"report: {s.index} ({s.pages} pages, {s.images_shown} overlays; {s.flagged} flagged, "
-                   f"{s.failed} failed; {s.seconds:.1f} s)")
-    if s.unrendered:
-        typer.echo(f"lungkit: warning: {s.unrendered} image(s) shown as placeholders: their originals were not found, "
-                   "were changed since the run, or lie outside the input folder (give --input-root where they are now; "
-                   "each card says why)", err=True)
-    for warning in s.warnings:
-        typer.echo(f"lungkit: warning: {warning}", err=True)
-    if s.no_outline:
-        typer.echo(f"lungkit: warning: {s.no_outline} image(s) shown without their mask's outline: the mask is missing, "
-                   "unreadable or of another size (each card says which)", err=True)
 
 
 def register(app: typer.Typer) -> None:

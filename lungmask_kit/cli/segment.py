@@ -25,7 +25,7 @@ from lungmask_kit.cli._options import (
     ReportOpt,
     WeightsOpt,
 )
-from lungmask_kit.cli._report import finish_run
+from lungmask_kit.cli._output import finish_run
 
 
 def segment(

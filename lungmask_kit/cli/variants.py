@@ -9,7 +9,7 @@ import typer
 
 from lungmask_kit import defaults
 from lungmask_kit.cli._options import DicomOpt, InputRootOpt, MaxOodScoreOpt, MinLungFractionOpt, OutOpt, OverwriteOpt, QuietOpt, ReportOpt, WeightsOpt
-from lungmask_kit.cli._report import finish_run
+from lungmask_kit.cli._output import finish_run
 from lungmask_kit.choices import Convention
 
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import atomic_write_bytes, staged_folder
+from lungmask_kit.fileio import atomic_write_bytes, digest, staged_folder
 from lungmask_kit.manifest import RunManifest, open_run
 from lungmask_kit.publish.card import write_card, write_croissant, write_sha256sums
 from lungmask_kit.publish.payload import full_payload, masks_payload
@@ -142,9 +142,8 @@ def _published_columns(table: pa.Table, options: PublishOptions) -> pa.Table:
 def _publish_key(source: RunManifest, options: PublishOptions) -> str:
     """What a partial build must share with this one to be resumed: the manifest's bytes and the options that
     change the shards."""
-    digest = hashlib.sha256(source.path.read_bytes()).hexdigest()
-    payload = [digest, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 2]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+    manifest_sha = hashlib.sha256(source.path.read_bytes()).hexdigest()
+    return digest([manifest_sha, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 2])
 
 
 class _Progress:

@@ -42,7 +42,6 @@ def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
     if not quiet:
         echo_run_summary(s, title)
     if report:
-        from lungmask_kit.cli.report import echo_report_summary
         from lungmask_kit.report import ReportOptions, build_report, default_folder
 
         echo_report_summary(build_report(out, default_folder(out), ReportOptions(progress=not quiet)), quiet)
@@ -63,3 +62,18 @@ def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
         where = s.manifest or "the manifest `lungkit merge` writes"
         typer.echo(f"lungkit: {s.failed} of {s.found} image(s) failed; details in {where}", err=True)
         raise typer.Exit(1)
+
+
+def echo_report_summary(s, quiet: bool) -> None:
+    if not quiet:
+        typer.echo(f"report: {s.index} ({s.pages} pages, {s.images_shown} overlays; {s.flagged} flagged, "
+                   f"{s.failed} failed; {s.seconds:.1f} s)")
+    if s.unrendered:
+        typer.echo(f"lungkit: warning: {s.unrendered} image(s) shown as placeholders: their originals were not found, "
+                   "were changed since the run, or lie outside the input folder (give --input-root where they are now; "
+                   "each card says why)", err=True)
+    for warning in s.warnings:
+        typer.echo(f"lungkit: warning: {warning}", err=True)
+    if s.no_outline:
+        typer.echo(f"lungkit: warning: {s.no_outline} image(s) shown without their mask's outline: the mask is missing, "
+                   "unreadable or of another size (each card says which)", err=True)

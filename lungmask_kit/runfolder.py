@@ -240,6 +240,9 @@ class RunFolder:
             self.previous_command = replaced.command if replaced else self.kind.command
             if self.shard is None:
                 remove_stale_temps(self.out)
+        except OSError as err:  # read-only, full, or gone since the writable check
+            self._lock.__exit__()
+            raise LungkitError(f"cannot write to output folder {self.out}: {err.strerror or err}") from err
         except BaseException:
             self._lock.__exit__()
             raise
@@ -253,7 +256,10 @@ class RunFolder:
             self._lock.__exit__()
 
     def start(self) -> None:
-        mark(self.out, self.kind)
+        try:
+            mark(self.out, self.kind)
+        except OSError as err:
+            raise LungkitError(f"cannot write to output folder {self.out}: {err.strerror or err}") from err
 
     def done(self, key: str, columns: tuple[str, ...]) -> dict[str, tuple]:
         """manifest path -> `columns` of the images finished earlier (status ok) with settings `key`; none with

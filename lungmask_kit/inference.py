@@ -40,7 +40,7 @@ class Segmenter:
     """
 
     def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION,
-                 precision: str = "auto"):
+                 precision: str = "auto", prepare_on_device: bool | None = None, decode_jpeg_on_device: bool | None = None):
         from lungmask_kit.quality import QualityModel, calibrated_for
 
         if device.type == "cpu":
@@ -60,9 +60,11 @@ class Segmenter:
                 self.quality = QualityModel.from_config(self.config.quality, loaded.quality_tensors, convention)
             except (KeyError, ValueError, TypeError) as err:
                 raise WeightsError(f"the quality statistics stored with {loaded.path} are unusable: {err}") from err
-        # with CUDA the native image is resized and normalised on the device, and gray JPEGs decoded there
-        self.prepares_on_device = device.type == "cuda"
-        self.decodes_jpeg_on_device = device.type == "cuda"
+        # with CUDA (unless said otherwise) the native image is resized and normalised on the device, and gray
+        # JPEGs decoded there
+        on_cuda = device.type == "cuda"
+        self.prepares_on_device = on_cuda if prepare_on_device is None else prepare_on_device and on_cuda
+        self.decodes_jpeg_on_device = on_cuda if decode_jpeg_on_device is None else decode_jpeg_on_device and on_cuda
         self.max_batch: int | None = None  # set when CUDA ran out of memory
         self.oom_batches: list[int] = []  # the batch sizes that ran out of memory
         self._deepest: torch.Tensor | None = None

@@ -366,7 +366,7 @@ def test_decoded_images_are_bounded_by_bytes(tmp_path, random_weights, monkeypat
     for i in range(24):
         write_png(src / f"x{i:02d}.png", cxr_like(1000, 1000, seed=i))  # 4 MB in flight each (image + outputs)
     peak = {"held": 0}
-    import lungmask_kit.engine as engine
+    import lungmask_kit.engines.local as engine
 
     original = engine.ByteBudget.take
 
@@ -385,7 +385,7 @@ def test_decoded_images_are_bounded_by_bytes(tmp_path, random_weights, monkeypat
 
 
 def test_budget_lets_one_image_through_however_large():
-    from lungmask_kit.engine import ByteBudget
+    from lungmask_kit.engines.local import ByteBudget
 
     b = ByteBudget(1000)
     assert b.room_for(0) and b.room_for(1) and not b.room_for(2)  # nothing measured yet: two at a time

@@ -174,7 +174,7 @@ def test_full_disk_mid_run_gives_clear_error_and_keeps_manifest(tmp_path, small_
     out = tmp_path / "out"
     assert main(["segment", str(small_corpus), "-o", str(out), "-w", str(random_weights), "-q"]) == 0
     manifest_before = (out / "manifest.parquet").read_bytes()
-    import lungmask_kit.segment as seg
+    import lungmask_kit.segment.steps as seg  # where the writer writes
 
     def full(path, data, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -192,7 +192,7 @@ def test_read_only_output_is_a_clear_error(tmp_path, small_corpus, random_weight
     out = tmp_path / "ro"
     out.mkdir()
     if os.geteuid() == 0:  # root ignores permission bits: simulate the read-only file system
-        import lungmask_kit.segment as seg
+        import lungmask_kit.segment.steps as seg  # where the writer writes
 
         def read_only(path, data, **kw):
             raise OSError(errno.EROFS, "Read-only file system")

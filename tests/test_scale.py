@@ -242,8 +242,8 @@ def test_the_device_path_on_the_cpu_gives_the_host_paths_masks(tmp_path, random_
 
     real_init = Segmenter.__init__
 
-    def device_path(self, *args):
-        real_init(self, *args)
+    def device_path(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
         self.prepares_on_device = self.decodes_jpeg_on_device = True
 
     monkeypatch.setattr(Segmenter, "__init__", device_path)

@@ -105,9 +105,10 @@ def test_resume_after_interrupt_skips_done_and_matches_clean_run(tmp_path, rando
     assert run(["segment", src, "-o", clean, "-w", random_weights, "-b", "2", "-q"]) == 0
 
     import lungmask_kit.segment as seg
+    import lungmask_kit.segment.steps as steps  # where the writer encodes
 
     calls = {"n": 0}
-    real = seg.encode_png
+    real = steps.encode_png
 
     def dying(pixels):
         calls["n"] += 1
@@ -116,10 +117,10 @@ def test_resume_after_interrupt_skips_done_and_matches_clean_run(tmp_path, rando
         return real(pixels)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(seg, "encode_png", dying)
+    monkeypatch.setattr(steps, "encode_png", dying)
     with pytest.raises(KeyboardInterrupt):
         seg.run_segment(src, out, seg.SegmentOptions(weights=random_weights, batch_size=2, progress=False, workers=1))
-    monkeypatch.setattr(seg, "encode_png", real)
+    monkeypatch.setattr(steps, "encode_png", real)
     assert not (out / "manifest.parquet").exists()
     parts = pq.read_table(out / ".manifest-parts").to_pandas()
     assert 0 < len(parts) < 7

@@ -1,1 +1,1 @@
-"""Engines beyond the local one (`lungmask_kit.engine`): each drives the same job units elsewhere."""
+"""Engines: `local` (threads on one machine) and `ray` (Ray Data across machines) drive the same job units."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.manifest import SegmentRow
+from lungmask_kit.segment.steps import ImagePrediction, ImageReader, OutputWriter, Task
 
 _ROWS_PER_WRITE = 16  # rows per write task
 _MODEL_MEMORY = 1 << 30  # bytes a model actor reserves (weights and activations of a batch on the CPU)
@@ -46,11 +48,25 @@ def connect(address: str | None) -> None:
         raise LungkitError(f"cannot start or join Ray{f' at {address}' if address else ''}: {err}") from err
 
 
-def model_device_type(options) -> str:
+@dataclass(frozen=True)
+class RaySettings:
+    """What the Ray engine needs to know of a run (not the job's options): where the cluster is, where the model
+    runs, and how."""
+
+    address: str | None  # None: RAY_ADDRESS, else a local instance
+    device: str  # the user's --device: "cpu" keeps the model off the cluster's GPUs
+    batch_size: int
+    tta: bool
+    weights: str | None  # absolute (every node opens it at the same path); None: the bundled model
+    convention: str
+    precision: str
+
+
+def model_device_type(address: str | None, device: str) -> str:
     """Where the model actors run: CUDA when the cluster has GPUs (unless --device cpu), else CPU."""
-    connect(options.ray_address)
+    connect(address)
     gpus = _ray().cluster_resources().get("GPU", 0)
-    return "cuda" if gpus >= 1 and options.device != "cpu" else "cpu"
+    return "cuda" if gpus >= 1 and device != "cpu" else "cpu"
 
 
 def _plain(value):
@@ -62,13 +78,13 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} in a manifest row")
 
 
-def _decode(batch: dict, reader) -> dict:
+def _decode(batch: dict, reader: ImageReader) -> dict:
     c = reader.config
     n = len(batch["rel"])
     x = np.zeros((n, c.in_channels, c.input_size, c.input_size), np.float32)
     rows, has_input = [], np.zeros(n, bool)
     for i in range(n):
-        item = reader.read(reader.task(str(batch["rel"][i]), str(batch["out_name"][i]), batch["done"][i] or None))
+        item = reader.read(Task(str(batch["rel"][i]), str(batch["out_name"][i]), batch["done"][i] or None))
         if item.model_input is not None:
             x[i], has_input[i] = item.model_input, True
         rows.append(json.dumps(item.row, default=_plain))
@@ -83,10 +99,10 @@ class _Model:
         from lungmask_kit.inference import Segmenter
         from lungmask_kit.runtime import prepare_device
 
-        self.segmenter = Segmenter(weights, prepare_device(device_type), convention, precision)
+        # the decode tasks prepared the inputs on their CPUs
+        self.segmenter = Segmenter(weights, prepare_device(device_type), convention, precision, prepare_on_device=False)
         if self.segmenter.weights_sha256 != weights_sha256:
             raise LungkitError("a Ray worker loaded other weights than the driver (weights differ between nodes)")
-        self.segmenter.prepares_on_device = False  # the decode tasks prepared the inputs
         self.pad_to, self.tta = pad_to, tta
 
     def __call__(self, batch: dict) -> dict:
@@ -111,18 +127,16 @@ class _Model:
         return out
 
 
-def _write(batch: dict, reader, writer) -> dict:
-    from lungmask_kit.manifest import SegmentRow
-
+def _write(batch: dict, reader: ImageReader, writer: OutputWriter) -> dict:
     rows = []
     for i in range(len(batch["rel"])):
         row = SegmentRow(json.loads(batch["row"][i]))
         if batch["has_input"][i]:
-            task = reader.task(str(batch["rel"][i]), str(batch["out_name"][i]))
+            task = Task(str(batch["rel"][i]), str(batch["out_name"][i]))
             flipped = batch["flipped"][i] if batch["has_flipped"][i] else None
             try:
                 pixels = reader.pixels(task, row["sha256"])
-                row = writer.write(task, row, pixels, (batch["probability"][i], batch["pooled"][i], flipped))
+                row = writer.write(task, row, pixels, ImagePrediction(batch["probability"][i], batch["pooled"][i], flipped))
             except LungkitError:
                 raise
             except Exception as err:  # costs this image only, as in the local engine
@@ -131,34 +145,35 @@ def _write(batch: dict, reader, writer) -> dict:
     return {"row": np.array(rows, dtype=object)}
 
 
-def run_ray(reader, writer, weights_sha256: str, tasks: list, options, pad_to: int, record: Callable[[list[dict]], None], bar) -> None:
+def run_ray(reader: ImageReader, writer: OutputWriter, weights_sha256: str, tasks: list[Task], settings: RaySettings,
+            pad_to: int, record: Callable[[list[dict]], None], bar) -> None:
     """Drive the segment units on Ray Data; `record` gets the rows in batches, in no particular order."""
     if not tasks:  # e.g. a shard that holds no image
         return
     ray = _ray()
-    connect(options.ray_address)
+    connect(settings.address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # lungkit's own bar counts the rows the driver records
     ctx.log_internal_stack_trace_to_stdout = False
-    device_type = model_device_type(options)
+    device_type = model_device_type(settings.address, settings.device)
     n_gpus = int(ray.cluster_resources().get("GPU", 0)) if device_type == "cuda" else 0
     cpus = int(ray.cluster_resources().get("CPU", 1))
     items = [{"rel": t.rel, "out_name": t.out_name, "done": t.done_sha256 or ""} for t in tasks]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // options.batch_size, 4 * cpus)))
-    ds = ds.map_batches(_decode, fn_kwargs={"reader": reader}, batch_size=options.batch_size, num_cpus=1)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // settings.batch_size, 4 * cpus)))
+    ds = ds.map_batches(_decode, fn_kwargs={"reader": reader}, batch_size=settings.batch_size, num_cpus=1)
     ds = ds.map_batches(
-        # Ray 2.60 logs one "constructor arguments in the object store" line per run for any actor pool
-        # (ray-project/ray#57733, open); the actors restart as Ray Data sets them to
-        _Model, fn_constructor_args=(options.weights and os.path.abspath(options.weights), device_type, weights_sha256, pad_to, options.tta,
-                                    options.convention, options.precision),
+        # Ray logs one "constructor arguments in the object store" line per run for any actor pool (seen with
+        # Ray 2.60, ray-project/ray#57733): harmless
+        _Model, fn_constructor_args=(settings.weights, device_type, weights_sha256, pad_to, settings.tta,
+                                    settings.convention, settings.precision),
         # the memory request is the model's working set; it also keeps Ray from fusing the decode tasks into
         # the model actors (a GPU actor decoding on its one CPU would starve the GPU)
-        batch_size=options.batch_size, num_gpus=1 if n_gpus else 0, num_cpus=1, memory=_MODEL_MEMORY,
+        batch_size=settings.batch_size, num_gpus=1 if n_gpus else 0, num_cpus=1, memory=_MODEL_MEMORY,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(n_gpus, 1 if n_gpus else max(1, cpus // 8))),
     )
     ds = ds.map_batches(_write, fn_kwargs={"reader": reader, "writer": writer}, batch_size=_ROWS_PER_WRITE, num_cpus=1)
     try:
-        for batch in ds.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
+        for batch in ds.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):
             rows = [json.loads(r) for r in batch["row"]]
             record(rows)
             bar.update(len(rows))

@@ -19,8 +19,9 @@ from lungmask_kit.errors import LungkitError
 
 @dataclass
 class Item:
-    """One image on its way through the engine. `model_input` None: nothing for the model (skipped or failed,
-    `row` says which)."""
+    """One image on its way through the engine. `model_input` None after reading: nothing for the model (skipped
+    or failed, `row` says which). The model's step sets `prediction` (and may free `model_input`): an item with a
+    prediction goes to the writers."""
 
     task: Any  # what the job's read step was given (e.g. a path)
     row: dict
@@ -148,7 +149,7 @@ def _drive(steps: Steps, feeder: _Feeder, writer: ThreadPoolExecutor, batch_size
             batch, finish = predicted
             predicted = None
             finish()
-            futures = {id(it): writer.submit(steps.write, it) for it in batch if it.model_input is not None}
+            futures = {id(it): writer.submit(steps.write, it) for it in batch if it.prediction is not None}
             in_flight.append([(it, futures.get(id(it))) for it in batch])
 
     feeder.fill(force=True)

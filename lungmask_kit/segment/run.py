@@ -1,49 +1,34 @@
-"""`lungkit segment`: masks, lungs-only and lungs-removed images and a manifest for a folder of CXRs.
-
-This module holds the job: the units that read one image (`ImageReader`) and write one image's outputs
-(`OutputWriter`), which every engine shares, and the orchestration around them (`run_segment`,
-`merge_shards`). The pipeline itself is `engine.run_local` (threads on one machine) or `engines.ray.run_ray`
-(Ray Data across machines); the output folder's locks, resume map and merged manifest are `runfolder`'s.
-"""
+"""The segment job: find the images, hold the output folder (`runfolder`), load the model once, run every image
+through an engine (`engines.local` with the units of `segment.local`, or `engines.ray`), and merge the manifest;
+`merge_shards` makes the one manifest of a sharded run."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from lungmask_kit import __version__, defaults
-from lungmask_kit.derive import derive_variants, lung_fields
-from lungmask_kit.discovery import Scan, output_names, output_path_problem, scan_images, wants_dicom
-from lungmask_kit.engine import ByteBudget, EngineSettings, Item, run_local
+from lungmask_kit.choices import Engine
 from lungmask_kit.decoder_warnings import WarningTally
+from lungmask_kit.discovery import Scan, output_names, scan_images
+from lungmask_kit.engines.local import ByteBudget, EngineSettings, run_local
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, digest, inside, read_regular_file, utc_stamp
-from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
-from lungmask_kit.labels import labels_update, write_label_report
-from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, RunSummary, SegmentRow, folder_entries
-from lungmask_kit.postprocess import (
-    PostprocessSettings,
-    clean_mask,
-    count_components,
-    lung_area_fraction,
-    lung_sides,
-    resize_mask,
-    right_lung_region,
-    split_by_region,
-)
+from lungmask_kit.fileio import inside, utc_stamp
+from lungmask_kit.inference import Segmenter, oom_note
+from lungmask_kit.labels import labels_update, match_labels, read_labels, write_label_report
+from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, RunSummary, folder_entries
+from lungmask_kit.postprocess import PostprocessSettings
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, Shard, keep_existing, running_holder, shard_records
-
-OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
-# Bump when the bytes written for the same input and settings change.
-OUTPUT_FORMAT = 3  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns
+from lungmask_kit.runtime import autocast_dtype, available_cores, precision_name, prepare_device
+from lungmask_kit.segment.local import LocalSteps
+from lungmask_kit.segment.steps import OUTPUT_DIRS, ImageReader, OutputWriter, Task, manifest_path, settings_key
 
 
 @dataclass
@@ -68,265 +53,16 @@ class SegmentOptions:
     max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
     gpu_decode: bool = True  # with CUDA, decode gray JPEGs with nvJPEG
     shard: str | None = None  # "K/N": only this part of the images; `merge_shards` makes the manifest
-    engine: str = "local"  # local | ray
+    engine: Engine = Engine.local  # local | ray (a string is taken too)
     ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS)
     overwrite: bool = False
     progress: bool = True
 
-
-def manifest_path(rel: str) -> str:
-    """File names that are not valid UTF-8 are stored with backslash escapes (Parquet strings are UTF-8)."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def settings_key(weights_sha256: str, config, post: PostprocessSettings, tta: bool = False,
-                 batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
-                 convention: str = defaults.CONVENTION, precision: str = "fp32") -> str:
-    """Identifies everything that changes the written files and quality columns; resume redoes images whose
-    key differs. The batch size, the device and the precision are in it: a model batch of another size moves
-    probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask pixel. QC thresholds are not: they re-flag
-    at the end of every run without re-segmenting."""
-    payload = {
-        "weights": weights_sha256,
-        "input": [config.input_size, list(config.mean), list(config.std), config.in_channels],
-        "post": post.as_dict(),
-        "format": OUTPUT_FORMAT,
-        "quality": config.quality and {k: v for k, v in config.quality.items() if k not in ("max_ood_score", "min_est_dice", "report")},
-        "tta": tta,
-        "batch": batch_size,
-        "device": device_type + ("+nvjpeg" if gpu_decode else ""),
-        "convention": convention,
-        "precision": precision,
-        "backend": "torch",
-    }
-    return digest(payload)
-
-
-class _OutputWriteError(LungkitError):
-    pass
-
-
-@dataclass(frozen=True)
-class Task:
-    """One image of the run: its path under the input folder, its output file name, and the sha256 it had when
-    an earlier run finished it with the same settings (None if none did)."""
-
-    rel: str
-    out_name: str
-    done_sha256: str | None = None
-
-
-def output_rel(kind: str, task: Task) -> str:
-    """Where an image's mask / lungs / nolungs file goes, relative to OUT."""
-    return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
-
-
-@dataclass(frozen=True)
-class _DeviceJpeg:
-    """A gray JPEG left undecoded for nvJPEG (decoded on the GPU with its batch)."""
-
-    data: bytes
-
-
-def _footprint(height: int, width: int, itemsize: int) -> int:
-    # the image plus the mask and the two variants made from it
-    return height * width * (3 * itemsize + 1)
-
-
-@dataclass
-class ImageReader:
-    """Reads, hashes, decodes and prepares one image for the model; never raises for bad input (the row says
-    what went wrong). Plain data, so Ray ships it to its tasks."""
-
-    root: Path
-    out: Path
-    key: str
-    config: object  # the model's ModelConfig: input size, mean, std, channels
-    dicom: bool = False
-    prepare_on_host: bool = True  # False: the engine's device resizes and normalises
-    jpeg_on_device: bool = False  # leave gray JPEGs undecoded for nvJPEG
-
-    @staticmethod
-    def task(rel: str, out_name: str, done_sha256: str | None = None) -> Task:
-        return Task(rel, out_name, done_sha256)
-
-    def read(self, task: Task) -> Item:
+    def __post_init__(self) -> None:
         try:
-            return self._read(task)
-        except Exception as err:  # an unforeseen failure costs one image, never the batch
-            row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key,
-                             error=f"unexpected error while reading: {type(err).__name__}: {err}")
-            return Item(task, row)
-
-    def _read(self, task: Task) -> Item:
-        row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key)
-        item = Item(task, row)
-        problem = output_path_problem(self.out, output_rel("lungs", task))
-        if problem:
-            row["error"] = problem
-            return item
-        try:
-            data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
-        except InputReadError as err:
-            row["error"] = str(err)
-            return item
-        sha = hashlib.sha256(data).hexdigest()
-        row.update(sha256=sha, file_bytes=len(data))
-        if task.done_sha256 == sha and all((self.out / output_rel(k, task)).is_file() for k in OUTPUT_DIRS):
-            row["status"] = "skipped"
-            return item
-        if self.jpeg_on_device:
-            size = _device_jpeg_size(data)
-            if size is not None:
-                item.model_input, item.held = _DeviceJpeg(data), _footprint(size[1], size[0], 1)
-                return item
-        try:
-            decoded = decode_image(data, dicom=wants_dicom(task.rel, self.dicom))
-        except ImageDecodeError as err:
-            row.update(err.header, error=str(err))
-            return item
-        self.accept(item, decoded)
-        return item
-
-    def accept(self, item: Item, decoded) -> None:
-        """Fill the row from a decoded image and make the model input (on the host unless the device does)."""
-        h, w = decoded.pixels.shape
-        item.row.update(decoded.header, width=w, height=h, bit_depth=decoded.bit_depth,
-                        source_channels=decoded.source_channels)
-        view = decoded.model_view
-        if self.prepare_on_host:
-            c = self.config
-            from lungmask_kit.imaging import prepare_input
-
-            view = prepare_input(view, c.input_size, c.mean, c.std, c.in_channels)
-        item.model_input = view
-        item.pixels = decoded.pixels
-        item.held = _footprint(h, w, decoded.pixels.itemsize)
-
-    def pixels(self, task: Task, sha256: str) -> np.ndarray:
-        """The kept pixels of an image read before, which must still have the content it had then (the Ray
-        engine's write tasks decode it again rather than ship it between machines)."""
-        data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise ValueError("the image changed while the run read it")
-        return decode_image(data, dicom=wants_dicom(task.rel, self.dicom)).pixels
-
-
-def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG for nvJPEG, after the checks the host decoder makes (size, completeness)."""
-    from lungmask_kit.accel import gray_jpeg_size
-    from lungmask_kit.imaging import check_encoded
-
-    size = gray_jpeg_size(data)
-    if size is None:
-        return None  # not for nvJPEG: the host decodes it
-    try:
-        check_encoded(data)
-    except ImageDecodeError:
-        return None  # the host decoder says what is wrong
-    return size
-
-
-@dataclass
-class OutputWriter:
-    """Post-processes one prediction, scores its quality and writes the mask and the variants atomically;
-    returns the finished row. Plain data (the quality model is numpy), so Ray ships it to its workers."""
-
-    out: Path
-    post: PostprocessSettings
-    quality: object | None  # quality.QualityModel
-    convention: str = defaults.CONVENTION
-
-    def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction) -> SegmentRow:
-        probability, pooled, flipped = prediction
-        small = clean_mask(probability, self.post)
-        if self.quality is not None:
-            flipped_mask = None if flipped is None else clean_mask(flipped, self.post)
-            row.update(self.quality.assess(probability, small, pooled, flipped_mask, self.post).as_row())
-        mask = resize_mask(small, pixels.shape)
-        # the lungs are told apart at model resolution; every native mask pixel takes the side of its region
-        right, left = split_by_region(mask, right_lung_region(lung_sides(small)))
-        row.update(lung_fields(right, left, row.get("pixel_spacing")), convention=self.convention)
-        images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
-        paths = {kind: output_rel(kind, task) for kind in OUTPUT_DIRS}
-        try:
-            for kind, image in images.items():
-                atomic_write_bytes(self.out / paths[kind], encode_png(image), fsync=False)
-        except OSError as err:
-            raise _OutputWriteError(f"cannot write outputs to {self.out}: {err.strerror or err}"
-                                    + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
-        row.update(
-            mask_path=paths["mask"], lungs_path=paths["lungs"], nolungs_path=paths["nolungs"],
-            lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(small),
-            status="ok", error=None,
-        )
-        return row
-
-    @staticmethod
-    def failed(row: SegmentRow, err: Exception) -> SegmentRow:
-        """The row of an image whose post-processing raised unexpectedly (a bug costs the image, not the run)."""
-        return row | {"status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
-
-
-class _LocalSteps:
-    """The segment units for `engine.run_local`: the reader and writer above, the loaded model, and the byte
-    budget that bounds the decoded images held between them."""
-
-    def __init__(self, reader: ImageReader, writer: OutputWriter, segmenter, budget: ByteBudget, pad_to: int, tta: bool):
-        self.reader, self.writer, self.segmenter, self.budget = reader, writer, segmenter, budget
-        self.pad_to, self.tta = pad_to, tta
-        self.asynchronous = segmenter.device.type == "cuda"
-
-    def read(self, task: Task) -> Item:
-        item = self.reader.read(task)
-        self.budget.take(item.held)  # given back by write(), whatever happens there
-        return item
-
-    def predict(self, items: list[Item]) -> Callable[[], None]:
-        self._decode_jpegs_on_device([it for it in items if isinstance(it.model_input, _DeviceJpeg)])
-        items = [it for it in items if it.model_input is not None]
-        if not items:
-            return lambda: None
-        wait = self.segmenter.start([it.model_input for it in items], pad_to=self.pad_to, tta=self.tta)
-
-        def finish() -> None:
-            pred = wait()
-            for i, it in enumerate(items):
-                it.model_input = True  # the input is spent; what is left says the image goes to the writers
-                it.prediction = (pred.probabilities[i], pred.pooled[i], None if pred.flipped is None else pred.flipped[i])
-
-        return finish
-
-    def _decode_jpegs_on_device(self, items: list[Item]) -> None:
-        """nvJPEG for the batch's gray JPEGs; one it does not decode is decoded on the host (or fails there)."""
-        from lungmask_kit.accel import decode_jpegs
-        from lungmask_kit.imaging import DecodedImage
-
-        if not items:
-            return
-        for it, tensor in zip(items, decode_jpegs([it.model_input.data for it in items], self.segmenter.device)):
-            data, it.model_input = it.model_input.data, None
-            self.budget.give_back(it.held)  # the estimate; accept() measures the decoded image
-            it.held = 0
-            try:
-                decoded = DecodedImage(tensor.cpu().numpy(), 1) if tensor is not None else decode_image(data)
-            except ImageDecodeError as err:
-                it.row["error"] = str(err)
-                continue
-            self.reader.accept(it, decoded)
-            self.budget.take(it.held)
-            if tensor is not None:
-                it.model_input = tensor  # already on the device
-
-    def write(self, item: Item) -> dict:
-        try:
-            return self.writer.write(item.task, item.row, item.pixels, item.prediction)
-        finally:
-            self.budget.give_back(item.held)
-            item.pixels = item.prediction = None
-
-    def failed(self, item: Item, err: Exception) -> dict:
-        return self.writer.failed(item.row, err)
+            self.engine = Engine(self.engine)
+        except ValueError:
+            raise LungkitError(f"unknown engine {self.engine!r} (use {' or '.join(e.value for e in Engine)})") from None
 
 
 def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> Scan:
@@ -348,10 +84,6 @@ def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> S
 
 
 def _check_options(options: SegmentOptions) -> Shard | None:
-    from lungmask_kit.choices import Engine
-
-    if options.engine not in {e.value for e in Engine}:
-        raise LungkitError(f"unknown engine {options.engine!r} (use {' or '.join(e.value for e in Engine)})")
     if options.shard is None:
         return None
     shard = Shard.parse(options.shard)
@@ -393,22 +125,19 @@ class _SegmentRun:
     """One run into a locked RunFolder: the model and settings, the engine, and the manifest (or shard record)."""
 
     def __init__(self, root: Path, folder: RunFolder, rels: list[str], options: SegmentOptions):
-        import torch
-
-        from lungmask_kit.inference import Segmenter
-        from lungmask_kit.runtime import autocast_dtype, precision_name, prepare_device
-
         self.root, self.folder, self.out, self.options = root, folder, folder.out, options
         self.paths = [manifest_path(r) for r in rels]
         self.labels = _Labels(options.labels, self.paths)  # read now: a bad label file fails before the images
-        if options.engine == "ray":  # the model runs in Ray's actors; the driver's copy gives config and quality
-            from lungmask_kit.engines.ray import model_device_type
+        if options.engine is Engine.ray:  # the model runs in Ray's actors; the driver's copy gives config and quality
+            from lungmask_kit.engines.ray import model_device_type  # ray: optional
 
-            model_device, self.device = model_device_type(options), prepare_device("cpu")
+            model_device, self.device = model_device_type(options.ray_address, options.device), prepare_device("cpu")
         else:
             self.device = prepare_device(options.device)
             model_device = self.device.type
-        self.segmenter = Segmenter(options.weights, self.device, options.convention, options.precision)
+        gpu_jpeg = self.device.type == "cuda" and options.gpu_decode and options.engine is Engine.local
+        self.segmenter = Segmenter(options.weights, self.device, options.convention, options.precision,
+                                   decode_jpeg_on_device=gpu_jpeg)
         # the precision the model runs at where it runs (Ray's actors may be on GPUs the driver lacks)
         self.precision = precision_name(autocast_dtype(options.precision, torch.device(model_device)))
         folder.start()  # the weights loaded: from here on the folder holds this run
@@ -418,7 +147,6 @@ class _SegmentRun:
             max_hole_fraction=options.max_hole_fraction,
             keep_largest=options.keep_largest,
         )
-        self.segmenter.decodes_jpeg_on_device &= options.gpu_decode and options.engine == "local"
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
                                 options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device,
                                 options.convention, self.precision)
@@ -433,16 +161,17 @@ class _SegmentRun:
         self.pad_to = min(options.batch_size, len(self.paths))
 
     def execute(self) -> None:
-        from tqdm.auto import tqdm
-
         self.t_pipeline = time.perf_counter()
         bar = tqdm(total=len(self.tasks), unit="img", disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
         try:
-            if self.options.engine == "ray":
-                from lungmask_kit.engines.ray import run_ray
+            if self.options.engine is Engine.ray:
+                from lungmask_kit.engines.ray import RaySettings, run_ray  # ray: optional
 
-                run_ray(self.reader(on_host=True), self.writer(), self.segmenter.weights_sha256, self.tasks,
-                        self.options, self.pad_to, self.record, bar)
+                o = self.options
+                settings = RaySettings(o.ray_address, o.device, o.batch_size, o.tta, o.weights and os.path.abspath(o.weights),
+                                       o.convention, o.precision)
+                run_ray(self.reader(on_host=True), self.writer(), self.segmenter.weights_sha256, self.tasks, settings,
+                        self.pad_to, self.record, bar)
             else:
                 self._run_local(bar)
         finally:
@@ -461,12 +190,10 @@ class _SegmentRun:
         return OutputWriter(self.out.absolute(), self.post, self.segmenter.quality, self.options.convention)
 
     def _run_local(self, bar) -> None:
-        from lungmask_kit.runtime import available_cores
-
         o = self.options
         settings = EngineSettings(o.batch_size, o.workers or available_cores(), o.max_decoded_mb << 20)
         budget = ByteBudget(settings.max_decoded_bytes)
-        steps = _LocalSteps(self.reader(), self.writer(), self.segmenter, budget, self.pad_to, o.tta)
+        steps = LocalSteps(self.reader(), self.writer(), self.segmenter, budget, self.pad_to, o.tta)
         run_local(steps, self.tasks, settings, self.record, budget, bar)
 
     def record(self, rows: list[dict]) -> None:
@@ -484,8 +211,6 @@ class _SegmentRun:
         self.folder.parts.write(kept)
 
     def finish(self, t_start: float) -> RunSummary:
-        from lungmask_kit.inference import oom_note
-
         s = self.summary
         s.uncalibrated = self.segmenter.quality is None
         note = oom_note(self.segmenter)
@@ -540,8 +265,6 @@ class _Labels:
     """The label files matched to the run's images (read once; reset on the manifest only when given)."""
 
     def __init__(self, files: list, paths: list[str]):
-        from lungmask_kit.labels import match_labels, read_labels
-
         self.given = bool(files)
         rows = read_labels(files) if files else []
         self.matched, self.unmatched, self.conflicts = match_labels(paths, rows)

@@ -1,0 +1,239 @@
+"""The units of `lungkit segment` that every engine shares: the settings key that decides resume, the reader of one
+image (read, hash, decode, prepare for the model) and the writer of one image's outputs (post-process, score,
+write the mask and the variants). Plain data, so Ray ships them to its tasks; no orchestration here."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lungmask_kit import defaults
+from lungmask_kit.derive import derive_variants, lung_fields
+from lungmask_kit.discovery import output_path_problem, wants_dicom
+from lungmask_kit.engines.local import Item
+from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, digest, read_regular_file
+from lungmask_kit.imaging import ImageDecodeError, check_encoded, decode_image, encode_png, prepare_input
+from lungmask_kit.manifest import SegmentRow
+from lungmask_kit.postprocess import (
+    PostprocessSettings,
+    clean_mask,
+    count_components,
+    lung_area_fraction,
+    lung_sides,
+    resize_mask,
+    right_lung_region,
+    split_by_region,
+)
+
+if TYPE_CHECKING:
+    from lungmask_kit.models.modeling import ModelConfig
+    from lungmask_kit.quality import QualityModel
+
+OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
+# Bump when the bytes written for the same input and settings change.
+OUTPUT_FORMAT = 3  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns
+
+
+def manifest_path(rel: str) -> str:
+    """File names that are not valid UTF-8 are stored with backslash escapes (Parquet strings are UTF-8)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSettings, tta: bool = False,
+                 batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
+                 convention: str = defaults.CONVENTION, precision: str = "fp32") -> str:
+    """Identifies everything that changes the written files and quality columns; resume redoes images whose
+    key differs. The batch size, the device and the precision are in it: a model batch of another size moves
+    probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask pixel. QC thresholds are not: they re-flag
+    at the end of every run without re-segmenting."""
+    payload = {
+        "weights": weights_sha256,
+        "input": [config.input_size, list(config.mean), list(config.std), config.in_channels],
+        "post": post.as_dict(),
+        "format": OUTPUT_FORMAT,
+        "quality": config.quality and {k: v for k, v in config.quality.items() if k not in ("max_ood_score", "min_est_dice", "report")},
+        "tta": tta,
+        "batch": batch_size,
+        "device": device_type + ("+nvjpeg" if gpu_decode else ""),
+        "convention": convention,
+        "precision": precision,
+        "backend": "torch",
+    }
+    return digest(payload)
+
+
+class OutputWriteError(LungkitError):
+    """The output folder took no more files (full, read-only): the run stops."""
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """The model's output for one image: lung probability (S, S), the encoder's pooled features (the input gate's
+    view of the image) and, with --tta, the probability of the mirrored pass."""
+
+    probability: np.ndarray
+    pooled: np.ndarray
+    flipped: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image of the run: its path under the input folder, its output file name, and the sha256 it had when
+    an earlier run finished it with the same settings (None if none did)."""
+
+    rel: str
+    out_name: str
+    done_sha256: str | None = None
+
+
+def output_rel(kind: str, task: Task) -> str:
+    """Where an image's mask / lungs / nolungs file goes, relative to OUT."""
+    return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
+
+
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A gray JPEG left undecoded for nvJPEG (decoded on the GPU with its batch)."""
+
+    data: bytes
+
+
+def _footprint(height: int, width: int, itemsize: int) -> int:
+    # the image plus the mask and the two variants made from it
+    return height * width * (3 * itemsize + 1)
+
+
+@dataclass
+class ImageReader:
+    """Reads, hashes, decodes and prepares one image for the model; never raises for bad input (the row says
+    what went wrong). Plain data, so Ray ships it to its tasks."""
+
+    root: Path
+    out: Path
+    key: str
+    config: ModelConfig  # input size, mean, std, channels
+    dicom: bool = False
+    prepare_on_host: bool = True  # False: the engine's device resizes and normalises
+    jpeg_on_device: bool = False  # leave gray JPEGs undecoded for nvJPEG
+
+    def read(self, task: Task) -> Item:
+        try:
+            return self._read(task)
+        except Exception as err:  # an unforeseen failure costs one image, never the batch
+            row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key,
+                             error=f"unexpected error while reading: {type(err).__name__}: {err}")
+            return Item(task, row)
+
+    def _read(self, task: Task) -> Item:
+        row = SegmentRow(path=manifest_path(task.rel), status="error", settings_key=self.key)
+        item = Item(task, row)
+        problem = output_path_problem(self.out, output_rel("lungs", task))
+        if problem:
+            row["error"] = problem
+            return item
+        try:
+            data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
+        except InputReadError as err:
+            row["error"] = str(err)
+            return item
+        sha = hashlib.sha256(data).hexdigest()
+        row.update(sha256=sha, file_bytes=len(data))
+        if task.done_sha256 == sha and all((self.out / output_rel(k, task)).is_file() for k in OUTPUT_DIRS):
+            row["status"] = "skipped"
+            return item
+        if self.jpeg_on_device:
+            size = _device_jpeg_size(data)
+            if size is not None:
+                item.model_input, item.held = DeviceJpeg(data), _footprint(size[1], size[0], 1)
+                return item
+        try:
+            decoded = decode_image(data, dicom=wants_dicom(task.rel, self.dicom))
+        except ImageDecodeError as err:
+            row.update(err.header, error=str(err))
+            return item
+        self.accept(item, decoded)
+        return item
+
+    def accept(self, item: Item, decoded) -> None:
+        """Fill the row from a decoded image and make the model input (on the host unless the device does)."""
+        h, w = decoded.pixels.shape
+        item.row.update(decoded.header, width=w, height=h, bit_depth=decoded.bit_depth,
+                        source_channels=decoded.source_channels)
+        view = decoded.model_view
+        if self.prepare_on_host:
+            c = self.config
+            view = prepare_input(view, c.input_size, c.mean, c.std, c.in_channels)
+        item.model_input = view
+        item.pixels = decoded.pixels
+        item.held = _footprint(h, w, decoded.pixels.itemsize)
+
+    def pixels(self, task: Task, sha256: str) -> np.ndarray:
+        """The kept pixels of an image read before, which must still have the content it had then (the Ray
+        engine's write tasks decode it again rather than ship it between machines)."""
+        data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError("the image changed while the run read it")
+        return decode_image(data, dicom=wants_dicom(task.rel, self.dicom)).pixels
+
+
+def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG for nvJPEG, after the checks the host decoder makes (size, completeness)."""
+    from lungmask_kit.accel import gray_jpeg_size  # torch: only the CUDA path comes here
+
+    size = gray_jpeg_size(data)
+    if size is None:
+        return None  # not for nvJPEG: the host decodes it
+    try:
+        check_encoded(data)
+    except ImageDecodeError:
+        return None  # the host decoder says what is wrong
+    return size
+
+
+@dataclass
+class OutputWriter:
+    """Post-processes one prediction, scores its quality and writes the mask and the variants atomically;
+    returns the finished row. Plain data (the quality model is numpy), so Ray ships it to its workers."""
+
+    out: Path
+    post: PostprocessSettings
+    quality: QualityModel | None
+    convention: str = defaults.CONVENTION
+
+    def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction: ImagePrediction) -> SegmentRow:
+        probability, pooled, flipped = prediction.probability, prediction.pooled, prediction.flipped
+        small = clean_mask(probability, self.post)
+        if self.quality is not None:
+            flipped_mask = None if flipped is None else clean_mask(flipped, self.post)
+            row.update(self.quality.assess(probability, small, pooled, flipped_mask, self.post).as_row())
+        mask = resize_mask(small, pixels.shape)
+        # the lungs are told apart at model resolution; every native mask pixel takes the side of its region
+        right, left = split_by_region(mask, right_lung_region(lung_sides(small)))
+        row.update(lung_fields(right, left, row.get("pixel_spacing")), convention=self.convention)
+        images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
+        paths = {kind: output_rel(kind, task) for kind in OUTPUT_DIRS}
+        try:
+            for kind, image in images.items():
+                atomic_write_bytes(self.out / paths[kind], encode_png(image), fsync=False)
+        except OSError as err:
+            raise OutputWriteError(f"cannot write outputs to {self.out}: {err.strerror or err}"
+                                    + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
+        row.update(
+            mask_path=paths["mask"], lungs_path=paths["lungs"], nolungs_path=paths["nolungs"],
+            lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(small),
+            status="ok", error=None,
+        )
+        return row
+
+    @staticmethod
+    def failed(row: SegmentRow, err: Exception) -> SegmentRow:
+        """The row of an image whose post-processing raised unexpectedly (a bug costs the image, not the run)."""
+        return row | {"status": "error", "error": f"post-processing failed: {type(err).__name__}: {err}"}
+
+

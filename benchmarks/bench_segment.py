@@ -107,14 +107,14 @@ def pipeline(src: Path, out: Path, args, fixed_probability: bool, precision: str
         seg_mod_segmenter = NoModel
     else:
         seg_mod_segmenter = RealSegmenter
-    import lungmask_kit.inference as inf
+    import lungmask_kit.segment.run as job  # the job loads its model through this name
 
-    saved = inf.Segmenter
-    inf.Segmenter = seg_mod_segmenter
+    saved = job.Segmenter
+    job.Segmenter = seg_mod_segmenter
     try:
         s = seg_mod.run_segment(src, out, opts)
     finally:
-        inf.Segmenter = saved
+        job.Segmenter = saved
     assert s.failed == 0, s.errors[:3]
     return s.processed / s.pipeline_seconds  # model loading excluded: it is paid once per run
 

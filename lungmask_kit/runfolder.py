@@ -26,7 +26,7 @@ from lungmask_kit.fileio import lock_holder as _holder
 from lungmask_kit.fileio import open_lock_file as _open_lock
 from lungmask_kit.fileio import try_flock as _flock
 from lungmask_kit.fileio import write_lock_holder as _write_holder
-from lungmask_kit.manifest import MANIFEST_NAME
+from lungmask_kit.manifest import MANIFEST_NAME, PARTS_DIR, PartWriter, finalize, previous_table, read_metadata, resolve_folder
 
 RUN_FILE = defaults.RUN_FILE
 LOCK_FILE = ".lungkit.lock"
@@ -157,15 +157,12 @@ def previous_kind(out: Path, manifest_name: str) -> RunKind | None:
         return RunKind(data["command"], os.path.realpath(out / data["input_root"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    from lungmask_kit.manifest import read_metadata
 
     try:
         meta = read_metadata(out / manifest_name)
     except Exception:  # absent or damaged: nothing to protect by kind (damage is handled on resume)
         return None
     if "command" in meta and "input_root" in meta:
-        from lungmask_kit.manifest import resolve_folder
-
         return RunKind(meta["command"], os.path.realpath(resolve_folder(out / manifest_name, meta)))
     return None
 
@@ -264,8 +261,6 @@ class RunFolder:
     def done(self, key: str, columns: tuple[str, ...]) -> dict[str, tuple]:
         """manifest path -> `columns` of the images finished earlier (status ok) with settings `key`; none with
         --overwrite (the earlier manifest stays until this run's replaces it)."""
-        from lungmask_kit.manifest import previous_table
-
         prev = None if self.overwrite else previous_table(self.out, self.manifest_name, self.fields, self.warnings)
         if prev is None:
             return {}
@@ -276,22 +271,16 @@ class RunFolder:
     @cached_property
     def parts(self):
         """The writer of this run's manifest parts (made on first use: `merge` writes none)."""
-        from lungmask_kit.manifest import PartWriter
-
         return PartWriter(self.out, self.fields, tag=f"s{self.shard.tag}" if self.shard else None)
 
     def write_shard_record(self, record: dict) -> None:
         """What `lungkit merge` needs to finish the run once every shard is done."""
-        from lungmask_kit.manifest import PARTS_DIR
-
         path = self.out / PARTS_DIR / SHARD_RECORD.format(tag=self.shard.tag)
         atomic_write_bytes(path, json.dumps({"shard": str(self.shard), **record}, sort_keys=True).encode())
 
     def finalize(self, paths: list[str], metadata: dict, update=None,
                  keep_other: Callable[[str], bool] | None = None):
         """The merged manifest (manifest.finalize) and the outputs of dropped rows removed; (table, dropped)."""
-        from lungmask_kit.manifest import finalize
-
         table, dropped = finalize(self.out, self.manifest_name, paths, self.fields, metadata, update=update,
                                   keep_other=keep_other, damaged=self.warnings)
         remove_outputs(self.out, dropped, self.previous_command)
@@ -316,8 +305,6 @@ def running_holder(out: Path) -> str | None:
 def shard_records(out: Path) -> list[dict]:
     """The records of the shards that finished into OUT (unreadable ones, or JSON that is not a record, are
     skipped: their shard reruns)."""
-    from lungmask_kit.manifest import PARTS_DIR
-
     records = []
     for path in sorted((out / PARTS_DIR).glob(SHARD_RECORD.format(tag="*"))):
         try:

@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from lungmask_kit import defaults
+from lungmask_kit.discovery import find_images, wants_dicom
+from lungmask_kit.errors import LungkitError, NoImagesError
+from lungmask_kit.fileio import InputReadError, read_regular_file
+from lungmask_kit.imaging import decode_image, ImageDecodeError, to_unit_range
 
 
 def pixel_mean_std(images: Iterable[np.ndarray]) -> tuple[float, float, int]:
@@ -46,11 +50,6 @@ def dataset_stats(input_dir: str | Path, size: int = defaults.INPUT_SIZE, glob: 
     exactly as the segmenter prepares it (a DICOM's window applied). Unreadable images are skipped and listed."""
     import cv2
     from tqdm.auto import tqdm
-
-    from lungmask_kit.discovery import find_images, wants_dicom
-    from lungmask_kit.errors import LungkitError, NoImagesError
-    from lungmask_kit.fileio import InputReadError, read_regular_file
-    from lungmask_kit.imaging import ImageDecodeError, decode_image, to_unit_range
 
     root = Path(input_dir)
     if not root.is_dir():

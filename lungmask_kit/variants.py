@@ -47,7 +47,10 @@ from lungmask_kit.manifest import (
     folder_entries,
     open_run,
 )
+from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
+from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, keep_existing
+from lungmask_kit.runtime import available_cores
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS
 OUTPUT_FORMAT = 3  # 2: ood_shape_score; 3: right and left lung columns
@@ -293,7 +296,6 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
 
         mask_pixels = cv2.resize(mask_pixels, (w, h), interpolation=cv2.INTER_NEAREST)
     mask = binarize_mask(mask_pixels)
-    from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
 
     sides = lung_sides(mask)
     row.update(lung_fields(sides == RIGHT_LUNG, sides == LEFT_LUNG, row.get("pixel_spacing")))
@@ -323,8 +325,6 @@ def _process_all(folder: RunFolder, options: VariantsOptions, tasks: list[_Task]
     """Every pair through `_process` in joblib workers; each chunk of rows becomes a manifest part."""
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
-
-    from lungmask_kit.runtime import available_cores
 
     out, jobs, buffer = str(folder.out), options.jobs or available_cores(), []
     results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
@@ -398,8 +398,6 @@ def _convention_of(tasks: list[_Task]) -> str:
 
 def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
                 manifest: Path | None, t0: float, carried=None) -> RunSummary:
-    from lungmask_kit.qc import QCThresholds, qc_update
-
     out = folder.out
     summary = RunSummary(found=len(tasks))
     tally = WarningTally()

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lungmask_kit.derive import binarize_mask
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.classify.grouping import SYNTHETIC, group_copies, patients_from_paths
 from lungmask_kit.fileio import OutsidePathError
+from lungmask_kit.imaging import ImageDecodeError, read_gray, to_unit_range
+from lungmask_kit.labels import match_labels, read_labels
 from lungmask_kit.manifest import RunManifest, open_run
 from lungmask_kit.runtime import available_cores
 
@@ -74,8 +77,6 @@ def load_samples(manifest: Path, settings: ClassifySettings, labels_files: list 
     run = open_run(manifest, settings.input_root)  # a damaged or foreign file is one line, not a traceback
     manifest, rows = run.path, run.table.to_pylist()
     if labels_files:
-        from lungmask_kit.labels import match_labels, read_labels
-
         matched, _, _ = match_labels([r["path"] for r in rows], read_labels(labels_files))
         for r in rows:
             if r["path"] in matched:
@@ -244,8 +245,6 @@ class ImageCache:
     def _load(self, path: Path) -> np.ndarray:
         import cv2
 
-        from lungmask_kit.imaging import ImageDecodeError, read_gray, to_unit_range
-
         try:
             pixels = read_gray(path)
         except (OSError, ImageDecodeError) as err:
@@ -266,9 +265,6 @@ class ImageCache:
 def lung_masks(samples: list[Sample], size: int) -> np.ndarray | None:
     """(n, size, size) bool lung masks of the samples at model size; None when any sample has no mask file."""
     import cv2
-
-    from lungmask_kit.derive import binarize_mask
-    from lungmask_kit.imaging import ImageDecodeError, read_gray
 
     if any(s.mask is None for s in samples):
         return None

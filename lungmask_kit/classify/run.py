@@ -14,13 +14,18 @@ import numpy as np
 import torch
 
 from lungmask_kit.choices import Channels, Normalization
+from lungmask_kit.classify.audit import mean_ci, summarize
 from lungmask_kit.classify.data import ClassifySettings, ImageCache, Sample, load_samples, lung_masks, split_samples
+from lungmask_kit.classify.leakage import leave_one_source_out, source_prediction
 from lungmask_kit.classify.model import (
     CachedImages, build_classifier, cams_for, classifier_config, normalisation, predict, saliency_in_lungs,
     save_checkpoint, train_model,
 )
+from lungmask_kit.classify.report import write_outputs
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import check_replaceable, make_dirs, output_errors
+from lungmask_kit.models.modeling import load_model
+from lungmask_kit.runtime import prepare_device
 
 
 MARKER = ".lungkit-classify"  # an output folder holding it is ours to write into again
@@ -64,8 +69,6 @@ class _Run:
 def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.device = "auto", labels_files=None,
                  checkpoint=None, progress=True, log: Callable[[str], None] = print) -> dict:
     """Train (or with `checkpoint`, only score) the audit's classifiers; write every output to `out`."""
-    from lungmask_kit.runtime import prepare_device
-
     t0 = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
     Normalization(settings.normalize), Channels(settings.channels)  # a wrong value fails here, not mid-run
@@ -81,8 +84,6 @@ def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.
 
 def _run_in(out: Path, manifest: Path, samples: list[Sample], info: dict, settings: ClassifySettings, device,
             checkpoint, progress: bool, log: Callable[[str], None], t0: float) -> dict:
-    from lungmask_kit.classify.report import write_outputs
-
     _check_variants(samples, settings, manifest)
     train, test, how = _split(samples, settings, checkpoint)
     log(f"{len(samples)} images ({info['positive']!r} positive: {sum(s.label for s in samples)}); "
@@ -115,8 +116,6 @@ def _split(samples, settings, checkpoint):
 
 
 def _audit(run: _Run, samples, train, test) -> dict:
-    from lungmask_kit.classify.audit import summarize
-
     s = run.settings
     masks = lung_masks(test, s.image_size) if s.saliency else None
     probs_by_variant, saliency = {}, {}
@@ -129,8 +128,6 @@ def _audit(run: _Run, samples, train, test) -> dict:
             _add_saliency(metrics[variant], test, per_image, s)
     result = {"metrics": metrics, "comparisons": comparisons, "warnings": _notes(metrics)}
     if s.leakage:
-        from lungmask_kit.classify.leakage import leave_one_source_out, source_prediction
-
         result["source_prediction"] = source_prediction(run, samples, train, test)
         result["leave_one_source_out"] = leave_one_source_out(run, samples)
     return result
@@ -178,8 +175,6 @@ def _notes(metrics: dict) -> list[str]:
 
 
 def _add_saliency(m: dict, test, per_image: np.ndarray, s: ClassifySettings) -> None:
-    from lungmask_kit.classify.audit import mean_ci
-
     by_patient: dict[str, list[float]] = {}
     for t, v in zip(test, per_image):
         by_patient.setdefault(t.patient_id, []).append(float(v))
@@ -188,9 +183,6 @@ def _add_saliency(m: dict, test, per_image: np.ndarray, s: ClassifySettings) -> 
 
 def _score_checkpoint(run: _Run, test, checkpoint) -> dict:
     """--eval-only: the checkpoint's variant scored on this manifest (one model: intervals from the bootstrap)."""
-    from lungmask_kit.classify.audit import summarize
-    from lungmask_kit.models.modeling import load_model
-
     model, config, _ = load_model(checkpoint, run.device)
     if config.task != "classification":
         raise LungkitError(f"{checkpoint} is not a classifier checkpoint")

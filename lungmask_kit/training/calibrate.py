@@ -21,8 +21,9 @@ from lungmask_kit.derive import binarize_mask
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import inside, staged_folder
 from lungmask_kit.imaging import ImageDecodeError, read_gray, read_model_view
+from lungmask_kit.inference import Segmenter
 from lungmask_kit.metrics import dice
-from lungmask_kit.models.modeling import _config_path
+from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, attach_quality, load_config, resolve_weights
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, resize_mask
 from lungmask_kit.quality import (
     EST_DICE_FEATURES,
@@ -37,7 +38,9 @@ from lungmask_kit.quality import (
     shape_descriptors,
     uncertainty_descriptors,
 )
-from lungmask_kit.training.data import Pair
+from lungmask_kit.quality import PER_CONVENTION
+from lungmask_kit.runtime import prepare_device
+from lungmask_kit.training.data import data_sources, Pair, split_sources
 
 N_COMPONENTS = 128  # PCA dimensions of the image density (fewer with fewer training images)
 IMAGE_MARGIN = 1.05  # image gate at 1.05 x the 99th percentile of validation scores
@@ -207,9 +210,6 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
     place). The image density comes from every training image (all collections: a frontal CXR is a frontal
     CXR whoever outlined its lungs); each convention's shape statistics from its masks on those images, its
     est_dice from the validation images annotated in it. Returns the models by convention."""
-    from lungmask_kit.inference import Segmenter
-    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, attach_quality, load_config, resolve_weights
-
     path = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
     config, _ = load_config(path)
     unknown = sorted({p.convention for p in [*train_pairs, *val_pairs]} - set(config.conventions))
@@ -242,8 +242,6 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
 def _kept_parts(config, fitted: list[str], log: Callable[[str], None]) -> dict[str, dict]:
     """The stored statistics of the conventions the data has no masks in: kept as they are (they do not depend
     on the image density, which is refitted), or none, which leaves that output uncalibrated."""
-    from lungmask_kit.quality import PER_CONVENTION
-
     kept = {}
     stored = (config.quality or {}).get("conventions", {})
     for convention in [c for c in config.conventions if c not in fitted]:
@@ -272,10 +270,6 @@ def calibrate_model(data: str | Path | list, weights: str | Path | None, out: st
     """`lungkit calibrate`: split DATA as `lungkit train` does (each data argument alone, in its convention),
     fit, store in the user's weights or in a copy in OUT (built aside: a failed calibration leaves nothing
     there). The bundled model is never changed. Returns each convention's report."""
-    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, resolve_weights
-    from lungmask_kit.runtime import prepare_device
-    from lungmask_kit.training.data import data_sources, split_sources
-
     source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
     if out is None and inside(source, DEFAULT_WEIGHTS.parent.parent):
         raise LungkitError("the bundled model is part of the installed package and is never changed: give -o FOLDER "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lungmask_kit import rle
+
 VARIANTS = ("lungs", "nolungs")
 
 
@@ -29,8 +31,6 @@ def derive_variants(image: np.ndarray, mask: np.ndarray, only: tuple[str, ...] =
 def lung_fields(right: np.ndarray, left: np.ndarray, pixel_spacing: list[float] | None = None) -> dict:
     """The per-lung manifest fields of two disjoint (H, W) bool masks: COCO RLEs, shares of the image area, and
     areas in mm^2 where the pixel spacing ([row, column] mm) is known (None otherwise)."""
-    from lungmask_kit import rle
-
     pixel_mm2 = None
     if pixel_spacing and len(pixel_spacing) == 2 and all(v and v > 0 for v in pixel_spacing):
         pixel_mm2 = float(pixel_spacing[0]) * float(pixel_spacing[1])

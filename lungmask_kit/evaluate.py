@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lungmask_kit import rle
 from lungmask_kit.derive import binarize_mask, not_a_mask
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
@@ -18,6 +19,7 @@ from lungmask_kit.fileio import OutsidePathError, atomic_write_bytes, make_dirs,
 from lungmask_kit.imaging import ImageDecodeError, read_gray
 from lungmask_kit.manifest import MANIFEST_NAME, open_run, write_table
 from lungmask_kit.metrics import dice, hd95, iou
+from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
 METRICS = ("dice", "iou", "hd95_px", "hd95_mm", "dice_right_lung", "dice_left_lung")
 FIELDS = [
@@ -86,9 +88,6 @@ def _predictions(pred: Path) -> Predictions:
 def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | None) -> dict:
     """Dice of each lung: the prediction's own split where its manifest has one, the truth split by the
     same rule lungkit splits masks with."""
-    from lungmask_kit import rle
-    from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, lung_sides
-
     if sides is not None:
         try:  # RLEs that do not fit the mask file (or are out of bounds): no per-lung figure
             right, left = (rle.decode(r, expect_shape=truth.shape) for r in sides)

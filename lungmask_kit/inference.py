@@ -14,6 +14,7 @@ from lungmask_kit.accel import prepare_on_device
 from lungmask_kit.errors import WeightsError
 from lungmask_kit.imaging import prepare_input
 from lungmask_kit.models.modeling import load_bundle
+from lungmask_kit.quality import QualityModel, calibrated_for
 from lungmask_kit.runtime import autocast_dtype, precision_name, tune_malloc
 
 
@@ -41,8 +42,6 @@ class Segmenter:
 
     def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION,
                  precision: str = "auto", prepare_on_device: bool | None = None, decode_jpeg_on_device: bool | None = None):
-        from lungmask_kit.quality import QualityModel, calibrated_for
-
         if device.type == "cpu":
             tune_malloc()
         self.device = device

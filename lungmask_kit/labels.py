@@ -14,6 +14,8 @@ from pathlib import Path, PurePosixPath
 
 from lungmask_kit.discovery import wants_dicom
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.fileio import atomic_write_bytes
+from lungmask_kit.manifest import SEGMENT_FIELDS
 
 _PATH_COLS = ("path", "filename", "image", "file", "relative_path")
 _LABEL_COLS = ("label", "class", "finding")
@@ -139,8 +141,6 @@ def write_label_report(out: Path, unmatched: list[LabelRow], conflicts: list[Lab
     import csv
     import io
 
-    from lungmask_kit.fileio import atomic_write_bytes
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "label", "patient_id", "split", "label_file", "problem"])
@@ -161,8 +161,6 @@ def labels_update(matched: dict):
     ...) become string columns; a header column (view, modality, ...) is filled where the image had none; a
     name the manifest measures itself (width, ...) keeps the manifest's value."""
     import pyarrow as pa
-
-    from lungmask_kit.manifest import SEGMENT_FIELDS
 
     def set_strings(table, name, values):
         array = pa.array(values, pa.string())

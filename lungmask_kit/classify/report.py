@@ -11,6 +11,7 @@ import numpy as np
 
 from lungmask_kit.classify.audit import METRICS, patient_draws
 from lungmask_kit.fileio import atomic_write_bytes
+from lungmask_kit.manifest import write_table
 from lungmask_kit.metrics import roc_auc, roc_curve
 
 METHOD = ("Each variant is trained once per seed on the same patient-level split. A metric is the mean over seeds "
@@ -22,7 +23,6 @@ METHOD = ("Each variant is trained once per seed on the same patient-level split
 def write_outputs(out: Path, result: dict, predictions: list[dict], examples: dict, settings, checkpoint) -> None:
     import pyarrow as pa
 
-    from lungmask_kit.manifest import write_table
     from lungmask_kit.plots import metrics_png, roc_png, saliency_png
 
     doc = {"variants": result["metrics"], "comparisons": result.get("comparisons", []),

@@ -16,6 +16,7 @@ import pyarrow as pa
 from lungmask_kit import __version__
 from lungmask_kit.manifest import RunManifest
 from lungmask_kit.publish.schema import HF_IMAGE, IDENTIFIER_COLUMNS, IMAGE_COLUMNS, RLE, PublishOptions, PublishSummary
+from lungmask_kit.qc import reason_counts
 
 LICENCE_COLUMNS = ("license", "licence")
 _LICENCE_IDS = {  # how label files write a licence -> the Hugging Face licence id
@@ -71,8 +72,6 @@ def _counts(table: pa.Table, column: str) -> list[tuple[str, int]]:
 
 
 def _reasons(table: pa.Table) -> list[tuple[str, int]]:
-    from lungmask_kit.qc import reason_counts
-
     if "qc_reason" not in table.column_names:
         return []
     return reason_counts(r for r in table.column("qc_reason").to_pylist() if r).most_common()

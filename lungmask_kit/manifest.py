@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import TMP_PREFIX, atomic_write_bytes, inside, path_in
-from lungmask_kit.qc import reason_counts
 
 PARTS_DIR = ".manifest-parts"
 SCHEMA_VERSION = "lungkit-manifest/1"
@@ -386,41 +385,3 @@ def finalize(out: Path, manifest_name: str, paths: list[str], fields: list[pa.Fi
         except OSError:
             pass
     return table, dropped
-
-
-@dataclass
-class RunSummary:
-    """What a segment or variants run did; printed by the CLI as its summary table."""
-
-    found: int = 0
-    skipped: int = 0  # already done with the same content and settings
-    processed: int = 0  # decoded (and written, if readable) by this run
-    ok: int = 0
-    flagged: int = 0
-    failed: int = 0
-    seconds: float = 0.0  # wall time of the whole command, model loading included
-    pipeline_seconds: float = 0.0  # from the first image read to the merged manifest
-    manifest: str = ""
-    unmatched_labels: int = 0
-    label_conflicts: int = 0  # images whose label rows disagree (left unlabelled)
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    flag_reasons: dict[str, int] = field(default_factory=dict)  # short reason -> flagged images
-    output_folders: list[str] = field(default_factory=list)  # where the images went
-    removed_stale: int = 0  # earlier rows dropped because their input left the input folder (outputs deleted)
-    warnings: list[str] = field(default_factory=list)  # e.g. damaged manifest files set aside
-    next_step: str = ""  # what the user does next (a shard: merge once every shard has finished)
-    uncalibrated: bool = False  # the model had no quality statistics
-    ignored: str = ""  # files under the input folder that are not images lungkit reads ("2 .webp, 1 .gif")
-
-    @property
-    def images_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-    def count(self, table) -> None:
-        """ok / failed / flagged from the final manifest table."""
-        status, qc = table.column("status").to_pylist(), table.column("qc_pass").to_pylist()
-        self.ok = sum(s == "ok" for s in status)
-        self.failed = sum(s == "error" for s in status)
-        self.flagged = sum(q is False for q in qc)
-        self.flag_reasons = dict(reason_counts(r for r in table.column("qc_reason").to_pylist() if r))
-

@@ -1,5 +1,6 @@
 """An output folder as a run: who may write to it (locks, shards), what kind of run it holds (a marker),
-which images it has finished (the resume map), and the merged manifest at the end (finalize, stale outputs).
+which images it has finished (the resume map), the merged manifest at the end (finalize, stale outputs), and
+the summary of a run (`RunSummary`, the CLI's end-of-run table).
 
 `segment` and `variants` both run inside a `RunFolder`. One unsharded run at a time; shards of one split
 (`--shard K/N`) run side by side, each alone in its part of the images, and `lungkit merge` (or a plain
@@ -14,7 +15,7 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from lungmask_kit.fileio import open_lock_file as _open_lock
 from lungmask_kit.fileio import try_flock as _flock
 from lungmask_kit.fileio import write_lock_holder as _write_holder
 from lungmask_kit.manifest import MANIFEST_NAME, PARTS_DIR, PartWriter, finalize, previous_table, read_metadata, resolve_folder
+from lungmask_kit.qc import reason_counts
 
 RUN_FILE = defaults.RUN_FILE
 LOCK_FILE = ".lungkit.lock"
@@ -314,3 +316,40 @@ def shard_records(out: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+@dataclass
+class RunSummary:
+    """What a segment or variants run did; printed by the CLI as its summary table."""
+
+    found: int = 0
+    skipped: int = 0  # already done with the same content and settings
+    processed: int = 0  # decoded (and written, if readable) by this run
+    ok: int = 0
+    flagged: int = 0
+    failed: int = 0
+    seconds: float = 0.0  # wall time of the whole command, model loading included
+    pipeline_seconds: float = 0.0  # from the first image read to the merged manifest
+    manifest: str = ""
+    unmatched_labels: int = 0
+    label_conflicts: int = 0  # images whose label rows disagree (left unlabelled)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    flag_reasons: dict[str, int] = field(default_factory=dict)  # short reason -> flagged images
+    output_folders: list[str] = field(default_factory=list)  # where the images went
+    removed_stale: int = 0  # earlier rows dropped because their input left the input folder (outputs deleted)
+    warnings: list[str] = field(default_factory=list)  # e.g. damaged manifest files set aside
+    next_step: str = ""  # what the user does next (a shard: merge once every shard has finished)
+    uncalibrated: bool = False  # the model had no quality statistics
+    ignored: str = ""  # files under the input folder that are not images lungkit reads ("2 .webp, 1 .gif")
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, table) -> None:
+        """ok / failed / flagged from the final manifest table."""
+        status, qc = table.column("status").to_pylist(), table.column("qc_pass").to_pylist()
+        self.ok = sum(s == "ok" for s in status)
+        self.failed = sum(s == "error" for s in status)
+        self.flagged = sum(q is False for q in qc)
+        self.flag_reasons = dict(reason_counts(r for r in table.column("qc_reason").to_pylist() if r))

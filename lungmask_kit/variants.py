@@ -41,7 +41,6 @@ from lungmask_kit.manifest import (
     MANIFEST_NAME,
     SEGMENT_FIELDS,
     VARIANTS_EXTRA_FIELDS,
-    RunSummary,
     VariantsRow,
     carry_columns,
     folder_entries,
@@ -49,7 +48,7 @@ from lungmask_kit.manifest import (
 )
 from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
 from lungmask_kit.qc import QCThresholds, qc_update
-from lungmask_kit.runfolder import RunFolder, RunKind, keep_existing
+from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, keep_existing
 from lungmask_kit.runtime import available_cores
 
 FIELDS = SEGMENT_FIELDS + VARIANTS_EXTRA_FIELDS

@@ -22,10 +22,10 @@ from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import inside, utc_stamp
 from lungmask_kit.inference import Segmenter, oom_note
 from lungmask_kit.labels import labels_update, match_labels, read_labels, write_label_report
-from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, RunSummary, folder_entries
+from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, folder_entries
 from lungmask_kit.postprocess import PostprocessSettings
 from lungmask_kit.qc import QCThresholds, qc_update
-from lungmask_kit.runfolder import RunFolder, RunKind, Shard, keep_existing, running_holder, shard_records
+from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, Shard, keep_existing, running_holder, shard_records
 from lungmask_kit.runtime import autocast_dtype, available_cores, precision_name, prepare_device
 from lungmask_kit.segment.local import LocalSteps
 from lungmask_kit.segment.steps import OUTPUT_DIRS, ImageReader, OutputWriter, Task, manifest_path, settings_key

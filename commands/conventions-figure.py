@@ -63,7 +63,7 @@ def main() -> None:
         labels = {}
         for convention in ("v7", "jsrt"):
             out = Path(tmp) / convention
-            run_segment(src, out, SegmentOptions(convention=convention, progress=False), log=lambda _: None)
+            run_segment(src, out, SegmentOptions(convention=convention, progress=False))
             labels[convention] = sides(out)
     image = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
     panels = [caption(overlay(image, labels["v7"], SIDE, alpha=0.4), "v7: whole lung (behind the heart too)"),

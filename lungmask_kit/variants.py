@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 
 import numpy as np
@@ -351,8 +350,19 @@ def run_variants(
     manifest: str | Path | None = None,
     images: str | Path | None = None,
     masks: str | Path | None = None,
-    log: Callable[[str], None] = print,
 ) -> RunSummary:
+    """`lungkit variants`: lungs-only and lungs-removed images from existing masks, without a model.
+
+    Args:
+        out: the output folder (a run folder: locked, resumable, with its manifest).
+        options: what to derive and how (crop, --only, QC threshold, the shape gate's model).
+        manifest: a segment or variants run (its manifest.parquet), or a dataset made by `lungkit publish
+            --masks-only` (a folder; its images come from `options.input_root`).
+        images, masks: two folders matched by relative path, instead of a manifest.
+
+    Returns:
+        The run's summary (counts, errors, warnings, the manifest's path).
+    """
     t0 = time.perf_counter()
     out = Path(out)
     bad = set(options.only) - set(VARIANTS)

@@ -159,7 +159,7 @@ def test_lung_areas_in_mm2_from_dicom_pixel_spacing(tmp_path, example_images):
     pixels = read_gray(example_images / "ieee_b39f5cf9.png")
     write_dicom(tmp_path / "in" / "a.dcm", pixels, PixelSpacing=[0.2, 0.25])
     write_dicom(tmp_path / "in" / "b.dcm", pixels)  # ImagerPixelSpacing 0.139 only
-    run_segment(tmp_path / "in", tmp_path / "out", SegmentOptions(progress=False), log=lambda _: None)
+    run_segment(tmp_path / "in", tmp_path / "out", SegmentOptions(progress=False))
     rows = {r["path"]: r for r in _check_rows(tmp_path / "out")}
     for name, spacing in (("a.dcm", 0.2 * 0.25), ("b.dcm", 0.139 * 0.139)):
         r = rows[name]
@@ -183,8 +183,7 @@ def test_convention_is_in_the_resume_key_and_the_manifest(tmp_path, small_corpus
     out = tmp_path / "out"
 
     def run(convention):
-        return run_segment(small_corpus, out, SegmentOptions(weights=weights, convention=convention, progress=False),
-                           log=lambda _: None)
+        return run_segment(small_corpus, out, SegmentOptions(weights=weights, convention=convention, progress=False))
 
     assert run("v7").processed == 3
     again = run("jsrt")  # another convention redoes every image
@@ -268,7 +267,7 @@ def test_train_both_conventions_then_segment_and_calibrate(tmp_path):
     for convention in ("v7", "jsrt"):
         out = tmp_path / f"seg-{convention}"
         s = run_segment(v7 / "images", out, SegmentOptions(weights=run / "best.safetensors", convention=convention,
-                                                            progress=False), log=lambda _: None)
+                                                            progress=False))
         assert s.ok == 10 and not s.uncalibrated
         rows = pq.read_table(out / "manifest.parquet").to_pylist()
         assert {r["convention"] for r in rows} == {convention}
@@ -375,7 +374,7 @@ def test_publish_carries_both_lungs(tmp_path, small_corpus):
     from lungmask_kit.publish.build import PublishOptions, publish
     from lungmask_kit.segment import SegmentOptions, run_segment
 
-    run_segment(small_corpus, tmp_path / "run", SegmentOptions(progress=False), log=lambda _: None)
+    run_segment(small_corpus, tmp_path / "run", SegmentOptions(progress=False))
     for masks_only in (True, False):
         target = tmp_path / f"ds-{masks_only}"
         publish(tmp_path / "run", target, PublishOptions(masks_only=masks_only, progress=False, license="cc-by-4.0"))

@@ -18,7 +18,7 @@ needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16
 
 
 def _run(src, out, **options):
-    return run_segment(src, out, SegmentOptions(progress=False, **options), log=lambda _: None)
+    return run_segment(src, out, SegmentOptions(progress=False, **options))
 
 
 def test_auto_is_fp32_on_a_cpu_without_bf16_units(monkeypatch):

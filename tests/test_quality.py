@@ -28,7 +28,7 @@ def _lungs(size: int = 256) -> np.ndarray:
 
 
 def _segment(src, out, **kw):
-    return run_segment(src, out, SegmentOptions(progress=False, **kw), log=lambda _: None)
+    return run_segment(src, out, SegmentOptions(progress=False, **kw))
 
 
 def _rows(out):
@@ -300,7 +300,7 @@ def test_a_model_trained_on_tiny_data_carries_its_own_statistics(tmp_path):
     data = _synthetic_pairs(tmp_path / "data", n=16)
     settings = TrainSettings(data=str(data), out=str(tmp_path / "run"), encoder="resnet18", input_size=64,
                              epochs=1, batch_size=4, val_fraction=0.25)
-    summary = train(settings, torch.device("cpu"), progress=False, log=lambda _: None)
+    summary = train(settings, torch.device("cpu"), progress=False)
     assert summary["quality"]["v7"]["n_train_images"] == 12 and summary["quality"]["v7"]["n_val_images"] == 4
     cfg = json.loads((tmp_path / "run" / "best.json").read_text())
     assert cfg["quality"]["image"]["n_components"] == 11  # fewer training images than the default 64

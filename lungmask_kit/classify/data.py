@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lungmask_kit.derive import binarize_mask
+from lungmask_kit.choices import Channels, Normalization, Precision
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.classify.grouping import SYNTHETIC, group_copies, patients_from_paths
 from lungmask_kit.fileio import OutsidePathError
@@ -58,6 +59,12 @@ class ClassifySettings:
     @property
     def seed_list(self) -> list[int]:
         return [self.seed + k for k in range(max(1, self.seeds))]
+
+    def __post_init__(self) -> None:  # a wrong value fails here, not mid-run
+        for name, kind in (("normalize", Normalization), ("channels", Channels), ("precision", Precision)):
+            value = getattr(self, name)
+            if value not in {k.value for k in kind}:
+                raise LungkitError(f"{name} must be one of {', '.join(k.value for k in kind)} (got {value!r})")
 
 
 @dataclass

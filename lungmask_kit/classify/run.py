@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lungmask_kit.choices import Channels, Normalization
 from lungmask_kit.classify.audit import mean_ci, summarize
 from lungmask_kit.classify.data import ClassifySettings, ImageCache, Sample, load_samples, lung_masks, split_samples
 from lungmask_kit.classify.leakage import leave_one_source_out, source_prediction
@@ -71,7 +70,6 @@ def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.
     """Train (or with `checkpoint`, only score) the audit's classifiers; write every output to `out`."""
     t0 = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
-    Normalization(settings.normalize), Channels(settings.channels)  # a wrong value fails here, not mid-run
     device = prepare_device(device)
     samples, info = load_samples(manifest, settings, labels_files)  # a run folder or its manifest
     check_replaceable(out, manifest.parent if manifest.suffix == ".parquet" else manifest, MARKER, "lungkit classify",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +15,9 @@ from lungmask_kit.manifest import RunManifest
 from lungmask_kit.qc import reason_counts
 from lungmask_kit.report.options import GROUP_COLUMNS, ReportOptions
 from lungmask_kit.report.select import Selection
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 FAILED_PER_PAGE = 500
 
@@ -48,24 +53,23 @@ def write_pages(data: RunManifest, chosen: Selection, cards: dict[int, dict], fo
     """Every page into `folder`; returns how many pages were written."""
     env = _environment()
     common = {"thumb_side": options.thumb_side}
+    out = _PageWriter(env, folder, data, cards, common)
     written = 0
     reason_sheets = []
     for reason, rows in chosen.by_reason.items():
         stem = sheet_stem(reason)
-        pages = _sheet_pages(env, folder, stem, f"Flagged: {reason}", rows, data, cards, options, common,
-                             f"Every image flagged for {reason}, worst first ({len(rows)}).")
+        pages = out.sheet(Sheet(stem, f"Flagged: {reason}", f"Every image flagged for {reason}, worst first ({len(rows)}).",
+                                rows, options.per_page))
         reason_sheets.append({"name": reason, "href": f"{stem}.html", "count": len(rows), "pages": pages})
         written += pages
     lowest_sheet = sample_sheet = None
     if chosen.lowest:
-        written += _sheet_pages(env, folder, "lowest", "Lowest quality", chosen.lowest, data, cards, options, common,
-                                f"The {len(chosen.lowest)} segmented images with the worst {chosen.lowest_by}, worst first.",
-                                per_page=len(chosen.lowest))
+        written += out.sheet(Sheet("lowest", "Lowest quality", f"The {len(chosen.lowest)} segmented images with the "
+                                   f"worst {chosen.lowest_by}, worst first.", chosen.lowest, len(chosen.lowest)))
         lowest_sheet = {"href": "lowest.html", "count": len(chosen.lowest), "by": chosen.lowest_by or "manifest order"}
     if chosen.sample:
-        written += _sheet_pages(env, folder, "sample", "Random sample", chosen.sample, data, cards, options, common,
-                                f"{len(chosen.sample)} segmented images drawn at random (seed {options.seed}), flagged or not.",
-                                per_page=len(chosen.sample))
+        written += out.sheet(Sheet("sample", "Random sample", f"{len(chosen.sample)} segmented images drawn at random "
+                                   f"(seed {options.seed}), flagged or not.", chosen.sample, len(chosen.sample)))
         sample_sheet = {"href": "sample.html", "count": len(chosen.sample)}
     failed_href = None
     if chosen.failed:
@@ -88,16 +92,38 @@ def _pager(stem: str, pages: int, here: int) -> list[dict]:
     return [{"number": n, "href": _page_name(stem, n), "here": n == here} for n in range(1, pages + 1)]
 
 
-def _sheet_pages(env, folder, stem, title, rows, data, cards, options, common, description, per_page=None) -> int:
-    per_page = max(1, per_page or options.per_page)
-    chunks = [rows[k:k + per_page] for k in range(0, len(rows), per_page)] or [[]]
-    template = env.get_template("sheet.html.j2")
-    for number, chunk in enumerate(chunks, 1):
-        title_n = title if len(chunks) == 1 else f"{title} (page {number} of {len(chunks)})"
-        template.stream(title=title_n, description=description, pager=_pager(stem, len(chunks), number),
-                        cards=_cards(data, chunk, cards), **common,
-                        ).dump(str(folder / _page_name(stem, number)), encoding="utf-8")
-    return len(chunks)
+@dataclass(frozen=True)
+class Sheet:
+    """A sheet of thumbnails: its file stem, title, one-line description, the rows it shows and how many a page."""
+
+    stem: str
+    title: str
+    description: str
+    rows: list[int]
+    per_page: int
+
+
+@dataclass(frozen=True)
+class _PageWriter:
+    """What every sheet page is written with: the templates, the folder, the run and its rendered cards."""
+
+    env: Environment
+    folder: Path
+    data: RunManifest
+    cards: dict[int, dict]
+    common: dict
+
+    def sheet(self, sheet: Sheet) -> int:
+        """The sheet's pages (paged by `per_page`); returns how many."""
+        per_page = max(1, sheet.per_page)
+        chunks = [sheet.rows[k:k + per_page] for k in range(0, len(sheet.rows), per_page)] or [[]]
+        template = self.env.get_template("sheet.html.j2")
+        for number, chunk in enumerate(chunks, 1):
+            title = sheet.title if len(chunks) == 1 else f"{sheet.title} (page {number} of {len(chunks)})"
+            template.stream(title=title, description=sheet.description, pager=_pager(sheet.stem, len(chunks), number),
+                            cards=_cards(self.data, chunk, self.cards), **self.common,
+                            ).dump(str(self.folder / _page_name(sheet.stem, number)), encoding="utf-8")
+        return len(chunks)
 
 
 CARD_COLUMNS = ("path", "est_dice", "ood_score", "ood_shape_score", "lung_area_fraction", "label", "view", "source",

@@ -8,7 +8,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -92,9 +91,18 @@ def _check_options(options: SegmentOptions) -> Shard | None:
     return shard
 
 
-def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions, log: Callable[[str], None] = print) -> RunSummary:
-    """`lungkit segment`: masks, variants and a manifest for every image under `input_dir` (with
-    `options.shard`, for this shard's part of them, leaving the manifest to `merge_shards`)."""
+def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions) -> RunSummary:
+    """`lungkit segment`: masks, variants and a manifest for every image under `input_dir`.
+
+    Args:
+        input_dir: the folder searched recursively for images.
+        out: the output folder (masks/, lungs/, nolungs/, manifest.parquet); a re-run resumes.
+        options: model, precision, post-processing, QC, performance and sharding settings; with
+            `options.shard`, only this shard's part of the images, leaving the manifest to `merge_shards`.
+
+    Returns:
+        The run's summary (counts, errors, warnings, the manifest's path).
+    """
     t_start = time.perf_counter()
     shard = _check_options(options)
     root, out = Path(input_dir), Path(out)

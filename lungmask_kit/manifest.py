@@ -73,6 +73,9 @@ SEGMENT_FIELDS = [
 VARIANTS_EXTRA_FIELDS = [
     pa.field("mask_sha256", pa.string()),
     pa.field("crop_box", pa.list_(pa.int32())),
+    # where the mask came from when not a file: "chexmask" (and its size when it was resized to the image)
+    pa.field("mask_source", pa.string()),
+    pa.field("mask_quality", pa.float64()),  # the source's own quality index: CheXmask's Dice RCA (Mean)
 ]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 import pyarrow as pa
 
-from lungmask_kit import __version__, defaults, rle
+from lungmask_kit import __version__, chexmask, defaults, rle
 from lungmask_kit.decoder_warnings import WarningTally
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants, lung_fields
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
@@ -72,6 +72,9 @@ class VariantsOptions:
     input_root: str | Path | None = None  # where a manifest's images are now (default: where it recorded them)
     dicom: bool = False  # folder mode: also read extensionless / UID-named files as DICOM
     convention: str | None = None  # folder mode: what the masks outline (recorded; None: not known)
+    chexmask: str | Path | None = None  # a CheXmask CSV: the masks of the images under `images`
+    chexmask_id: str | None = None  # its image id column (None: found among chexmask.ID_COLUMNS)
+    min_rca: float | None = None  # drop CheXmask rows whose Dice RCA (Mean) is under this
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class _Task:
     dicom: bool = False  # read as DICOM even without the preamble (named .dcm, or found by segment/variants --dicom)
     mask_rle: dict | None = None  # the mask itself, from a published masks-only dataset (no mask file)
     expected_sha256: str | None = None  # the image the published mask was made for
+    chexmask: chexmask.Row | None = None  # the mask from a CheXmask CSV (right and left lung run-length strings)
 
 
 def _settings_key(options: VariantsOptions, gate: _ShapeGate | None) -> str:
@@ -140,6 +144,18 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
     others = [c for c in source.column_names if c not in own]
     carried = source.select(["path", *others]) if others else None
     return tasks, run.input_root, run.masks_root, carried
+
+
+def _tasks_from_chexmask(options: VariantsOptions, images: Path) -> tuple[list[_Task], int, int]:
+    """(tasks, CheXmask rows dropped by --min-rca, rows that match no image) of a CheXmask CSV and its images.
+    Only images that have a row are processed; CheXmask outlines the visible lungs (the jsrt convention)."""
+    rows, _, dropped = chexmask.read_csv(options.chexmask, options.chexmask_id, options.min_rca)
+    rels = find_images(images, options.glob, options.dicom)
+    matched, unmatched = chexmask.match_images(rows, rels)
+    names = output_names(sorted(matched))
+    tasks = [_Task(rel, str(images / rel), None, None, names[rel], {"convention": "jsrt"}, wants_dicom(rel, options.dicom),
+                   chexmask=row) for rel, row in sorted(matched.items())]
+    return tasks, dropped, len(unmatched)
 
 
 def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
@@ -221,6 +237,9 @@ def _mask_data(task: _Task) -> tuple[str, object]:
     """(sha256 identifying the mask, its undecoded form): a file's bytes, or a published RLE."""
     if task.mask_rle is not None:
         return hashlib.sha256(json.dumps(task.mask_rle, sort_keys=True).encode()).hexdigest(), task.mask_rle
+    if task.chexmask is not None:
+        c = task.chexmask
+        return hashlib.sha256(json.dumps([c.right, c.left, c.height, c.width]).encode()).hexdigest(), c
     if task.mask is None:
         raise LookupError("no mask for this image")
     data = read_regular_file(task.mask, defaults.MAX_FILE_BYTES)
@@ -232,6 +251,9 @@ def _decode_mask(task: _Task, data, image_shape: tuple[int, int] | None) -> np.n
     before anything is allocated."""
     if task.mask_rle is not None:
         return rle.decode(data, expect_shape=image_shape).astype(np.uint8) * 255
+    if task.chexmask is not None:  # the two lungs' union (sizes checked before allocating)
+        return (chexmask.decode(data.right, data.height, data.width)
+                | chexmask.decode(data.left, data.height, data.width)).astype(np.uint8) * 255
     return decode_image(data, dicom=wants_dicom(task.mask_rel or "")).pixels
 
 
@@ -285,8 +307,13 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     pixels = image.pixels
     h, w = pixels.shape
     row.update(width=w, height=h, bit_depth=image.bit_depth, source_channels=image.source_channels)
+    if task.chexmask is not None:
+        row.update(mask_source="chexmask", mask_quality=task.chexmask.rca_mean)
     if mask_pixels.shape != pixels.shape:
-        if not options.resize_masks:
+        if task.chexmask is not None:  # CheXmask's masks of some corpora are at another size: said in the row
+            row["mask_source"] = (f"chexmask {mask_pixels.shape[1]}x{mask_pixels.shape[0]}, resized (nearest) "
+                                  f"to {w}x{h}")
+        elif not options.resize_masks:
             row["error"] = (f"mask size {mask_pixels.shape[1]}x{mask_pixels.shape[0]} differs from image size {w}x{h} "
                             "(use --resize-masks to resize with nearest neighbour)")
             return row
@@ -368,7 +395,16 @@ def run_variants(
     bad = set(options.only) - set(VARIANTS)
     if bad or not options.only:
         raise LungkitError(f"--only takes {', '.join(VARIANTS)} (got {', '.join(options.only) or 'nothing'})")
-    if manifest is not None and Path(manifest).is_dir():  # a dataset made by lungkit publish --masks-only
+    chexmask_note = None
+    if options.chexmask is not None:
+        if images is None or not Path(images).is_dir():
+            raise LungkitError("--chexmask needs the folder of the images it describes: give --images")
+        images_root = Path(images)
+        tasks, dropped, unmatched = _tasks_from_chexmask(options, images_root)
+        masks_root, carried, manifest = Path(options.chexmask).parent, None, None
+        chexmask_note = (f"CheXmask: {len(tasks)} image(s) matched, {unmatched} row(s) match no image"
+                         + (f", {dropped} below --min-rca {options.min_rca:g}" if options.min_rca is not None else ""))
+    elif manifest is not None and Path(manifest).is_dir():  # a dataset made by lungkit publish --masks-only
         tasks, images_root, masks_root, carried = _tasks_from_dataset(Path(manifest), options.glob, options.input_root)
         manifest = None
     elif manifest is not None:
@@ -396,7 +432,10 @@ def run_variants(
     kind = RunKind("variants", os.path.realpath(images_root))
     # --in-place asked to replace the input manifest, which is another command's run by design
     with RunFolder(out, kind, FIELDS, options.overwrite or options.in_place, manifest_name=MANIFEST_NAME) as folder:
-        return _run_locked(folder, options, tasks, images_root, masks_root, manifest, t0, carried)
+        summary = _run_locked(folder, options, tasks, images_root, masks_root, manifest, t0, carried)
+    if chexmask_note:
+        summary.warnings.insert(0, chexmask_note)
+    return summary
 
 
 def _convention_of(tasks: list[_Task]) -> str:

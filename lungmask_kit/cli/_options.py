@@ -78,12 +78,12 @@ ReportOpt = Annotated[
 HELP_PANELS = {
     "Input and output": ("out", "glob", "dicom", "labels", "labels_from_folders", "input_root", "overwrite", "in_place",
                          "images", "masks", "truth", "name", "license", "masks_only", "shard_mb", "keep_identifiers",
-                         "only", "crop", "margin", "resize_masks", "report", "patient_from"),
+                         "only", "crop", "margin", "resize_masks", "report", "patient_from", "chexmask", "chexmask_id"),
     "Model": ("weights", "convention", "threshold", "min_object_fraction", "max_hole_fraction", "keep_largest", "tta",
               "arch", "init", "pretrained", "encoder", "encoder_weights", "in_channels", "size", "checkpoint",
               "eval_only", "normalize", "channels"),
     "Quality control": ("min_lung_fraction", "max_ood_score", "min_est_dice", "include_flagged", "sample", "lowest",
-                        "per_page"),
+                        "per_page", "min_rca"),
     "Performance": ("device", "precision", "batch_size", "workers", "jobs", "max_decoded_mb", "gpu_decode", "cache"),
     "Cluster": ("shard", "engine", "ray_address"),
 }

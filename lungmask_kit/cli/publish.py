@@ -18,6 +18,7 @@ def publish(
     name: Annotated[str | None, typer.Option("--name", help="Dataset name in the card and croissant.json (default: OUT's folder name).")] = None,
     license: Annotated[str | None, typer.Option("--license", help="Licence id for the card, e.g. cc-by-4.0 (default: from the manifest's license column).")] = None,
     shard_mb: Annotated[int, typer.Option("--shard-mb", min=1, help="Parquet shard size in MB of image bytes.")] = 500,
+    chexmask: Annotated[bool, typer.Option("--chexmask", help="Also write chexmask.csv: the masks in CheXmask's layout (right and left lung run-length strings), est_dice in its Dice RCA (Mean) column.")] = False,
     keep_identifiers: Annotated[bool, typer.Option("--keep-identifiers", help="Publish patient_id and the DICOM study/series/SOP UIDs as they are (default: replaced by pseudonyms that still group a patient's images).")] = False,
     input_root: InputRootOpt = None,
     quiet: QuietOpt = False,
@@ -35,7 +36,7 @@ def publish(
     from lungmask_kit.publish import publish as run_publish
 
     options = PublishOptions(masks_only=masks_only, include_flagged=include_flagged, name=name, license=license,
-                             shard_mb=shard_mb, input_root=input_root, keep_identifiers=keep_identifiers,
+                             shard_mb=shard_mb, input_root=input_root, keep_identifiers=keep_identifiers, chexmask=chexmask,
                              progress=not quiet)
     s = run_publish(run, out, options)
     if not quiet:

@@ -22,6 +22,9 @@ def variants(
     margin: Annotated[int, typer.Option("--margin", min=0, help="Pixels added around the crop box.")] = 0,
     only: Annotated[list[str] | None, typer.Option("--only", help="Variant(s) to write: lungs, nolungs (repeat or comma-separate).")] = None,
     convention: Annotated[Convention | None, typer.Option("--convention", help="With --masks: what your masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields), recorded in the manifest and used to score their shape; default: not known (a manifest's own convention is carried).")] = None,
+    chexmask: Annotated[Path | None, typer.Option("--chexmask", metavar="CSV", help="Masks from a CheXmask CSV (Right Lung + Left Lung) for the images under --images, matched by the id column; resized (nearest) where CheXmask's size differs, said in mask_source.")] = None,
+    chexmask_id: Annotated[str | None, typer.Option("--chexmask-id", metavar="COLUMN", help="The CSV's image id column (default: the first of dicom_id, Path, Image Index, ImageID, image_id).")] = None,
+    min_rca: Annotated[float | None, typer.Option("--min-rca", min=0.0, max=1.0, help="With --chexmask: drop rows whose Dice RCA (Mean) is under this (CheXmask advises 0.7); the value is kept in mask_quality.")] = None,
     resize_masks: Annotated[bool, typer.Option("--resize-masks", help="Resize masks of another size than their image (nearest neighbour) instead of failing the row.")] = False,
     min_lung_fraction: MinLungFractionOpt = defaults.MIN_LUNG_FRACTION,
     max_ood_score: MaxOodScoreOpt = None,
@@ -49,6 +52,8 @@ def variants(
       lungkit variants out/sample/manifest.parquet -o out/variants --crop --margin 16
 
       lungkit variants --images COVID-QU-Ex/Train/COVID-19/images --masks "COVID-QU-Ex/Train/COVID-19/lung masks" -o out/qu
+
+      lungkit variants --chexmask CheXmask/OriginalResolution/ChestX-Ray8.csv --images chestxray8/images -o out/cx8 --min-rca 0.7
     """
     from lungmask_kit.variants import VariantsOptions, run_variants
 
@@ -56,7 +61,8 @@ def variants(
     options = VariantsOptions(crop=crop, margin=margin, min_lung_fraction=min_lung_fraction, only=chosen,
                               resize_masks=resize_masks, jobs=jobs, glob=glob, overwrite=overwrite,
                               in_place=in_place, progress=not quiet, weights=weights, max_ood_score=max_ood_score,
-                              input_root=input_root, dicom=dicom, convention=convention and convention.value)
+                              input_root=input_root, dicom=dicom, convention=convention and convention.value,
+                              chexmask=chexmask, chexmask_id=chexmask_id, min_rca=min_rca)
     s = run_variants(out, options, manifest=manifest, images=images, masks=masks)
     finish_run(s, quiet, "lungkit variants summary", out, report)
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lungmask_kit import chexmask, rle
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes, digest, staged_folder
 from lungmask_kit.manifest import RunManifest, open_run
@@ -101,6 +102,8 @@ def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None
         for split, rows in sorted(rows_of.items()):
             summary.resumed_shards += _write_split(source, table.take(pa.array(rows, pa.int64())), split, staging, state, options)
             summary.rows[split] = len(rows)
+        if options.chexmask:
+            write_chexmask_csv(staging / CHEXMASK_CSV, table)
         files = sorted(p.relative_to(staging).as_posix() for p in (staging / "data").glob("*.parquet"))
         published = _published_columns(table, options)
         write_card(staging, source, published, summary, options, files)
@@ -115,6 +118,28 @@ def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None
     summary.files, summary.total_bytes = len(files_out), sum(p.stat().st_size for p in files_out)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+CHEXMASK_CSV = "chexmask.csv"
+
+
+def write_chexmask_csv(path: Path, table: pa.Table) -> None:
+    """The published masks in CheXmask's layout: `Path` (the image's relative path), `Right Lung` and `Left Lung`
+    from the run's per-lung masks, `Heart` empty (lungkit draws no heart), `Height`, `Width`, and lungkit's
+    est_dice in CheXmask's `Dice RCA (Mean)` column (an estimate of the same kind of quantity; the card says so)."""
+    if not {"right_lung_rle", "left_lung_rle"} <= set(table.column_names):
+        raise LungkitError("--chexmask needs the run's right and left lung masks (right_lung_rle, left_lung_rle): "
+                           "segment again with this lungkit")
+    out = []
+    for r in table.select([c for c in ("path", "right_lung_rle", "left_lung_rle", "height", "width", "est_dice")
+                           if c in table.column_names]).to_pylist():
+        if not r.get("right_lung_rle") or not r.get("left_lung_rle"):
+            continue  # a row without per-lung masks (failed rows are never published)
+        right, left = rle.decode(r["right_lung_rle"]), rle.decode(r["left_lung_rle"])
+        out.append({"Path": r["path"], chexmask.RIGHT: chexmask.encode(right), chexmask.LEFT: chexmask.encode(left),
+                    chexmask.HEART: "", "Height": right.shape[0], "Width": right.shape[1],
+                    chexmask.RCA_MEAN: "" if r.get("est_dice") is None else f"{r['est_dice']:.4f}"})
+    chexmask.write_csv(path, out)
 
 
 def pseudonymise(table: pa.Table, key: bytes) -> tuple[pa.Table, list[str]]:

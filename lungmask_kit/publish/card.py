@@ -179,7 +179,11 @@ def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, 
                   " (no licence column in the manifest, and none given with --license: ask the source's owners before "
                   "sharing this dataset)."), ""]
     lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.0), "
-              "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file).", "",
+              "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file)."
+              + (" `chexmask.csv`: the masks in CheXmask's layout (`Right Lung`, `Left Lung` as run-length strings, "
+                 "starts 1-indexed, row by row; `Heart` empty: lungkit draws no heart); its `Dice RCA (Mean)` column "
+                 "holds lungkit's `est_dice`, an estimate of each mask's Dice like CheXmask's RCA, not CheXmask's "
+                 "RCA itself." if options.chexmask else ""), "",
               "## Citation", "", "Cite the sources of the images" + (" (see the licence table)" if licences else "")
               + ", this dataset and lungkit (add the URL where you publish the dataset to its entry):", "",
               "```bibtex", *citation(name, meta, table.num_rows), "```"]

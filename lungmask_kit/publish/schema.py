@@ -33,6 +33,7 @@ class PublishOptions:
     input_root: str | Path | None = None  # where the run's original images are now
     workers: int = 0  # reading threads (0: one per usable core)
     keep_identifiers: bool = False  # publish patient ids and DICOM UIDs as they are (default: pseudonyms)
+    chexmask: bool = False  # also chexmask.csv: the masks in CheXmask's layout (est_dice in place of its RCA)
     progress: bool = True
 
 

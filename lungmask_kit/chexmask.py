@@ -1,0 +1,136 @@
+"""CheXmask's layout of lung masks (ngaggion/CheXmask-Database): one CSV row per image with `Right Lung`, `Left Lung`
+and `Heart` as run-length strings, `Height`, `Width`, the quality index `Dice RCA (Mean)` / `(Max)`, and an image id
+column named after the source corpus.
+
+A run-length string is "start length start length ...": starts are 1-indexed into the image flattened row by row
+(C order), as CheXmask's `DataPostprocessing/utils.py` decodes them. Shape contract: `encode` takes an (H, W)
+bool or 0/1 array and never mutates it; `decode` returns (H, W) bool and checks the size before allocating.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from lungmask_kit import defaults
+from lungmask_kit.errors import LungkitError
+
+# the image id column of each corpus CheXmask covers, in the order they are looked for
+ID_COLUMNS = ("dicom_id", "Path", "Image Index", "ImageID", "image_id")
+RIGHT, LEFT, HEART = "Right Lung", "Left Lung", "Heart"
+RCA_MEAN, RCA_MAX = "Dice RCA (Mean)", "Dice RCA (Max)"
+RECOMMENDED_MIN_RCA = 0.7  # CheXmask's advice: keep masks whose mean RCA Dice is at least this
+
+
+def encode(mask: np.ndarray) -> str:
+    """(H, W) mask -> CheXmask's run-length string (empty for an empty mask)."""
+    flat = np.asarray(mask).astype(bool, copy=False).ravel()
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flat, [False])).astype(np.int8)))
+    starts, ends = edges[::2], edges[1::2]
+    return " ".join(f"{s + 1} {e - s}" for s, e in zip(starts.tolist(), ends.tolist()))
+
+
+def decode(text: str | None, height: int, width: int, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> np.ndarray:
+    """CheXmask's run-length string -> (height, width) bool; ValueError for a size out of bounds or runs that
+    leave the image (checked before anything is allocated)."""
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0 or height * width > max_pixels:
+        raise ValueError(f"mask size {height}x{width} is out of bounds (at most {max_pixels} pixels)")
+    n = height * width
+    try:
+        runs = np.array((text or "").split(), dtype=np.int64)
+    except ValueError as err:
+        raise ValueError(f"not a CheXmask run-length string: {err}") from err
+    if runs.size % 2:
+        raise ValueError("not a CheXmask run-length string: an odd number of values")
+    starts, lengths = runs[::2] - 1, runs[1::2]
+    if runs.size and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > n):
+        raise ValueError(f"a run leaves the {height}x{width} image")
+    marks = np.zeros(n + 1, np.int32)
+    np.add.at(marks, starts, 1)
+    np.add.at(marks, starts + lengths, -1)
+    return (np.cumsum(marks[:n]) > 0).reshape(height, width)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image's CheXmask entry."""
+
+    image_id: str
+    right: str
+    left: str
+    height: int
+    width: int
+    rca_mean: float | None
+    rca_max: float | None
+
+
+def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | None = None) -> tuple[list[Row], str, int]:
+    """(rows, the id column used, rows dropped by `min_rca`) of a CheXmask CSV, read as a stream."""
+    csv.field_size_limit(min(sys.maxsize, 1 << 31))  # a run-length string of a large mask is a long field
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            column = id_column or next((c for c in ID_COLUMNS if c in header), None)
+            missing = [c for c in (RIGHT, LEFT, "Height", "Width") if c not in header]
+            if column is None or column not in header or missing:
+                raise LungkitError(
+                    f"{path} is not a CheXmask CSV: " + (f"no {', '.join(missing)} column" if missing else
+                    f"no image id column ({', '.join(ID_COLUMNS)}; give another with --chexmask-id)"))
+            rows, dropped = [], 0
+            for r in reader:
+                rca = _number(r.get(RCA_MEAN))
+                if min_rca is not None and (rca is None or rca < min_rca):
+                    dropped += 1
+                    continue
+                rows.append(Row(str(r[column]), r[RIGHT] or "", r[LEFT] or "", int(float(r["Height"])),
+                                int(float(r["Width"])), rca, _number(r.get(RCA_MAX))))
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
+        raise LungkitError(f"cannot read the CheXmask CSV {path}: {err}") from err
+    return rows, column, dropped
+
+
+def _number(text) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def match_images(rows: list[Row], image_rels: list[str]) -> tuple[dict[str, Row], list[Row]]:
+    """{image path: its row} and the rows no image matched. An id matches an image's relative path, or its
+    path's end (CheXpert's `Path` starts with the corpus folder), or its file name, or its name without the
+    extension (MIMIC's dicom_id, VinDr's image_id); an id that fits several images matches none."""
+    by_name: dict[str, list[str]] = {}
+    by_stem: dict[str, list[str]] = {}
+    for rel in image_rels:
+        p = PurePosixPath(rel)
+        by_name.setdefault(p.name, []).append(rel)
+        by_stem.setdefault(p.stem, []).append(rel)
+    rels = set(image_rels)
+    matched, unmatched = {}, []
+    for row in rows:
+        key = row.image_id.replace("\\", "/").lstrip("./")
+        parts = key.split("/")
+        tails = ["/".join(parts[k:]) for k in range(len(parts))]  # the id itself, then without leading folders
+        found = next(([t] for t in tails if t in rels), None) or by_name.get(parts[-1]) or by_stem.get(key) or []
+        if len(found) == 1 and found[0] not in matched:
+            matched[found[0]] = row
+        else:
+            unmatched.append(row)
+    return matched, unmatched
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """A CSV in CheXmask's layout (`rows`: id, Right Lung, Left Lung, Heart, Height, Width, Dice RCA (Mean), ...)."""
+    if not rows:
+        return
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,101 @@
+"""CheXmask in and out: its run-length layout, `variants --chexmask` and `publish --chexmask` (issue 25, part 1)."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lungmask_kit import chexmask
+from lungmask_kit.cli.app import main
+from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, lung_sides
+
+from conftest import write_png
+
+
+def reference_decode(text: str, height: int, width: int) -> np.ndarray:
+    """CheXmask's rule, written from its description: "start length" pairs, starts 1-indexed into the row-major
+    flattened image."""
+    flat = np.zeros(height * width, np.uint8)
+    values = [int(v) for v in text.split()]
+    for start, length in zip(values[::2], values[1::2]):
+        flat[start - 1:start - 1 + length] = 255
+    return flat.reshape(height, width) > 0
+
+
+def reference_encode(mask: np.ndarray) -> str:
+    flat = np.concatenate([[0], mask.ravel().astype(int), [0]])
+    runs = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs[1::2] -= runs[::2]
+    return " ".join(map(str, runs))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_run_length_strings_match_chexmasks_rule(seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((37, 53)) > 0.6
+    mask[0, 0] = mask[-1, -1] = True  # runs touching both ends
+    text = chexmask.encode(mask)
+    assert text == reference_encode(mask)
+    assert np.array_equal(chexmask.decode(text, 37, 53), mask)
+    assert np.array_equal(reference_decode(text, 37, 53), mask)
+    with pytest.raises(ValueError, match="leaves"):
+        chexmask.decode("1960 5", 37, 53)
+    with pytest.raises(ValueError, match="out of bounds"):
+        chexmask.decode("1 5", 70000, 70000)
+
+
+def _chexmask_csv(path, example_masks, names, half=(), low_rca=()):
+    """A CheXmask-layout CSV of the example masks (right / left lung by lungkit's rule), written with CheXmask's
+    encoding; `half`: rows given at half size; `low_rca`: rows with Dice RCA (Mean) 0.5."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Image Index", "Dice RCA (Mean)", "Dice RCA (Max)", "Landmarks", "Left Lung", "Right Lung", "Heart",
+                    "Height", "Width"])
+        for name in names:
+            mask = cv2.imread(str(example_masks / name), cv2.IMREAD_GRAYSCALE) > 0
+            if name in half:
+                mask = cv2.resize(mask.astype(np.uint8), (mask.shape[1] // 2, mask.shape[0] // 2),
+                                  interpolation=cv2.INTER_NEAREST) > 0
+            sides = lung_sides(mask)
+            w.writerow([name, 0.5 if name in low_rca else 0.91, 0.95, "", reference_encode(sides == LEFT_LUNG),
+                        reference_encode(sides == RIGHT_LUNG), "", mask.shape[0], mask.shape[1]])
+        w.writerow(["not-here.png", 0.9, 0.9, "", "1 2", "5 2", "", 10, 10])  # an image the folder lacks
+
+
+def test_variants_from_a_chexmask_csv(tmp_path, example_images, example_masks):
+    names = sorted(p.name for p in example_images.glob("*.png"))
+    table = tmp_path / "ChestX-Ray8.csv"
+    _chexmask_csv(table, example_masks, names, half={names[1]}, low_rca={names[2]})
+    out = tmp_path / "var"
+    assert main(["variants", "--chexmask", str(table), "--images", str(example_images), "-o", str(out),
+                 "--min-rca", "0.7", "-j", "1", "-q"]) in (0, 1)
+    rows = {r["path"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert set(rows) == set(names) - {names[2]}  # the low-RCA row dropped, the unknown image ignored
+    assert all(r["status"] == "ok" and r["convention"] == "jsrt" for r in rows.values())
+    assert rows[names[1]]["mask_source"].startswith("chexmask") and "resized (nearest)" in rows[names[1]]["mask_source"]
+    assert rows[names[0]]["mask_source"] == "chexmask" and rows[names[0]]["mask_quality"] == pytest.approx(0.91)
+    image = cv2.imread(str(example_images / names[0]), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(example_masks / names[0]), cv2.IMREAD_GRAYSCALE) > 0
+    lungs = cv2.imread(str(out / rows[names[0]]["lungs_path"]), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(lungs, np.where(mask, image, 0).astype(image.dtype))
+
+
+def test_publish_chexmask_round_trip(tmp_path, example_images, example_masks):
+    run = tmp_path / "run"
+    assert main(["variants", "--images", str(example_images), "--masks", str(example_masks), "-o", str(run),
+                 "-j", "1", "-q"]) == 0
+    ds = tmp_path / "ds"
+    assert main(["publish", str(run), "-o", str(ds), "--include-flagged", "--chexmask", "-q"]) == 0
+    with open(ds / "chexmask.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(r["Heart"] == "" for r in rows)
+    for r in rows:
+        right = reference_decode(r["Right Lung"], int(r["Height"]), int(r["Width"]))
+        left = reference_decode(r["Left Lung"], int(r["Height"]), int(r["Width"]))
+        truth = cv2.imread(str(example_masks / r["Path"]), cv2.IMREAD_GRAYSCALE) > 0
+        assert np.array_equal(right | left, truth) and not (right & left).any()
+    assert "chexmask.csv" in (ds / "SHA256SUMS").read_text() and "est_dice" in (ds / "README.md").read_text()

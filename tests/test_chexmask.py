@@ -13,7 +13,6 @@ from lungmask_kit import chexmask
 from lungmask_kit.cli.app import main
 from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, lung_sides
 
-from conftest import write_png
 
 
 def reference_decode(text: str, height: int, width: int) -> np.ndarray:

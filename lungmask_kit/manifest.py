@@ -39,6 +39,7 @@ SEGMENT_FIELDS = [
     pa.field("mask_path", pa.string()),
     pa.field("lungs_path", pa.string()),
     pa.field("nolungs_path", pa.string()),
+    pa.field("dicom_seg_path", pa.string()),  # segment --dicom-seg: the DICOM Segmentation of a DICOM input
     pa.field("lung_area_fraction", pa.float64()),
     pa.field("n_components", pa.int32()),
     pa.field("convention", pa.string()),  # which lung the mask outlines: v7 (behind the heart included) | jsrt

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -27,7 +28,16 @@ from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, Shard, keep_existing, running_holder, shard_records
 from lungmask_kit.runtime import autocast_dtype, available_cores, precision_name, prepare_device
 from lungmask_kit.segment.local import LocalSteps
-from lungmask_kit.segment.steps import OUTPUT_DIRS, ImageReader, OutputWriter, Task, manifest_path, settings_key
+from lungmask_kit.segment.steps import (
+    DICOM_SEG_DIR,
+    OUTPUT_DIRS,
+    DicomSegOutput,
+    ImageReader,
+    OutputWriter,
+    Task,
+    manifest_path,
+    settings_key,
+)
 
 
 @dataclass
@@ -51,6 +61,7 @@ class SegmentOptions:
     dicom: bool = False  # also read extensionless / UID-named files as DICOM (.dcm is always read)
     max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
     gpu_decode: bool = True  # with CUDA, decode gray JPEGs with nvJPEG
+    dicom_seg: bool = False  # also a DICOM Segmentation of each DICOM input, under OUT/dicom-seg/ (lungkit[dicom])
     shard: str | None = None  # "K/N": only this part of the images; `merge_shards` makes the manifest
     engine: Engine = Engine.local  # local | ray (a string is taken too)
     ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS)
@@ -83,6 +94,10 @@ def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> S
 
 
 def _check_options(options: SegmentOptions) -> Shard | None:
+    if options.dicom_seg:
+        from lungmask_kit.dicom_seg import check_available  # highdicom: optional
+
+        check_available()
     if options.shard is None:
         return None
     shard = Shard.parse(options.shard)
@@ -116,7 +131,18 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions)
     if tally.summary():
         summary.warnings.append(tally.summary())
     _say_what_was_not_read(summary, scan, root, out)
+    if options.dicom_seg:
+        summary.warnings.append(_dicom_seg_sentence(out))
     return summary
+
+
+def _dicom_seg_sentence(out: Path) -> str:
+    """How many DICOM SEGs the manifest names, and how many ok images had none (not DICOM)."""
+    table = pq.read_table(out / MANIFEST_NAME, columns=["status", "sop_uid", "dicom_seg_path"]).to_pylist()
+    written = sum(bool(r["dicom_seg_path"]) for r in table)
+    without = sum(r["status"] == "ok" and not r["sop_uid"] for r in table)
+    return f"--dicom-seg: {written} DICOM Segmentation(s) in {out / DICOM_SEG_DIR}" + (
+        f"; {without} input(s) are not DICOM and have none" if without else "")
 
 
 def _say_what_was_not_read(summary: RunSummary, scan: Scan, root: Path, out: Path) -> None:
@@ -157,7 +183,7 @@ class _SegmentRun:
         )
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
                                 options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device,
-                                options.convention, self.precision)
+                                options.convention, self.precision, options.dicom_seg)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
         done = folder.done(self.key, ("sha256",))
         names = output_names(rels)
@@ -195,7 +221,10 @@ class _SegmentRun:
                            jpeg_on_device=not on_host and seg.decodes_jpeg_on_device)
 
     def writer(self) -> OutputWriter:
-        return OutputWriter(self.out.absolute(), self.post, self.segmenter.quality, self.options.convention)
+        seg = self.segmenter
+        dicom_seg = DicomSegOutput(self.root.absolute(), seg.config.name, seg.weights_sha256[:12]) \
+            if self.options.dicom_seg else None
+        return OutputWriter(self.out.absolute(), self.post, seg.quality, self.options.convention, dicom_seg)
 
     def _run_local(self, bar) -> None:
         o = self.options

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from lungmask_kit.quality import QualityModel
 
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
+DICOM_SEG_DIR = "dicom-seg"  # segment --dicom-seg
 # Bump when the bytes written for the same input and settings change.
 OUTPUT_FORMAT = 3  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns
 
@@ -47,7 +48,7 @@ def manifest_path(rel: str) -> str:
 
 def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSettings, tta: bool = False,
                  batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
-                 convention: str = defaults.CONVENTION, precision: str = "fp32") -> str:
+                 convention: str = defaults.CONVENTION, precision: str = "fp32", dicom_seg: bool = False) -> str:
     """Identifies everything that changes the written files and quality columns; resume redoes images whose
     key differs. The batch size, the device and the precision are in it: a model batch of another size moves
     probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask pixel. QC thresholds are not: they re-flag
@@ -65,6 +66,8 @@ def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSett
         "precision": precision,
         "backend": "torch",
     }
+    if dicom_seg:  # only when asked, so the keys of runs without it stay what they were
+        payload["dicom_seg"] = True
     return digest(payload)
 
 
@@ -196,6 +199,15 @@ def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return size
 
 
+@dataclass(frozen=True)
+class DicomSegOutput:
+    """`segment --dicom-seg`: where the DICOM inputs are (their headers are read again) and what made the masks."""
+
+    input_root: Path
+    model_name: str
+    model_version: str
+
+
 @dataclass
 class OutputWriter:
     """Post-processes one prediction, scores its quality and writes the mask and the variants atomically;
@@ -205,6 +217,7 @@ class OutputWriter:
     post: PostprocessSettings
     quality: QualityModel | None
     convention: str = defaults.CONVENTION
+    dicom_seg: DicomSegOutput | None = None
 
     def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction: ImagePrediction) -> SegmentRow:
         probability, pooled, flipped = prediction.probability, prediction.pooled, prediction.flipped
@@ -229,7 +242,28 @@ class OutputWriter:
             lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(small),
             status="ok", error=None,
         )
+        if self.dicom_seg is not None and row.get("sop_uid"):  # a DICOM input (its header gave a SOP Instance UID)
+            row["dicom_seg_path"] = self._write_dicom_seg(task, right, left)
         return row
+
+    def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray) -> str:
+        """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm)."""
+        from io import BytesIO
+
+        import pydicom
+
+        from lungmask_kit import dicom_seg
+
+        data = read_regular_file(self.dicom_seg.input_root / task.rel, defaults.MAX_FILE_BYTES)
+        source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+        payload = dicom_seg.segmentation(source, right, left, self.dicom_seg.model_name, self.dicom_seg.model_version,
+                                         self.convention)
+        rel = f"{DICOM_SEG_DIR}/{PurePosixPath(manifest_path(task.out_name)).with_suffix('.dcm')}"
+        try:
+            atomic_write_bytes(self.out / rel, payload, fsync=False)
+        except OSError as err:
+            raise OutputWriteError(f"cannot write outputs to {self.out}: {err.strerror or err}") from err
+        return rel
 
     @staticmethod
     def failed(row: SegmentRow, err: Exception) -> SegmentRow:

@@ -1,0 +1,83 @@
+"""DICOM Segmentation objects of lungkit's masks (highdicom; extra `lungkit[dicom]`): what PACS viewers (OHIF,
+3D Slicer) and annotation tools read. One SEG per DICOM input: the same Study, a new Series, referencing the source
+image's SOP Instance; segment 1 the patient's right lung, segment 2 the left lung; algorithm identification
+lungkit + the model's name and version. Nothing about the patient is invented: the patient and study attributes
+are the source's own (highdicom copies them). Shape contract: `right`, `left` are (H, W) bool at the source's
+Rows x Columns, disjoint; inputs are never mutated."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+
+from lungmask_kit import __version__
+from lungmask_kit.errors import LungkitError
+
+SERIES_NUMBER = 9901  # a series number viewers sort after the source's usual ones; the description says what it is
+_ANATOMY = ("123037004", "SCT", "Anatomical Structure")
+_LUNGS = (("3341006", "SCT", "Right lung"), ("44029006", "SCT", "Left lung"))
+
+
+def _highdicom():
+    try:
+        import highdicom
+    except ImportError:
+        raise LungkitError("--dicom-seg needs highdicom: pip install 'lungkit[dicom]'") from None
+    return highdicom
+
+
+def check_available() -> None:
+    """Fail at the start of a run, not at its first DICOM."""
+    _highdicom()
+
+
+# Type 2 attributes a SEG copies from its source: present in a conformant image, perhaps empty; where a source
+# lacks one it is added empty (no value is invented)
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
+
+
+def _with_empty_type2(source: pydicom.Dataset) -> pydicom.Dataset:
+    missing = [k for k in _TYPE2 if k not in source]
+    if not missing:
+        return source
+    copy = pydicom.Dataset(source)
+    copy.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
+    for keyword in missing:
+        setattr(copy, keyword, "")
+    return copy
+
+
+def segmentation(source: pydicom.Dataset, right: np.ndarray, left: np.ndarray, model_name: str, model_version: str,
+                 convention: str) -> bytes:
+    """The DICOM Segmentation (BINARY) of one image's two lungs, as Part 10 bytes."""
+    hd = _highdicom()
+    from pydicom.sr.coding import Code
+    from pydicom.uid import generate_uid
+
+    if right.shape != (source.Rows, source.Columns) or left.shape != right.shape:
+        raise ValueError(f"mask {right.shape} does not fit the DICOM's {source.Rows}x{source.Columns}")
+    source = _with_empty_type2(source)
+    labels = np.zeros(right.shape, np.uint8)
+    labels[right], labels[left] = 1, 2
+    algorithm = hd.AlgorithmIdentificationSequence(name="lungkit", version=f"{__version__} / {model_name} {model_version}",
+                                                   family=Code("123110", "DCM", "Artificial Intelligence"))
+    segments = [hd.seg.SegmentDescription(
+        segment_number=k, segment_label=f"{meaning} ({convention} convention)",
+        segmented_property_category=Code(*_ANATOMY), segmented_property_type=Code(*code),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+    ) for k, code in enumerate(_LUNGS, 1) for meaning in [code[2]]]
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=labels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=generate_uid(), series_number=SERIES_NUMBER,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="lungkit",
+        manufacturer_model_name=model_name, software_versions=__version__, device_serial_number="n/a",
+        series_description="lungkit lung segmentation", omit_empty_frames=False,
+    )
+    if "PatientOrientation" not in seg:  # Type 2C for a projection image's SEG: the source's, else present but empty
+        seg.PatientOrientation = source.get("PatientOrientation", "")
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    return buffer.getvalue()

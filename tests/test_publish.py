@@ -4,6 +4,7 @@ checksums `sha256sum -c` accepts, and nothing of the machine that made them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -91,6 +92,7 @@ def test_croissant_validates_and_checksums_pass(run, tmp_path):
         assert main(["publish", str(run), "-o", str(out), "-q", *mode]) == 0
         ds = mlc.Dataset(jsonld=out / "croissant.json")
         assert not ds.metadata.ctx.issues.errors and not ds.metadata.ctx.issues.warnings
+        assert "http://mlcommons.org/croissant/1.1" in json.loads((out / "croissant.json").read_text())["conformsTo"]
         record = next(iter(ds.records("default")))
         assert record["default/path"].decode() and ("default/image" in record) == (not mode)
         if shutil.which("sha256sum"):

@@ -1,5 +1,5 @@
 """The files that describe a published dataset: Hugging Face features in each shard's schema, the dataset card
-(README.md with a Hugging Face YAML header and datasheet sections), `croissant.json` (MLCommons Croissant 1.0
+(README.md with a Hugging Face YAML header and datasheet sections), `croissant.json` (MLCommons Croissant 1.1
 with its Responsible-AI fields) and `SHA256SUMS`. Nothing in them names the machine that made them."""
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, 
         lines += [f"`{licence}`" + (f" (given by the publisher: {md(options.license)})." if options.license else
                   " (no licence column in the manifest, and none given with --license: ask the source's owners before "
                   "sharing this dataset)."), ""]
-    lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.0), "
+    lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.1), "
               "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file)."
               + (" `chexmask.csv`: the masks in CheXmask's layout (`Right Lung`, `Left Lung` as run-length strings, "
                  "starts 1-indexed, row by row; `Heart` empty: lungkit draws no heart); its `Dice RCA (Mean)` column "
@@ -280,7 +280,7 @@ def write_croissant(folder: Path, source: RunManifest, table: pa.Table, summary:
     fields = [f for f in (_cr_field(fld.name, fld.type) for fld in schema) if f is not None]
     doc = {
         "@context": _CONTEXT, "@type": "sc:Dataset", "name": name,
-        "conformsTo": ["http://mlcommons.org/croissant/1.0", "http://mlcommons.org/croissant/RAI/1.0"],
+        "conformsTo": ["http://mlcommons.org/croissant/1.1", "http://mlcommons.org/croissant/RAI/1.0"],
         "description": f"Lung masks of {table.num_rows} chest X-rays made with lungkit ({summary.mode} mode); see README.md.",
         "license": licence,
         "version": "1.0.0", "citeAs": "\n".join(citation(name, meta, table.num_rows)),

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
-from lungmask_kit import rle
+from lungmask_kit import chexmask, rle
 from lungmask_kit.derive import binarize_mask, not_a_mask
 from lungmask_kit.discovery import find_images, stem_key
 from lungmask_kit.errors import LungkitError
@@ -85,9 +86,10 @@ def _predictions(pred: Path) -> Predictions:
     raise LungkitError(f"predictions must be a manifest.parquet or a folder of masks: {pred}")
 
 
-def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | None) -> dict:
-    """Dice of each lung: the prediction's own split where its manifest has one, the truth split by the
-    same rule lungkit splits masks with."""
+def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | None,
+               truth_sides: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Dice of each lung: the prediction's own split where its manifest has one, the truth's own where it has one
+    (CheXmask), else each split by the same rule lungkit splits masks with."""
     if sides is not None:
         try:  # RLEs that do not fit the mask file (or are out of bounds): no per-lung figure
             right, left = (rle.decode(r, expect_shape=truth.shape) for r in sides)
@@ -96,8 +98,10 @@ def _lung_dice(pred: np.ndarray, truth: np.ndarray, sides: tuple[dict, dict] | N
     else:
         labels = lung_sides(pred)
         right, left = labels == RIGHT_LUNG, labels == LEFT_LUNG
-    truth_sides = lung_sides(truth)
-    return {"dice_right_lung": dice(right, truth_sides == RIGHT_LUNG), "dice_left_lung": dice(left, truth_sides == LEFT_LUNG)}
+    if truth_sides is None:
+        labels = lung_sides(truth)
+        truth_sides = (labels == RIGHT_LUNG, labels == LEFT_LUNG)
+    return {"dice_right_lung": dice(right, truth_sides[0]), "dice_left_lung": dice(left, truth_sides[1])}
 
 
 def _truth_pixels(path: Path, root: Path) -> np.ndarray:
@@ -109,6 +113,21 @@ def _truth_pixels(path: Path, root: Path) -> np.ndarray:
         raise LungkitError(f"--truth {root}: {path.relative_to(root).as_posix()} is {problem}; give the folder of "
                            "the ground-truth masks")
     return pixels
+
+
+def _chexmask_sides(row: chexmask.Row, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(right, left) lungs of a CheXmask row at `shape` (nearest neighbour where CheXmask's size differs)."""
+    sides = []
+    for text in (row.right, row.left):
+        lung = chexmask.decode(text, row.height, row.width)
+        if lung.shape != tuple(shape):
+            lung = cv2.resize(lung.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+        sides.append(lung)
+    return sides[0], sides[1]
+
+
+def _truth_name(truth, out: str | Path) -> str:
+    return f"chexmask:{truth.image_id}" if isinstance(truth, chexmask.Row) else _relative(truth, out)
 
 
 def _relative(path: Path, out: str | Path) -> str:
@@ -126,38 +145,57 @@ def est_dice_agreement(estimated: np.ndarray, measured: np.ndarray) -> dict | No
             "mae": float(np.abs(estimated - measured).mean()), "bias": float((estimated - measured).mean())}
 
 
-def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progress: bool = True,
-                   truth_convention: str | None = None) -> dict:
+def evaluate_masks(pred: str | Path, truth: str | Path | None, out: str | Path, progress: bool = True,
+                   truth_convention: str | None = None, truth_chexmask: str | Path | None = None,
+                   chexmask_id: str | None = None) -> dict:
     """Score every prediction that has a truth mask; writes OUT/metrics.parquet and OUT/summary.json.
-    `truth_convention`: what the truth masks outline; predictions known to outline another are refused (a
-    Dice across conventions measures the convention gap, not the masks)."""
+    `truth`: a folder of masks; or `truth_chexmask`: a CheXmask CSV (its right and left lungs; a truth of another
+    size is resized to the prediction's with nearest neighbour, and counted). `truth_convention`: what the truth
+    outlines (CheXmask: jsrt); predictions known to outline another are refused (a Dice across conventions
+    measures the convention gap, not the masks)."""
     from tqdm.auto import tqdm
 
     found = _predictions(Path(pred))
     preds, estimated, paths = found.masks, found.est_dice, found.paths
+    if truth_chexmask is not None:
+        truth_convention = truth_convention or "jsrt"  # CheXmask outlines the visible lung fields
     if truth_convention and found.convention and found.convention != truth_convention:
         raise LungkitError(f"the predictions are {found.convention} masks and the truth is {truth_convention}: compare like "
                            f"with like (segment again with --convention {truth_convention})")
-    truth = Path(truth)
-    truths = {stem_key(rel): truth / rel for rel in find_images(truth)}
+    if truth_chexmask is not None:
+        rows_cx, _, _ = chexmask.read_csv(truth_chexmask, chexmask_id)
+        matched, _ = chexmask.match_images(rows_cx, sorted(paths.values()))
+        truths = {stem_key(rel): row for rel, row in matched.items()}
+        truth = None
+    else:
+        truth = Path(truth)
+        truths = {stem_key(rel): truth / rel for rel in find_images(truth)}
+    resized = 0
     common = sorted(set(preds) & set(truths))
     if not common:
         raise LungkitError(f"no prediction matches a truth mask by relative path ({len(preds)} predictions, {len(truths)} truths)")
     rows = []
     for key in tqdm(common, disable=not progress, unit="img"):
         if key in found.refused:
-            rows.append({"path": paths[key], "truth_mask": _relative(truths[key], out), "status": "error",
+            rows.append({"path": paths[key], "truth_mask": _truth_name(truths[key], out), "status": "error",
                          "error": found.refused[key]})
             continue
-        row = {"path": paths[key], "pred_mask": _relative(preds[key], out), "truth_mask": _relative(truths[key], out), "status": "ok",
+        row = {"path": paths[key], "pred_mask": _relative(preds[key], out), "truth_mask": _truth_name(truths[key], out), "status": "ok",
                "est_dice": estimated.get(key)}
         try:
-            p, t = binarize_mask(read_gray(preds[key])), binarize_mask(_truth_pixels(truths[key], truth))
+            p = binarize_mask(read_gray(preds[key]))
+            truth_sides = None
+            if isinstance(truths[key], chexmask.Row):
+                truth_sides = _chexmask_sides(truths[key], p.shape)
+                resized += truth_sides[0].shape != (truths[key].height, truths[key].width)
+                t = truth_sides[0] | truth_sides[1]
+            else:
+                t = binarize_mask(_truth_pixels(truths[key], truth))
             if p.shape != t.shape:
                 raise ValueError(f"prediction {p.shape[::-1]} and truth {t.shape[::-1]} differ in size")
             spacing = found.spacing.get(key)
             row.update(dice=dice(p, t), iou=iou(p, t), hd95_px=hd95(p, t), hd95_mm=hd95(p, t, spacing) if spacing else None,
-                       **_lung_dice(p, t, found.sides.get(key)))
+                       **_lung_dice(p, t, found.sides.get(key), truth_sides))
         except (OSError, ImageDecodeError, ValueError) as err:
             row.update(status="error", error=str(err))
         rows.append(row)
@@ -166,7 +204,8 @@ def evaluate_masks(pred: str | Path, truth: str | Path, out: str | Path, progres
         write_table(pa.Table.from_pylist(rows, schema=pa.schema(FIELDS)), Path(out) / "metrics.parquet")
     summary = {"truth_convention": truth_convention, "prediction_convention": found.convention,
                "n": len(rows), "n_error": sum(r["status"] == "error" for r in rows),
-               "unmatched_predictions": len(set(preds) - set(truths)), "unmatched_truths": len(set(truths) - set(preds))}
+               "unmatched_predictions": len(set(preds) - set(truths)), "unmatched_truths": len(set(truths) - set(preds)),
+               "truth_resized": resized}  # CheXmask truths of another size, resized (nearest) to the prediction's
     for metric in METRICS:
         values = np.array([r[metric] for r in rows if r["status"] == "ok" and r.get(metric) is not None and not math.isnan(r[metric])])
         summary[metric] = (

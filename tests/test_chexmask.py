@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import cv2
 import numpy as np
@@ -98,3 +99,22 @@ def test_publish_chexmask_round_trip(tmp_path, example_images, example_masks):
         truth = cv2.imread(str(example_masks / r["Path"]), cv2.IMREAD_GRAYSCALE) > 0
         assert np.array_equal(right | left, truth) and not (right & left).any()
     assert "chexmask.csv" in (ds / "SHA256SUMS").read_text() and "est_dice" in (ds / "README.md").read_text()
+
+
+def test_evaluate_against_chexmask_truth(tmp_path, example_images, example_masks, capsys):
+    names = sorted(p.name for p in example_images.glob("*.png"))
+    table = tmp_path / "ChestX-Ray8.csv"
+    _chexmask_csv(table, example_masks, names, half={names[1]})
+    run = tmp_path / "run"
+    assert main(["variants", "--images", str(example_images), "--masks", str(example_masks), "-o", str(run),
+                 "--convention", "jsrt", "-j", "1", "-q"]) == 0
+    assert main(["evaluate", str(run), "--truth-chexmask", str(table), "-o", str(tmp_path / "ev"), "-q"]) == 0
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "ev" / "metrics.parquet").to_pylist()}
+    assert set(rows) == set(names)
+    for name in names:
+        expected = 1.0 if name != names[1] else pytest.approx(1.0, abs=0.03)  # the half-size truth, resized
+        assert rows[name]["dice"] == expected and rows[name]["truth_mask"] == f"chexmask:{name}"
+        assert rows[name]["dice_right_lung"] == expected and rows[name]["dice_left_lung"] == expected
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["truth_resized"] == 1
+    assert main(["evaluate", str(run), "-o", str(tmp_path / "ev2"), "-q"]) == 2  # no truth given
+    assert "--truth MASKS or --truth-chexmask CSV" in capsys.readouterr().err

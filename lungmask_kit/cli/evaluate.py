@@ -14,8 +14,10 @@ from lungmask_kit.choices import Convention
 
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="A segment manifest.parquet or a folder of predicted masks.")],
-    truth: Annotated[Path, typer.Option("--truth", "-t", help="Folder of ground-truth masks, matched by relative path / stem.")],
     out: OutOpt,
+    truth: Annotated[Path | None, typer.Option("--truth", "-t", help="Folder of ground-truth masks, matched by relative path / stem.")] = None,
+    truth_chexmask: Annotated[Path | None, typer.Option("--truth-chexmask", metavar="CSV", help="Or: CheXmask's masks as the truth (a CheXmask CSV; right and left lung scored apart; jsrt convention).")] = None,
+    chexmask_id: Annotated[str | None, typer.Option("--chexmask-id", metavar="COLUMN", help="The CheXmask CSV's image id column (default: the first of dicom_id, Path, Image Index, ImageID, image_id).")] = None,
     convention: Annotated[Convention | None, typer.Option("--convention", help="What the truth masks outline (v7 = whole lung, behind the heart included; jsrt = visible lung fields); predictions of a manifest in the other convention are refused; default: not said.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -27,9 +29,13 @@ def evaluate(
 
     Example: lungkit evaluate out/sample/manifest.parquet --truth examples/cxr-sample/masks -o out/eval
     """
+    from lungmask_kit.errors import LungkitError
     from lungmask_kit.evaluate import METRICS, evaluate_masks
 
-    s = evaluate_masks(predictions, truth, out, progress=not quiet, truth_convention=convention and convention.value)
+    if (truth is None) == (truth_chexmask is None):
+        raise LungkitError("give the truth once: --truth MASKS or --truth-chexmask CSV")
+    s = evaluate_masks(predictions, truth, out, progress=not quiet, truth_convention=convention and convention.value,
+                       truth_chexmask=truth_chexmask, chexmask_id=chexmask_id)
     if not quiet:
         said = lambda c: c or "not said"  # noqa: E731
         rows = [("convention (truth / predictions)", f"{said(s['truth_convention'])} / {said(s['prediction_convention'])}"),
@@ -40,6 +46,8 @@ def evaluate(
         if (e := s.get("est_dice")) is not None:
             rows.append(("est_dice vs Dice", f"Spearman {e['spearman']:.3f}  MAE {e['mae']:.4f}  bias {e['bias']:+.4f}  (n={e['n']})"))
         rows.append(("unmatched predictions / truths", f"{s['unmatched_predictions']} / {s['unmatched_truths']}"))
+        if s.get("truth_resized"):
+            rows.append(("CheXmask truths resized (nearest)", s["truth_resized"]))
         typer.echo(table(rows, title="lungkit evaluate summary"))
     if s["n_error"]:
         raise typer.Exit(1)

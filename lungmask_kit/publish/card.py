@@ -293,6 +293,17 @@ def write_croissant(folder: Path, source: RunManifest, table: pa.Table, summary:
                                           "objects, fill small holes; masks resized back to native size."],
         "rai:dataAnnotationProtocol": f"Model {meta.get('model_name', 'external masks')} (lungkit {meta.get('lungkit_version', '?')}); "
                                       "no human checked individual masks.",
+        "rai:machineAnnotationTools": [f"lungkit {meta.get('lungkit_version', __version__)}, model "
+                                       f"{meta.get('model_name', 'none (masks from elsewhere)')}"],
+        "rai:annotationsPerItem": "One lung mask per image (split into the right and left lung), made by a model; "
+                                  "no image was annotated by a person for this dataset.",
+        "rai:dataAnnotationAnalysis": [_quality_sentence((meta.get("quality") or {}).get("calibration") or {},
+                                                         meta.get("qc") or {})],
+        "rai:dataCollectionMissingData": [f"{summary.excluded_failed} image(s) that failed to segment and "
+                                          + (f"{summary.excluded_flagged} flagged by QC are left out."
+                                             if not options.include_flagged else "none flagged by QC are left out "
+                                             "(flagged images are included, marked by qc_pass).")],
+        "rai:dataImputationProtocol": "None: nothing is imputed; a missing value is null.",
         "rai:dataLimitations": ["Masks follow the annotation convention of the model's training data.",
                                 "est_dice is an estimate, not a measurement; QC flags are heuristics."],
         "rai:dataBiases": ["The source corpus's mix of sites, devices and diseases carries over; the images per label, "

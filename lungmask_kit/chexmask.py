@@ -71,7 +71,8 @@ class Row:
 
 def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | None = None) -> tuple[list[Row], str, int]:
     """(rows, the id column used, rows dropped by `min_rca`) of a CheXmask CSV, read as a stream."""
-    csv.field_size_limit(min(sys.maxsize, 1 << 31))  # a run-length string of a large mask is a long field
+    # a run-length string of a large mask is a long field; the limit is process-wide, so it is put back after
+    previous = csv.field_size_limit(min(sys.maxsize, 1 << 31))
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -92,6 +93,8 @@ def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | No
                                 int(float(r["Width"])), rca, _number(r.get(RCA_MAX))))
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
         raise LungkitError(f"cannot read the CheXmask CSV {path}: {err}") from err
+    finally:
+        csv.field_size_limit(previous)
     return rows, column, dropped
 
 

@@ -191,14 +191,21 @@ class InputChangedError(InputReadError):
     """The file is not the one a run recorded (its sha256 differs)."""
 
 
-def read_input(path: str | os.PathLike, dicom: bool = False, expect_sha256: str | None = None,
-               max_bytes: int = defaults.MAX_FILE_BYTES) -> tuple[bytes, DecodedImage]:
-    """(bytes, decoded image) of one file, the one way lungkit reads an image, mask or variant: a regular file
-    only (a FIFO or a device is refused, never opened to block), at most `max_bytes`, and, where a run recorded
-    it, the same file (`expect_sha256`). Raises InputReadError (an OSError) or ImageDecodeError."""
+def read_checked(path: str | os.PathLike, expect_sha256: str | None = None,
+                 max_bytes: int = defaults.MAX_FILE_BYTES) -> bytes:
+    """The bytes of one file, read the one way lungkit reads an image, mask or variant: a regular file only (a
+    FIFO or a device is refused, never opened to block), at most `max_bytes`, and, where a run recorded it, the
+    same file (`expect_sha256`). Raises InputReadError (an OSError)."""
     data = read_regular_file(path, max_bytes)
     if expect_sha256 and hashlib.sha256(data).hexdigest() != expect_sha256:
         raise InputChangedError("not the file the run read (sha256 differs): changed or replaced since")
+    return data
+
+
+def read_input(path: str | os.PathLike, dicom: bool = False, expect_sha256: str | None = None,
+               max_bytes: int = defaults.MAX_FILE_BYTES) -> tuple[bytes, DecodedImage]:
+    """(bytes, decoded image) of one file read by `read_checked`. Raises InputReadError or ImageDecodeError."""
+    data = read_checked(path, expect_sha256, max_bytes)
     return data, decode_image(data, dicom=dicom)
 
 

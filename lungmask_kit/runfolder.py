@@ -36,6 +36,11 @@ SHARD_LOCK = ".lungkit-shard-{tag}.lock"
 OUTPUT_COLUMNS = {"segment": ("mask_path", "lungs_path", "nolungs_path", "dicom_seg_path"), "variants": ("lungs_path", "nolungs_path")}
 
 
+def folder_error(out: Path, err: OSError) -> LungkitError:
+    """An OS error on a run's output folder (read-only, full, gone) as the one line the CLI prints."""
+    return LungkitError(f"cannot write to output folder {out}: {err.strerror or err}")
+
+
 def check_writable(out: Path) -> None:
     probe = out / f".lungkit-write-check-{socket.gethostname()}-{os.getpid()}"  # shards check side by side
     try:
@@ -49,7 +54,7 @@ def check_writable(out: Path) -> None:
             os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise LungkitError(f"cannot write to output folder {out}: {err.strerror or err}") from err
+        raise folder_error(out, err) from err
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,7 @@ class RunFolder:
                 remove_stale_temps(self.out)
         except OSError as err:  # read-only, full, or gone since the writable check
             self._lock.__exit__()
-            raise LungkitError(f"cannot write to output folder {self.out}: {err.strerror or err}") from err
+            raise folder_error(self.out, err) from err
         except BaseException:
             self._lock.__exit__()
             raise
@@ -258,7 +263,7 @@ class RunFolder:
         try:
             mark(self.out, self.kind)
         except OSError as err:
-            raise LungkitError(f"cannot write to output folder {self.out}: {err.strerror or err}") from err
+            raise folder_error(self.out, err) from err
 
     def done(self, key: str, columns: tuple[str, ...]) -> dict[str, tuple]:
         """manifest path -> `columns` of the images finished earlier (status ok) with settings `key`; none with

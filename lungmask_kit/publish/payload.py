@@ -14,7 +14,7 @@ from lungmask_kit.derive import binarize_mask
 from lungmask_kit.discovery import wants_dicom
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import InputReadError, OutsidePathError, read_regular_file
-from lungmask_kit.imaging import ImageDecodeError, InputChangedError, encode_png, read_input
+from lungmask_kit.imaging import ImageDecodeError, InputChangedError, decode_image, encode_png, read_checked, read_input
 from lungmask_kit.manifest import RunManifest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,7 +50,10 @@ def _original_png(source: RunManifest, row: dict) -> bytes:
     16-bit for a deep DICOM) encoded as PNG. It must still be the file the run segmented."""
     rel = row["path"]
     try:
-        data, decoded = read_input(source.input_file(rel), dicom=wants_dicom(rel, True), expect_sha256=row.get("sha256"))
+        data = read_checked(source.input_file(rel), expect_sha256=row.get("sha256"))
+        if data[:8] == PNG_MAGIC:
+            return data  # its own bytes: nothing to decode
+        decoded = decode_image(data, dicom=wants_dicom(rel, True))
     except OutsidePathError as err:
         raise LungkitError(f"the manifest's image {err}: refusing to publish a file from outside the run's input") from err
     except InputChangedError as err:
@@ -60,7 +63,7 @@ def _original_png(source: RunManifest, row: dict) -> bytes:
                            "--input-root where the run's images are now, or publish --masks-only") from err
     except ImageDecodeError as err:
         raise LungkitError(f"original image {rel}: {err}") from err
-    return data if data[:8] == PNG_MAGIC else encode_png(decoded.pixels)
+    return encode_png(decoded.pixels)
 
 
 def _mask(source: RunManifest, row: dict) -> np.ndarray:

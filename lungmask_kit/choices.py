@@ -53,6 +53,9 @@ class Convention(str, Enum):
 
 CONVENTIONS = tuple(c.value for c in Convention)
 
+# what a segmenter may draw beside the lungs, one output channel each (the heart: lungkit's CTR)
+STRUCTURES = ("heart",)
+
 
 class Precision(str, Enum):
     auto = "auto"  # bf16 where the device computes it in hardware, fp32 elsewhere

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lungmask_kit import defaults
-from lungmask_kit.choices import CONVENTIONS
+from lungmask_kit.choices import CONVENTIONS, STRUCTURES
 from lungmask_kit.errors import LungkitError, WeightsError
 from lungmask_kit.fileio import atomic_write_bytes
 
@@ -36,6 +36,8 @@ class ModelConfig:
     threshold: float = defaults.THRESHOLD
     # the annotation convention of each output channel (choices.Convention), one per class of a segmenter
     conventions: list[str] = dataclasses.field(default_factory=lambda: [defaults.CONVENTION])
+    # structures beyond the lungs (choices.STRUCTURES: "heart"), one output channel each after the conventions'
+    structures: list[str] = dataclasses.field(default_factory=list)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the input gate and est_dice fitted for this model (lungmask_kit.quality); None: not calibrated
     quality: dict[str, Any] | None = None
@@ -47,6 +49,15 @@ class ModelConfig:
             raise WeightsError(f"model {self.name!r} has no output for the {convention!r} convention "
                                f"(it draws: {', '.join(self.conventions)})")
         return self.conventions.index(convention)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The name of each output channel, in order: the lung conventions, then the other structures."""
+        return [*self.conventions, *self.structures]
+
+    def structure_index(self, structure: str) -> int | None:
+        """The output channel that draws `structure` ("heart"), or None where the model has none."""
+        return len(self.conventions) + self.structures.index(structure) if structure in self.structures else None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -96,10 +107,14 @@ class ModelConfig:
             return f"threshold must be a number between 0 and 1, not {self.threshold!r}"
         if self.task == "segmentation":
             known = set(CONVENTIONS)
-            if not isinstance(self.conventions, list) or not set(self.conventions) <= known \
-                    or len(set(self.conventions)) != len(self.conventions) or len(self.conventions) != self.classes:
-                return (f"conventions must list one distinct convention ({', '.join(sorted(known))}) per output "
-                        f"channel ({self.classes}), not {self.conventions!r}")
+            if not isinstance(self.structures, list) or not set(self.structures) <= set(STRUCTURES) \
+                    or len(set(self.structures)) != len(self.structures):
+                return f"structures must list distinct structures ({', '.join(STRUCTURES)}), not {self.structures!r}"
+            lungs = self.classes - len(self.structures)
+            if not isinstance(self.conventions, list) or not self.conventions or not set(self.conventions) <= known \
+                    or len(set(self.conventions)) != len(self.conventions) or len(self.conventions) != lungs:
+                return (f"conventions must list one distinct convention ({', '.join(sorted(known))}) per lung output "
+                        f"channel ({lungs}), not {self.conventions!r}")
         if not isinstance(self.provenance, dict) or not (self.quality is None or isinstance(self.quality, dict)):
             return "provenance and quality must be JSON objects"
         return None
@@ -254,13 +269,13 @@ HEAD_PREFIX = "segmentation_head."  # smp: the last layers, whose output channel
 
 def initialise_from(model: torch.nn.Module, config: ModelConfig, source: LoadedModel) -> None:
     """Start a new segmenter from a trained one of the same architecture (fine-tuning saves CPU hours). Each
-    output channel takes the source's channel of the same convention; a convention the source lacks starts
-    from the source's first output, a good guess at "lung" that training then moves."""
+    output channel takes the source's channel of the same name; a convention or structure the source lacks
+    starts from the source's first output, a smooth organ-shaped guess that training then moves."""
     if (source.config.arch, source.config.encoder, source.config.in_channels) != (config.arch, config.encoder, config.in_channels):
         raise LungkitError(f"cannot initialise a {config.arch}/{config.encoder} model with {config.in_channels} "
                            f"input channel(s) from {source.path} ({source.config.arch}/{source.config.encoder}, "
                            f"{source.config.in_channels})")
-    rows = [source.config.conventions.index(c) if c in source.config.conventions else 0 for c in config.conventions]
+    rows = [source.config.outputs.index(c) if c in source.config.outputs else 0 for c in config.outputs]
     state = source.model.state_dict()
     target = model.state_dict()
     for key, value in state.items():

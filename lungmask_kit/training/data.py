@@ -26,17 +26,19 @@ class Pair:
     patient_id: str | None = None
     split: str | None = None  # "train" | "val" | "test" when the data says so
     convention: str = defaults.CONVENTION  # which lung the mask outlines (choices.Convention)
+    heart: Path | None = None  # a heart mask of the same image, where the data has one
 
 
-def _match_folder(images: Path, masks: Path, split: str | None, convention: str) -> list[Pair]:
+def _match_folder(images: Path, masks: Path, split: str | None, convention: str, hearts: Path | None = None) -> list[Pair]:
     mask_by_stem = {stem_key(m): m for m in find_images(masks)}
+    heart_by_stem = {stem_key(m): hearts / m for m in find_images(hearts)} if hearts else {}
     pairs, missing = [], []
     for rel in find_images(images):
         m = mask_by_stem.get(stem_key(rel))
         if m is None:
             missing.append(rel)
         else:
-            pairs.append(Pair(images / rel, masks / m, None, split, convention))
+            pairs.append(Pair(images / rel, masks / m, None, split, convention, heart_by_stem.get(stem_key(rel))))
     if missing:
         raise LungkitError(f"{len(missing)} image(s) under {images} have no mask in {masks}, e.g. {missing[0]}")
     return pairs
@@ -47,14 +49,14 @@ def _read_csv(path: Path, convention: str) -> list[Pair]:
         rows = list(csv.DictReader(fh))
     if not rows or not {"image", "mask"} <= set(rows[0]):
         raise LungkitError(f"{path}: a training CSV needs 'image' and 'mask' columns "
-                           "(optional: patient_id, split, convention)")
+                           "(optional: patient_id, split, convention, heart)")
     bad = next((r["convention"] for r in rows if (r.get("convention") or convention) not in CONVENTIONS), None)
     if bad is not None:
         raise LungkitError(f"{path}: unknown convention {bad!r} (use {' or '.join(CONVENTIONS)})")
     base = path.parent
     return [
         Pair(base / r["image"], base / r["mask"], r.get("patient_id") or None, r.get("split") or None,
-             r.get("convention") or convention) for r in rows
+             r.get("convention") or convention, base / r["heart"] if r.get("heart") else None) for r in rows
     ]
 
 
@@ -62,15 +64,17 @@ _QU_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
 def find_pairs(data: str | Path, convention: str = defaults.CONVENTION) -> list[Pair]:
-    """Pairs from `images/` + `masks/`, the COVID-QU-Ex layout, or a CSV of image,mask[,patient_id,split,
-    convention]; `convention` is what the masks outline where the CSV does not say."""
+    """Pairs from `images/` + `masks/` (+ `heart/` heart masks, where there), the COVID-QU-Ex layout, or a CSV of
+    image,mask[,patient_id,split,convention,heart]; `convention` is what the masks outline where the CSV does
+    not say."""
     data = Path(data)
     if data.is_file():
         return _read_csv(data, convention)
     if not data.is_dir():
         raise LungkitError(f"training data not found: {data}")
     if (data / "images").is_dir() and (data / "masks").is_dir():
-        return _match_folder(data / "images", data / "masks", None, convention)
+        hearts = data / "heart" if (data / "heart").is_dir() else None
+        return _match_folder(data / "images", data / "masks", None, convention, hearts)
     # COVID-QU-Ex: <root>/{Train,Val,Test}/<class>/{images,lung masks}
     pairs: list[Pair] = []
     for split_dir in sorted(p for p in data.iterdir() if p.is_dir() and p.name.lower() in _QU_SPLITS):
@@ -130,24 +134,36 @@ def split_sources(sources: list[list[Pair]], val_fraction: float, seed: int) -> 
     return train, val, by_patient
 
 
-UNSUPERVISED = -1.0  # target value of an output channel whose convention an image's mask is not drawn in
+UNSUPERVISED = -1.0  # target value of an output channel the image has no mask for (another convention, no heart)
+
+
+def _small_mask(path: Path, shape: tuple[int, int], size: int) -> np.ndarray:
+    mask = read_gray(path)
+    if mask.shape != shape:
+        raise LungkitError(f"{path}: mask size {mask.shape[::-1]} differs from image size {shape[::-1]}")
+    # area-average the binary mask, then threshold at half: the same boundary a 0.5 probability gives
+    m = cv2.resize((mask > mask.max() / 2).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (m >= 0.5).astype(np.uint8)
 
 
 def load_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> image (size, size) float32 in [0, 1], mask (size, size) uint8 in {0, 1}."""
+    """-> image (size, size) float32 in [0, 1], lung mask (size, size) uint8 in {0, 1}."""
     image = read_model_view(pair.image)
-    mask = read_gray(pair.mask)
-    if image.shape != mask.shape:
-        raise LungkitError(f"{pair.mask}: mask size {mask.shape[::-1]} differs from image size {image.shape[::-1]}")
     small = to_unit_range(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
-    # area-average the binary mask, then threshold at half: the same boundary a 0.5 probability gives
-    m = cv2.resize((mask > mask.max() / 2).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return small, (m >= 0.5).astype(np.uint8)
+    return small, _small_mask(pair.mask, image.shape, size)
+
+
+def load_heart(pair: Pair, size: int) -> np.ndarray | None:
+    """The pair's heart mask at (size, size) uint8 in {0, 1}, or None where it has none."""
+    if pair.heart is None:
+        return None
+    return _small_mask(pair.heart, read_gray(pair.image).shape, size)
 
 
 class PairDataset(Dataset):
     """All pairs resized once and cached in memory (337 pairs at 256 px is ~40 MB). Targets are (K, S, S), one
-    channel per output convention: the pair's own convention holds its mask, the others `UNSUPERVISED`."""
+    channel per model output (`ModelConfig.outputs`): the pair's own convention holds its lung mask, "heart"
+    its heart mask where it has one, the others `UNSUPERVISED`."""
 
     def __init__(self, pairs: list[Pair], size: int, in_channels: int, transform, outputs: list[str] | None = None):
         self.pairs = pairs
@@ -157,9 +173,20 @@ class PairDataset(Dataset):
         missing = sorted({p.convention for p in pairs} - set(self.outputs))
         if missing:
             raise LungkitError(f"the model has no output for masks in the {', '.join(missing)} convention")
-        loaded = [load_pair(p, size) for p in pairs]
+        if any(p.heart for p in pairs) and "heart" not in self.outputs:
+            raise LungkitError("the data has heart masks but the model has no heart output")
+        loaded = [self._load(p, size) for p in pairs]
         self.images = torch.from_numpy(np.stack([x for x, _ in loaded]))[:, None] if loaded else torch.empty(0)
-        self.masks = torch.from_numpy(np.stack([m for _, m in loaded]))[:, None] if loaded else torch.empty(0)
+        self.targets = torch.from_numpy(np.stack([t for _, t in loaded])) if loaded else torch.empty(0)
+
+    def _load(self, pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
+        image, lungs = load_pair(pair, size)
+        target = np.full((len(self.outputs), size, size), UNSUPERVISED, np.float32)
+        target[self.outputs.index(pair.convention)] = lungs
+        heart = load_heart(pair, size)
+        if heart is not None:
+            target[self.outputs.index("heart")] = heart
+        return image, target
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -168,7 +195,10 @@ class PairDataset(Dataset):
         from lungmask_kit.training.augment import apply_pair
 
         image = self.images[i].expand(self.in_channels, -1, -1)
-        image, mask = apply_pair(self.transform, image, self.masks[i])
-        target = torch.full((len(self.outputs), *mask.shape[1:]), UNSUPERVISED)
-        target[self.outputs.index(self.pairs[i].convention)] = mask[0].float()
-        return image, target
+        # unsupervised channels are shifted to {0, 1} (a constant 0) for the geometric transforms, then put back
+        target = self.targets[i]
+        supervised = target[:, 0, 0] >= 0
+        image, moved = apply_pair(self.transform, image, target.clamp_min(0).to(torch.uint8))
+        moved = moved.float()
+        moved[~supervised] = UNSUPERVISED
+        return image, moved

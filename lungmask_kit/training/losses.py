@@ -27,9 +27,16 @@ class ComboLoss(nn.Module):
         return wd * self.dice(logits, target) + wb * self.bce(logits, target) + wf * self.focal(logits, target)
 
 
-def own_channel(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K, H, W) logits and targets with one supervised channel per image (the others all negative, see
-    `training.data.UNSUPERVISED`) -> (N, 1, H, W) each: every image is scored only on its own convention."""
-    index = (target[:, :, 0, 0] >= 0).to(torch.int64).argmax(1)[:, None, None, None]
-    index = index.expand(-1, 1, *target.shape[2:])
-    return logits.gather(1, index), target.gather(1, index)
+def supervised(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K, H, W) logits and targets, channels without a mask for an image all negative (see
+    `training.data.UNSUPERVISED`) -> (M, 1, H, W) logits and targets of the M supervised (image, channel)
+    pairs, and (M,) the channel of each: an image is scored only on the outputs it has masks for."""
+    image, channel = torch.nonzero(target[:, :, 0, 0] >= 0, as_tuple=True)
+    return logits[image, channel][:, None], target[image, channel][:, None], channel
+
+
+def per_output_loss(loss: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`loss` on each output channel's supervised images alone, averaged over the channels the batch supervises:
+    a structure with fewer masks (the heart) weighs as much as the lungs in every batch that has it."""
+    logits, target, channel = supervised(logits, target)
+    return torch.stack([loss(logits[channel == c], target[channel == c]) for c in channel.unique()]).mean()

@@ -26,7 +26,7 @@ from lungmask_kit.stats import pixel_mean_std
 from lungmask_kit.training.augment import eval_transform, train_transform
 from lungmask_kit.training.data import Pair, PairDataset, data_sources, load_pair, split_sources
 from lungmask_kit.training.loop import train_epoch
-from lungmask_kit.training.losses import ComboLoss, own_channel
+from lungmask_kit.training.losses import ComboLoss, per_output_loss, supervised
 
 
 @dataclass
@@ -127,7 +127,7 @@ def train(
         log("warning: no patient_id in (some of) the data; validation is split by image and may leak patients")
     parent = load_bundle(None if settings.init == "default" else settings.init) if settings.init else None
     config = _model_config(settings, train_pairs, val_pairs, by_patient, parent)
-    size, outputs = config.input_size, config.conventions
+    size, outputs = config.input_size, config.outputs
     train_ds = PairDataset(train_pairs, size, settings.in_channels, train_transform(config.mean, config.std), outputs)
     val_ds = PairDataset(val_pairs, size, settings.in_channels, eval_transform(config.mean, config.std), outputs)
     atomic_write_bytes(
@@ -144,7 +144,7 @@ def train(
     combo = ComboLoss()
 
     def loss_fn(logits, target):
-        return combo(*own_channel(logits.float(), target))
+        return per_output_loss(combo, logits.float(), target)
 
     steps_per_epoch = math.ceil(len(train_ds) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
@@ -167,13 +167,13 @@ def train(
 
         train_loss = train_epoch(model, loader, loss_fn, optimizer, device, f"epoch {epoch + 1}/{settings.epochs}",
                                  progress, before_step=set_lr, autocast=autocast)
-        val_loss, dices = _validate(model, val_ds, loss_fn, device, settings.batch_size, autocast)
-        by_convention = _dice_by_convention(dices, val_pairs)
+        val_loss, dices, channels = _validate(model, val_ds, loss_fn, device, settings.batch_size, autocast)
+        by_convention = _dice_by_output(dices, channels, outputs)
         row = {
             "epoch": epoch + 1,
             "train_loss": round(train_loss, 5),
             "val_loss": round(val_loss, 5),
-            # each convention's validation images count alike, however many each collection has
+            # each output's validation images count alike (a convention's, the heart's), however many each has
             "val_dice_mean": round(float(np.mean(list(by_convention.values()))), 5),
             "val_dice_min": round(float(dices.min()), 5),
             **{f"val_dice_{c}": round(v, 5) for c, v in by_convention.items() if len(by_convention) > 1},
@@ -205,9 +205,11 @@ def train(
 
 def _model_config(settings: TrainSettings, train_pairs: list[Pair], val_pairs: list[Pair], by_patient: bool,
                   parent: LoadedModel | None) -> ModelConfig:
-    """The new model's config: one output per convention in the data (the default first); the normalisation
-    of the parent model when fine-tuning, else the training images' own statistics."""
+    """The new model's config: one output per convention in the data (the default first), then a heart output
+    where the data has heart masks; the normalisation of the parent model when fine-tuning, else the training
+    images' own statistics."""
     outputs = sorted({p.convention for p in train_pairs + val_pairs}, key=CONVENTIONS.index)
+    structures = ["heart"] if any(p.heart for p in train_pairs + val_pairs) else []
     if parent is not None:
         mean, std = parent.config.mean, parent.config.std
     else:
@@ -215,10 +217,14 @@ def _model_config(settings: TrainSettings, train_pairs: list[Pair], val_pairs: l
         mean, std = [round(m, 6)] * settings.in_channels, [round(s, 6)] * settings.in_channels
     count = {c: {"train": sum(p.convention == c for p in train_pairs), "val": sum(p.convention == c for p in val_pairs)}
              for c in outputs}
+    if structures:
+        count["heart"] = {"train": sum(p.heart is not None for p in train_pairs),
+                          "val": sum(p.heart is not None for p in val_pairs)}
     training = {k: v for k, v in dataclasses.asdict(settings).items() if k != "extra"} | settings.extra
     return ModelConfig(
         name=settings.name, arch=settings.arch, encoder=settings.encoder, in_channels=settings.in_channels,
-        input_size=settings.input_size, classes=len(outputs), conventions=outputs, mean=mean, std=std,
+        input_size=settings.input_size, classes=len(outputs) + len(structures), conventions=outputs,
+        structures=structures, mean=mean, std=std,
         provenance={
             "lungkit_version": __version__, "training": training,
             "initialised_from": parent and {"name": parent.config.name, "sha256": parent.sha256},
@@ -228,24 +234,24 @@ def _model_config(settings: TrainSettings, train_pairs: list[Pair], val_pairs: l
     )
 
 
-def _dice_by_convention(dices: torch.Tensor, pairs: list[Pair]) -> dict[str, float]:
-    conventions = np.array([p.convention for p in pairs])
-    return {c: float(dices[torch.from_numpy(conventions == c)].mean()) for c in dict.fromkeys(conventions)}
+def _dice_by_output(dices: torch.Tensor, channels: torch.Tensor, outputs: list[str]) -> dict[str, float]:
+    return {outputs[c]: float(dices[channels == c].mean()) for c in sorted(channels.unique().tolist())}
 
 
 @torch.inference_mode()
 def _validate(model, ds: PairDataset, loss_fn, device, batch_size: int, autocast: torch.dtype | None):
     model.eval()
-    total, dices = 0.0, []
+    total, dices, channels = 0.0, [], []
     for x, y in DataLoader(ds, batch_size=batch_size):
         x = x.to(device, memory_format=torch.channels_last)
         y = y.to(device)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = model(x).float()
         total += loss_fn(logits, y).item() * len(x)
-        logits, y = own_channel(logits, y)
+        logits, y, channel = supervised(logits, y)
         dices.append(per_image_dice(logits > 0, y > 0.5).cpu())
-    return total / len(ds), torch.cat(dices)
+        channels.append(channel.cpu())
+    return total / len(ds), torch.cat(dices), torch.cat(channels)
 
 
 def _write_log(out: Path, history: list[dict]) -> None:

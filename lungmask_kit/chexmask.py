@@ -67,6 +67,7 @@ class Row:
     width: int
     rca_mean: float | None
     rca_max: float | None
+    heart: str = ""  # empty where the CSV has no Heart column or no heart for the image
 
 
 def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | None = None) -> tuple[list[Row], str, int]:
@@ -90,7 +91,7 @@ def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | No
                     dropped += 1
                     continue
                 rows.append(Row(str(r[column]), r[RIGHT] or "", r[LEFT] or "", int(float(r["Height"])),
-                                int(float(r["Width"])), rca, _number(r.get(RCA_MAX))))
+                                int(float(r["Width"])), rca, _number(r.get(RCA_MAX)), r.get(HEART) or ""))
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
         raise LungkitError(f"cannot read the CheXmask CSV {path}: {err}") from err
     finally:

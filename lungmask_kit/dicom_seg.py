@@ -1,9 +1,10 @@
 """DICOM Segmentation objects of lungkit's masks (highdicom; extra `lungkit[dicom]`): what PACS viewers (OHIF,
 3D Slicer) and annotation tools read. One SEG per DICOM input: the same Study, a new Series, referencing the source
-image's SOP Instance; segment 1 the patient's right lung, segment 2 the left lung; algorithm identification
+image's SOP Instance; segment 1 the patient's right lung, segment 2 the left lung, segment 3 the heart where the
+model draws it (it may overlap the lungs: each segment is its own binary frame); algorithm identification
 lungkit + the model's name and version. Nothing about the patient is invented: the patient and study attributes
-are the source's own (highdicom copies them). Shape contract: `right`, `left` are (H, W) bool at the source's
-Rows x Columns, disjoint; inputs are never mutated."""
+are the source's own (highdicom copies them). Shape contract: `right`, `left` (and `heart`) are (H, W) bool at
+the source's Rows x Columns, the lungs disjoint; inputs are never mutated."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lungmask_kit.errors import LungkitError
 SERIES_NUMBER = 9901  # a series number viewers sort after the source's usual ones; the description says what it is
 _ANATOMY = ("123037004", "SCT", "Anatomical Structure")
 _LUNGS = (("3341006", "SCT", "Right lung"), ("44029006", "SCT", "Left lung"))
+_HEART = ("80891009", "SCT", "Heart")
 
 
 def _highdicom():
@@ -51,26 +53,33 @@ def _with_empty_type2(source: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def segmentation(source: pydicom.Dataset, right: np.ndarray, left: np.ndarray, model_name: str, model_version: str,
-                 convention: str) -> bytes:
-    """The DICOM Segmentation (BINARY) of one image's two lungs, as Part 10 bytes."""
+                 convention: str, heart: np.ndarray | None = None) -> bytes:
+    """The DICOM Segmentation (BINARY) of one image's two lungs (and heart), as Part 10 bytes."""
     hd = _highdicom()
     from pydicom.sr.coding import Code
     from pydicom.uid import generate_uid
 
-    if right.shape != (source.Rows, source.Columns) or left.shape != right.shape:
+    if right.shape != (source.Rows, source.Columns) or left.shape != right.shape or \
+            (heart is not None and heart.shape != right.shape):
         raise ValueError(f"mask {right.shape} does not fit the DICOM's {source.Rows}x{source.Columns}")
     source = _with_empty_type2(source)
-    labels = np.zeros(right.shape, np.uint8)
-    labels[right], labels[left] = 1, 2
+    if heart is None:
+        pixels = np.zeros(right.shape, np.uint8)  # a label map: the lungs are disjoint
+        pixels[right], pixels[left] = 1, 2
+    else:  # one binary plane per segment (frame, rows, columns, segment): the heart may overlap a lung
+        pixels = np.stack([right, left, heart], axis=-1)[None].astype(np.uint8)
     algorithm = hd.AlgorithmIdentificationSequence(name="lungkit", version=f"{__version__} / {model_name} {model_version}",
                                                    family=Code("123110", "DCM", "Artificial Intelligence"))
+    described = [(code, f"{code[2]} ({convention} convention)") for code in _LUNGS]
+    if heart is not None:
+        described.append((_HEART, "Heart"))
     segments = [hd.seg.SegmentDescription(
-        segment_number=k, segment_label=f"{meaning} ({convention} convention)",
+        segment_number=k, segment_label=label,
         segmented_property_category=Code(*_ANATOMY), segmented_property_type=Code(*code),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-    ) for k, code in enumerate(_LUNGS, 1) for meaning in [code[2]]]
+    ) for k, (code, label) in enumerate(described, 1)]
     seg = hd.seg.Segmentation(
-        source_images=[source], pixel_array=labels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=generate_uid(), series_number=SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="lungkit",
         manufacturer_model_name=model_name, software_versions=__version__, device_serial_number="n/a",

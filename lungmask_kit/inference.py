@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +20,12 @@ from lungmask_kit.runtime import autocast_dtype, precision_name, tune_malloc
 
 @dataclass
 class BatchPrediction:
-    probabilities: np.ndarray  # (N, S, S) float32
+    probabilities: np.ndarray  # (N, S, S) float32: the lungs in the run's convention
     pooled: np.ndarray | None = None  # (N, D) float32: the encoder summary the input gate scores
     flipped: np.ndarray | None = None  # (N, S, S) probabilities of the mirrored input, mirrored back (--tta)
+    # (N, S, S) float32 each, from the same forward pass: "heart" where the model draws it, and "jsrt" (the
+    # visible lungs the cardiothoracic ratio is measured on) where the run's convention is another
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def pooled_features(deepest: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,7 @@ class Segmenter:
         self.config, self.weights_sha256 = loaded.config, loaded.sha256
         self.convention = convention
         self.output = self.config.output_index(convention)  # the output channel that draws this convention
+        self.extra_outputs = _extra_outputs(self.config, convention)
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights_path = str(weights) if weights else "bundled default"
         self.quality = None
@@ -121,10 +125,11 @@ class Segmenter:
         if pad_to and n < pad_to:
             x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
         x = x.contiguous(memory_format=torch.channels_last)
-        probs = self._forward(x)[:n]
+        channels = self._forward(x)[:n]
+        probs, extra = channels[:, 0], channels[:, 1:]
         pooled = pooled_features(self._deepest[:n])
-        flipped = self._forward(x.flip(-1)).flip(-1)[:n] if tta else None
-        host = [t if t is None else t.to("cpu", non_blocking=True) for t in (probs, pooled, flipped)]
+        flipped = self._forward(x.flip(-1))[:, 0].flip(-1)[:n] if tta else None
+        host = [t if t is None else t.to("cpu", non_blocking=True) for t in (probs, pooled, flipped, extra)]
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
@@ -133,7 +138,9 @@ class Segmenter:
         def wait() -> BatchPrediction:
             if done is not None:
                 done.synchronize()
-            return BatchPrediction(*(t if t is None else t.numpy() for t in host))
+            probs, pooled, flipped, extra = (t if t is None else t.numpy() for t in host)
+            return BatchPrediction(probs, pooled, flipped,
+                                   {name: extra[:, i] for i, name in enumerate(self.extra_outputs)})
 
         return wait
 
@@ -147,9 +154,22 @@ class Segmenter:
         return batch.to(self.device, non_blocking=True)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) -> (N, 1 + E, S, S) probabilities: the run's lungs, then `extra_outputs`."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             logits = self.model(x)
-        return torch.sigmoid(logits[:, self.output].float())
+        return torch.sigmoid(logits[:, [self.output, *self.extra_outputs.values()]].float())
+
+
+def _extra_outputs(config, convention: str) -> dict[str, int]:
+    """The output channels a run reads beside its lungs: the heart, and for the cardiothoracic ratio (measured on
+    the visible lungs) the jsrt lungs when the run draws another convention. Empty for a model without a heart."""
+    heart = config.structure_index("heart")
+    if heart is None:
+        return {}
+    extra = {"heart": heart}
+    if convention != "jsrt" and "jsrt" in config.conventions:
+        extra["jsrt"] = config.output_index("jsrt")
+    return extra
 
 
 def _concatenate(parts: list[BatchPrediction]) -> BatchPrediction:
@@ -157,7 +177,8 @@ def _concatenate(parts: list[BatchPrediction]) -> BatchPrediction:
         return parts[0]
     flipped = None if parts[0].flipped is None else np.concatenate([p.flipped for p in parts])
     return BatchPrediction(np.concatenate([p.probabilities for p in parts]),
-                           np.concatenate([p.pooled for p in parts]), flipped)
+                           np.concatenate([p.pooled for p in parts]), flipped,
+                           {k: np.concatenate([p.extra[k] for p in parts]) for k in parts[0].extra})
 
 
 def oom_note(segmenter: Segmenter) -> str | None:

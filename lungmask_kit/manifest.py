@@ -50,6 +50,15 @@ SEGMENT_FIELDS = [
     pa.field("left_lung_fraction", pa.float64()),
     pa.field("right_lung_mm2", pa.float64()),  # where pixel_spacing is known
     pa.field("left_lung_mm2", pa.float64()),
+    # a model with a heart output: the heart mask (PNG and RLE) and the cardiothoracic ratio (SCHEMA.md)
+    pa.field("heart_path", pa.string()),
+    pa.field("heart_rle", RLE_TYPE),
+    pa.field("heart_fraction", pa.float64()),
+    pa.field("heart_mm2", pa.float64()),
+    pa.field("heart_width_px", pa.int32()),  # widest horizontal extent of the heart at native size
+    pa.field("thorax_width_px", pa.int32()),  # widest horizontal extent of both visible (jsrt) lungs
+    pa.field("ctr", pa.float64()),  # heart_width_px / thorax_width_px; null where not frontal or not measurable
+    pa.field("ctr_null_reason", pa.string()),
     pa.field("ood_score", pa.float64()),
     pa.field("ood_image_score", pa.float64()),
     pa.field("ood_shape_score", pa.float64()),

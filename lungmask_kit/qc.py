@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from lungmask_kit import defaults
+from lungmask_kit.anatomy.heart import cardiothoracic_ratio
 from lungmask_kit.dicom import RADIOGRAPH_MODALITIES, is_lateral
 
 # how label files spell a projection radiograph besides the DICOM codes (e.g. cxr-ood's list.csv: "X-ray")
@@ -37,6 +38,7 @@ class QCThresholds:
     min_lung_fraction: float = defaults.MIN_LUNG_FRACTION
     max_ood_score: float | None = None  # None: no gate (a model without quality statistics)
     min_est_dice: float | None = None  # None: est_dice not used for QC
+    flag_ctr_above: float | None = None  # None: the cardiothoracic ratio flags nothing (segment --flag-ctr-above)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +56,8 @@ def kind_reasons(row: dict) -> list[str]:
 
 
 def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
-    """The QC reasons of one ok manifest row (declared kind, lung area, input gate, estimated Dice)."""
+    """The QC reasons of one ok manifest row (declared kind, lung area, input gate, estimated Dice, and the
+    cardiothoracic ratio `ctr` when the row has one and `flag_ctr_above` is set)."""
     reasons = kind_reasons(row)
     fraction = row.get("lung_area_fraction")
     if fraction is not None:
@@ -73,7 +76,27 @@ def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
     est = row.get("est_dice")
     if t.min_est_dice is not None and est is not None and est < t.min_est_dice:
         reasons.append(f"low estimated Dice {est:.3f} < min_est_dice {t.min_est_dice:g}")
+    ctr = row.get("ctr")
+    if t.flag_ctr_above is not None and ctr is not None and ctr > t.flag_ctr_above:
+        reasons.append(f"cardiothoracic ratio {ctr:.3f} > flag_ctr_above {t.flag_ctr_above:g}")
     return reasons
+
+
+# reasons that say the image may not be a frontal chest X-ray: its CTR is not reported
+_NOT_FRONTAL = ("not a radiograph", "lateral view", "not like the frontal chest X-rays the model knows",
+                "implausible lung shape for a frontal chest X-ray")
+
+
+def ctr_of(row: dict, t: QCThresholds) -> tuple[float | None, str | None]:
+    """(ctr, ctr_null_reason) of an ok row from its widths: null where the writer found nothing to measure
+    (its reason kept), and where the image is flagged as possibly not a frontal CXR."""
+    ctr = cardiothoracic_ratio(row.get("heart_width_px"), row.get("thorax_width_px"))
+    if ctr is None:
+        return None, row.get("ctr_null_reason")
+    frontal_doubt = [r for r in qc_reasons({**row, "ctr": None}, t) if r.startswith(_NOT_FRONTAL)]
+    if frontal_doubt:
+        return None, f"flagged as possibly not a frontal chest X-ray ({short_reason(frontal_doubt[0])})"
+    return ctr, None
 
 
 # how each qc_reason opens -> its name in the end-of-run summary
@@ -85,6 +108,7 @@ _SHORT = {
     "low estimated Dice": "low est_dice",
     "not a radiograph": "not a radiograph (modality)",
     "lateral view": "lateral view",
+    "cardiothoracic ratio": "CTR above flag_ctr_above",
 }
 
 
@@ -119,21 +143,32 @@ def qc_update(thresholds: QCThresholds):
     import pyarrow as pa
 
     def update(table):
-        names = [n for n in ("lung_area_fraction", "ood_image_score", "ood_shape_score", "est_dice", "modality", "view")
-                 if n in table.column_names]
+        names = [n for n in ("lung_area_fraction", "ood_image_score", "ood_shape_score", "est_dice", "modality", "view",
+                             "heart_width_px", "thorax_width_px", "ctr_null_reason") if n in table.column_names]
         columns = {n: table.column(n).to_pylist() for n in names}
+        has_ctr = "ctr" in table.column_names and "heart_width_px" in columns
         qc_pass, reason = [], []
+        ctrs, ctr_reasons = (table.column("ctr").to_pylist(), columns["ctr_null_reason"]) if has_ctr else ([], [])
         for i, status in enumerate(table.column("status").to_pylist()):
             if status != "ok" or columns["lung_area_fraction"][i] is None:
                 qc_pass.append(None)
                 reason.append(None)
                 continue
-            found = qc_reasons({n: columns[n][i] for n in names}, thresholds)
+            row = {n: columns[n][i] for n in names}
+            if has_ctr:
+                row["ctr"], row["ctr_null_reason"] = ctrs[i], ctr_reasons[i] = ctr_of(row, thresholds)
+            found = qc_reasons(row, thresholds)
             qc_pass.append(not found)
             reason.append(REASON_SEPARATOR.join(found) or None)
-        i = table.schema.get_field_index("qc_pass")
-        table = table.set_column(i, table.schema.field(i), pa.array(qc_pass, pa.bool_()))
-        j = table.schema.get_field_index("qc_reason")
-        return table.set_column(j, table.schema.field(j), pa.array(reason, pa.string()))
+        table = _set(table, "qc_pass", pa.array(qc_pass, pa.bool_()))
+        table = _set(table, "qc_reason", pa.array(reason, pa.string()))
+        if has_ctr:
+            table = _set(_set(table, "ctr", pa.array(ctrs, pa.float64())), "ctr_null_reason", pa.array(ctr_reasons, pa.string()))
+        return table
 
     return update
+
+
+def _set(table, name: str, values):
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, table.schema.field(i), values)

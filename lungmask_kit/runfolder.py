@@ -33,7 +33,7 @@ from lungmask_kit.qc import reason_counts
 RUN_FILE = defaults.RUN_FILE
 LOCK_FILE = ".lungkit.lock"
 SHARD_LOCK = ".lungkit-shard-{tag}.lock"
-OUTPUT_COLUMNS = {"segment": ("mask_path", "lungs_path", "nolungs_path", "dicom_seg_path"), "variants": ("lungs_path", "nolungs_path")}
+OUTPUT_COLUMNS = {"segment": ("mask_path", "lungs_path", "nolungs_path", "heart_path", "dicom_seg_path"), "variants": ("lungs_path", "nolungs_path")}
 
 
 def folder_error(out: Path, err: OSError) -> LungkitError:

@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-
+import cv2
 import numpy as np
-
 import pyarrow as pa
 
 from lungmask_kit import __version__, chexmask, defaults, rle
+from lungmask_kit.anatomy.heart import heart_fields, thorax_fields
 from lungmask_kit.decoder_warnings import WarningTally
 from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants, lung_fields
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
@@ -239,7 +239,7 @@ def _mask_data(task: _Task) -> tuple[str, object]:
         return hashlib.sha256(json.dumps(task.mask_rle, sort_keys=True).encode()).hexdigest(), task.mask_rle
     if task.chexmask is not None:
         c = task.chexmask
-        return hashlib.sha256(json.dumps([c.right, c.left, c.height, c.width]).encode()).hexdigest(), c
+        return hashlib.sha256(json.dumps([c.right, c.left, c.height, c.width, c.heart]).encode()).hexdigest(), c
     if task.mask is None:
         raise LookupError("no mask for this image")
     data = read_regular_file(task.mask, defaults.MAX_FILE_BYTES)
@@ -255,6 +255,20 @@ def _decode_mask(task: _Task, data, image_shape: tuple[int, int] | None) -> np.n
         return (chexmask.decode(data.right, data.height, data.width)
                 | chexmask.decode(data.left, data.height, data.width)).astype(np.uint8) * 255
     return decode_image(data, dicom=wants_dicom(task.mask_rel or "")).pixels
+
+
+def _chexmask_heart(entry: chexmask.Row, lungs: np.ndarray, sides: np.ndarray, pixel_spacing) -> dict:
+    """The heart fields of a CheXmask entry at the image's size (nearest neighbour where CheXmask's size differs),
+    and the thorax width of its (visible-lung) lungs for the CTR; a reason where CheXmask has no heart."""
+    if not entry.heart:
+        return {"ctr_null_reason": "CheXmask gives no heart for this image"}
+    heart = chexmask.decode(entry.heart, entry.height, entry.width)
+    if heart.shape != lungs.shape:
+        heart = cv2.resize(heart.astype(np.uint8), lungs.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+    fields = {**heart_fields(heart, pixel_spacing), **thorax_fields(lungs, sides)}
+    if fields["heart_width_px"] is None:
+        fields["ctr_null_reason"] = "no heart found"
+    return fields
 
 
 def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, done: tuple | None,
@@ -317,13 +331,13 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
             row["error"] = (f"mask size {mask_pixels.shape[1]}x{mask_pixels.shape[0]} differs from image size {w}x{h} "
                             "(use --resize-masks to resize with nearest neighbour)")
             return row
-        import cv2
-
         mask_pixels = cv2.resize(mask_pixels, (w, h), interpolation=cv2.INTER_NEAREST)
     mask = binarize_mask(mask_pixels)
 
     sides = lung_sides(mask)
     row.update(lung_fields(sides == RIGHT_LUNG, sides == LEFT_LUNG, row.get("pixel_spacing")))
+    if task.chexmask is not None:
+        row.update(_chexmask_heart(task.chexmask, mask, sides, row.get("pixel_spacing")))
     box = bounding_box(mask, options.margin) if options.crop else None
     derived = derive_variants(pixels, mask, options.only)
     for variant, arr in derived.items():

@@ -117,4 +117,4 @@ def test_evaluate_against_chexmask_truth(tmp_path, example_images, example_masks
         assert rows[name]["dice_right_lung"] == expected and rows[name]["dice_left_lung"] == expected
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["truth_resized"] == 1
     assert main(["evaluate", str(run), "-o", str(tmp_path / "ev2"), "-q"]) == 2  # no truth given
-    assert "--truth MASKS or --truth-chexmask CSV" in capsys.readouterr().err
+    assert "give a truth: --truth MASKS, --truth-chexmask CSV" in capsys.readouterr().err

@@ -46,6 +46,7 @@ def segment(
     keep_largest: Annotated[int, typer.Option("--keep-largest", min=0, help="Keep the N largest components (2 = both lungs; 0 = all).")] = defaults.KEEP_LARGEST,
     max_ood_score: MaxOodScoreOpt = None,
     min_est_dice: Annotated[float | None, typer.Option("--min-est-dice", min=0.0, max=1.0, help="QC: flag masks whose estimated Dice is under this (default: the model's calibrated value). Re-flags without re-segmenting.")] = None,
+    flag_ctr_above: Annotated[float | None, typer.Option("--flag-ctr-above", min=0.0, max=2.0, help="QC: flag images whose cardiothoracic ratio is above this, e.g. 0.5 for a cardiomegaly subset (off by default; a model with a heart output). Re-flags without re-segmenting.")] = None,
     max_decoded_mb: Annotated[int, typer.Option("--max-decoded-mb", min=16, help="Memory for decoded images waiting for the model and the writers, in MiB (bounds memory by bytes, whatever --workers and --batch-size are).")] = defaults.MAX_DECODED_MB,
     tta: Annotated[bool, typer.Option("--tta", help="Also run each image mirrored: flip agreement sharpens est_dice (masks unchanged; about 2x model time).")] = False,
     dicom: DicomOpt = False,
@@ -84,7 +85,7 @@ def segment(
         weights=weights, convention=convention.value, device=device, precision=precision.value, batch_size=batch_size, workers=workers, glob=glob,
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
-        keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, tta=tta,
+        keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, flag_ctr_above=flag_ctr_above, tta=tta,
         max_decoded_mb=max_decoded_mb, dicom=dicom, dicom_seg=dicom_seg, gpu_decode=gpu_decode, shard=shard, engine=engine.value,
         ray_address=ray_address, overwrite=overwrite, progress=not quiet,
     )

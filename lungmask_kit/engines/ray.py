@@ -109,11 +109,14 @@ class _Model:
         n = len(batch["rel"])
         s = self.segmenter.config.input_size
         probs = np.zeros((n, s, s), np.float32)
+        extra = {name: np.zeros((n, s, s), np.float32) for name in self.segmenter.extra_outputs}
         pooled = flipped = None
         idx = np.flatnonzero(batch["has_input"])
         if len(idx):
             pred = self.segmenter.predict_batch(batch["x"][idx], pad_to=self.pad_to, tta=self.tta)
             probs[idx] = pred.probabilities
+            for name, values in pred.extra.items():
+                extra[name][idx] = values
             pooled = np.zeros((n, pred.pooled.shape[1]), np.float32)
             pooled[idx] = pred.pooled
             if pred.flipped is not None:
@@ -124,6 +127,7 @@ class _Model:
         out["pooled"] = pooled if pooled is not None else np.zeros((n, 1), np.float32)
         out["flipped"] = flipped if flipped is not None else np.zeros((n, 1, 1), np.float32)
         out["has_flipped"] = np.full(n, flipped is not None)
+        out.update({f"extra_{name}": values for name, values in extra.items()})
         return out
 
 
@@ -134,9 +138,11 @@ def _write(batch: dict, reader: ImageReader, writer: OutputWriter) -> dict:
         if batch["has_input"][i]:
             task = Task(str(batch["rel"][i]), str(batch["out_name"][i]))
             flipped = batch["flipped"][i] if batch["has_flipped"][i] else None
+            extra = {k[len("extra_"):]: v[i] for k, v in batch.items() if k.startswith("extra_")}
             try:
                 pixels = reader.pixels(task, row["sha256"])
-                row = writer.write(task, row, pixels, ImagePrediction(batch["probability"][i], batch["pooled"][i], flipped))
+                prediction = ImagePrediction(batch["probability"][i], batch["pooled"][i], flipped, extra)
+                row = writer.write(task, row, pixels, prediction)
             except LungkitError:
                 raise
             except Exception as err:  # costs this image only, as in the local engine

@@ -32,19 +32,21 @@ from lungmask_kit.publish.card import write_card, write_croissant, write_sha256s
 from lungmask_kit.publish.payload import full_payload, masks_payload
 from lungmask_kit.publish.schema import (
     HF_IMAGE,
+    HEART_IMAGE,
     IDENTIFIER_COLUMNS,
     IMAGE_COLUMNS,
     RLE,
     PublishOptions,
     PublishSummary,
     hf_schema_metadata,
+    image_columns,
 )
 from lungmask_kit.runtime import available_cores
 
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
 PROGRESS = ".progress.json"
 # manifest columns that only mean something inside the run folder, or on rows never published
-RUN_ONLY = ("status", "error", "mask_path", "lungs_path", "nolungs_path")
+RUN_ONLY = ("status", "error", "mask_path", "lungs_path", "nolungs_path", "heart_path")
 ROW_GROUP_BYTES = 64 << 20  # image bytes per Parquet row group: readers hold one row group at a time
 READ_CHUNK = 64  # rows read ahead in threads
 MAX_SPLIT_NAME = 64  # characters of a split name (it is part of every shard's file name)
@@ -125,19 +127,21 @@ CHEXMASK_CSV = "chexmask.csv"
 
 def write_chexmask_csv(path: Path, table: pa.Table) -> None:
     """The published masks in CheXmask's layout: `Path` (the image's relative path), `Right Lung` and `Left Lung`
-    from the run's per-lung masks, `Heart` empty (lungkit draws no heart), `Height`, `Width`, and lungkit's
-    est_dice in CheXmask's `Dice RCA (Mean)` column (an estimate of the same kind of quantity; the card says so)."""
+    from the run's per-lung masks, `Heart` from its heart mask (empty where the model draws none), `Height`,
+    `Width`, and lungkit's est_dice in CheXmask's `Dice RCA (Mean)` column (an estimate of the same kind of
+    quantity; the card says so)."""
     if not {"right_lung_rle", "left_lung_rle"} <= set(table.column_names):
         raise LungkitError("--chexmask needs the run's right and left lung masks (right_lung_rle, left_lung_rle): "
                            "segment again with this lungkit")
     out = []
-    for r in table.select([c for c in ("path", "right_lung_rle", "left_lung_rle", "height", "width", "est_dice")
+    for r in table.select([c for c in ("path", "right_lung_rle", "left_lung_rle", "heart_rle", "height", "width", "est_dice")
                            if c in table.column_names]).to_pylist():
         if not r.get("right_lung_rle") or not r.get("left_lung_rle"):
             continue  # a row without per-lung masks (failed rows are never published)
         right, left = rle.decode(r["right_lung_rle"]), rle.decode(r["left_lung_rle"])
         out.append({"Path": r["path"], chexmask.RIGHT: chexmask.encode(right), chexmask.LEFT: chexmask.encode(left),
-                    chexmask.HEART: "", "Height": right.shape[0], "Width": right.shape[1],
+                    chexmask.HEART: chexmask.encode(rle.decode(r["heart_rle"])) if r.get("heart_rle") else "",
+                    "Height": right.shape[0], "Width": right.shape[1],
                     chexmask.RCA_MEAN: "" if r.get("est_dice") is None else f"{r['est_dice']:.4f}"})
     chexmask.write_csv(path, out)
 
@@ -168,7 +172,7 @@ def _publish_key(source: RunManifest, options: PublishOptions) -> str:
     """What a partial build must share with this one to be resumed: the manifest's bytes and the options that
     change the shards."""
     manifest_sha = hashlib.sha256(source.path.read_bytes()).hexdigest()
-    return digest([manifest_sha, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 2])
+    return digest([manifest_sha, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 3])
 
 
 class _Progress:
@@ -246,22 +250,24 @@ def _row_payloads(source: RunManifest, rows: pa.Table, options: PublishOptions):
     """The split's rows in chunks, each a pyarrow table with its image or RLE columns added; files are read in
     threads, at most READ_CHUNK rows ahead."""
     make = masks_payload if options.masks_only else full_payload
+    columns = image_columns(rows)  # decided for the whole split: every shard has the same schema
     workers = options.workers or available_cores()
     records = rows.to_pylist() if rows.num_rows <= READ_CHUNK else None
     with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-publish") as pool:
         for start in range(0, rows.num_rows, READ_CHUNK):
             chunk = records[start:start + READ_CHUNK] if records is not None else rows.slice(start, READ_CHUNK).to_pylist()
             extra = list(pool.map(lambda r: make(source, r), chunk))
-            yield _chunk_table(rows.slice(start, READ_CHUNK), extra, options)
+            yield _chunk_table(rows.slice(start, READ_CHUNK), extra, options, columns)
 
 
-def _chunk_table(rows: pa.Table, extra: list[dict], options: PublishOptions) -> pa.Table:
-    """The published rows of a chunk: the manifest's columns others get, then the images or the RLE."""
+def _chunk_table(rows: pa.Table, extra: list[dict], options: PublishOptions, columns: tuple[str, ...] = IMAGE_COLUMNS
+                 ) -> pa.Table:
+    """The published rows of a chunk: the manifest's columns others get, then the images (`columns`) or the RLE."""
     rows = _published_columns(rows, options)
-    rows = rows.drop_columns([c for c in ("mask_rle", *IMAGE_COLUMNS) if c in rows.column_names])
+    rows = rows.drop_columns([c for c in ("mask_rle", *IMAGE_COLUMNS, HEART_IMAGE) if c in rows.column_names])
     if options.masks_only:
         return rows.append_column(pa.field("mask_rle", RLE), pa.array([e["mask_rle"] for e in extra], RLE))
-    for name in IMAGE_COLUMNS:
+    for name in columns:
         rows = rows.append_column(pa.field(name, HF_IMAGE), pa.array([e[name] for e in extra], HF_IMAGE))
     return rows
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from lungmask_kit import __version__
 from lungmask_kit.manifest import RunManifest
-from lungmask_kit.publish.schema import HF_IMAGE, IDENTIFIER_COLUMNS, IMAGE_COLUMNS, RLE, PublishOptions, PublishSummary
+from lungmask_kit.publish.schema import HF_IMAGE, IDENTIFIER_COLUMNS, RLE, PublishOptions, PublishSummary, image_columns
 from lungmask_kit.qc import reason_counts
 
 LICENCE_COLUMNS = ("license", "licence")
@@ -146,6 +146,13 @@ def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, 
                   "the image's left in a PA/AP view; disjoint, their union is the mask), `right_lung_fraction`, "
                   "`left_lung_fraction` (of the image area) and `right_lung_mm2`, `left_lung_mm2` (where a DICOM gave "
                   "the pixel spacing; null otherwise)."]
+    if "heart_rle" in table.column_names and table.column("heart_rle").null_count < table.num_rows:
+        lines += ["- The heart: `heart_rle` (COCO RLE as above" + ("; also `heart` as PNG" if mode == "full" else "")
+                  + "), `heart_fraction`, `heart_mm2`, and the cardiothoracic ratio `ctr`: the heart's widest horizontal "
+                  "extent (`heart_width_px`) over that of both visible lung fields (`thorax_width_px`, from the model's "
+                  "jsrt-convention lungs whatever the lung masks' convention). `ctr` is null where it was not measurable "
+                  "or the image was flagged as possibly not frontal (`ctr_null_reason` says which); a measurement by a "
+                  "model, not a diagnosis."]
     lines += [f"- Left out: {summary.excluded_failed} image(s) that failed, "
               + (f"{summary.excluded_flagged} flagged by QC." if not options.include_flagged else
                  "none flagged by QC (flagged images are included; `qc_pass`/`qc_reason` say which).")]
@@ -181,7 +188,8 @@ def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, 
     lines += ["## Files", "", f"{len(files)} Parquet file(s) under `data/`, `croissant.json` (MLCommons Croissant 1.1), "
               "`SHA256SUMS` (`sha256sum -c SHA256SUMS` checks every file)."
               + (" `chexmask.csv`: the masks in CheXmask's layout (`Right Lung`, `Left Lung` as run-length strings, "
-                 "starts 1-indexed, row by row; `Heart` empty: lungkit draws no heart); its `Dice RCA (Mean)` column "
+                 "starts 1-indexed, row by row; `Heart` the same where the model drew the heart, else empty); its "
+                 "`Dice RCA (Mean)` column "
                  "holds lungkit's `est_dice`, an estimate of each mask's Dice like CheXmask's RCA, not CheXmask's "
                  "RCA itself." if options.chexmask else ""), "",
               "## Citation", "", "Cite the sources of the images" + (" (see the licence table)" if licences else "")
@@ -250,7 +258,7 @@ _CR_TYPES = {"string": "sc:Text", "large_string": "sc:Text", "bool": "sc:Boolean
 
 
 _RLE_COLUMNS = {"mask_rle": "the lung mask", "right_lung_rle": "the patient's right lung (the image's left in a PA/AP view)",
-                "left_lung_rle": "the patient's left lung"}
+                "left_lung_rle": "the patient's left lung", "heart_rle": "the heart"}
 
 
 def _cr_field(name: str, t: pa.DataType) -> dict | None:
@@ -274,7 +282,7 @@ def write_croissant(folder: Path, source: RunManifest, table: pa.Table, summary:
     licence, licences = licence_summary(table, options.license)
     schema = table.schema
     if summary.mode == "full":
-        schema = pa.schema(list(schema) + [pa.field(c, HF_IMAGE) for c in IMAGE_COLUMNS])
+        schema = pa.schema(list(schema) + [pa.field(c, HF_IMAGE) for c in image_columns(table)])
     else:
         schema = pa.schema(list(schema) + [pa.field("mask_rle", RLE)])
     fields = [f for f in (_cr_field(fld.name, fld.type) for fld in schema) if f is not None]

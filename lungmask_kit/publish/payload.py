@@ -1,4 +1,4 @@
-"""What each published row carries besides the manifest's columns: the four images as PNG bytes (full mode) or
+"""What each published row carries besides the manifest's columns: the four images (five with the heart) as PNG bytes (full mode) or
 the mask as a COCO RLE (masks-only). Runs in reading threads; errors name the row's file. Every file is reached
 through the run's `RunManifest` (a manifest's paths never lead out of their folders) and read as a regular file."""
 
@@ -24,7 +24,7 @@ def full_payload(source: RunManifest, row: dict) -> dict:
     name = _png_name(row["path"])
     out = {"image": {"bytes": _original_png(source, row), "path": name},
            "mask": {"bytes": encode_png(_mask(source, row).astype(np.uint8) * 255), "path": name}}
-    for variant in ("lungs", "nolungs"):
+    for variant in ("lungs", "nolungs", "heart"):
         rel = row.get(f"{variant}_path")
         out[variant] = {"bytes": _read_output(source, rel, f"{variant} output"), "path": name} if rel else None
     return out

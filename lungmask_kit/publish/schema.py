@@ -15,6 +15,13 @@ from lungmask_kit.manifest import RLE_TYPE
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 RLE = RLE_TYPE
 IMAGE_COLUMNS = ("image", "mask", "lungs", "nolungs")
+HEART_IMAGE = "heart"  # a fifth image column (full mode) where the run drew the heart
+
+
+def image_columns(table: pa.Table) -> tuple[str, ...]:
+    """The image columns a full-mode dataset of these manifest rows has: the heart's where they have heart masks."""
+    has_heart = "heart_rle" in table.column_names and table.column("heart_rle").null_count < table.num_rows
+    return (*IMAGE_COLUMNS, HEART_IMAGE) if has_heart else IMAGE_COLUMNS
 # columns that can identify a patient (DICOM PatientID and UIDs, or a label file's patient_id): pseudonymised
 # in a published dataset unless --keep-identifiers
 IDENTIFIER_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid")

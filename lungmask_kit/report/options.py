@@ -9,7 +9,8 @@ from pathlib import Path
 MARKER = ".lungkit-report"  # a folder holding it is ours to replace
 COLUMNS = ("path", "sha256", "status", "error", "qc_pass", "qc_reason", "lung_area_fraction", "est_dice", "ood_score",
            "ood_image_score", "ood_shape_score", "mask_path", "lungs_path", "nolungs_path", "crop_box", "width",
-           "height", "bit_depth", "label", "split", "source", "view", "modality", "right_lung_rle", "left_lung_rle")
+           "height", "bit_depth", "label", "split", "source", "view", "modality", "right_lung_rle", "left_lung_rle",
+           "heart_rle", "ctr")
 GROUP_COLUMNS = ("label", "split", "source", "view", "modality")
 
 

@@ -126,7 +126,7 @@ class _PageWriter:
         return len(chunks)
 
 
-CARD_COLUMNS = ("path", "est_dice", "ood_score", "ood_shape_score", "lung_area_fraction", "label", "view", "source",
+CARD_COLUMNS = ("path", "est_dice", "ood_score", "ood_shape_score", "lung_area_fraction", "ctr", "label", "view", "source",
                 "qc_reason")
 
 
@@ -138,7 +138,7 @@ def _cards(data: RunManifest, rows: list[int], rendered: dict[int, dict]) -> lis
         v = {c: values[c][k] for c in CARD_COLUMNS}
         measures = [f"{name} {fmt.format(v[c])}" for c, name, fmt in (
             ("est_dice", "est", "{:.3f}"), ("ood_score", "ood", "{:.2f}"), ("ood_shape_score", "shape", "{:.2f}"),
-            ("lung_area_fraction", "area", "{:.3f}")) if v[c] is not None and not (c == "ood_shape_score" and v["ood_score"] is not None)]
+            ("lung_area_fraction", "area", "{:.3f}"), ("ctr", "CTR", "{:.2f}")) if v[c] is not None and not (c == "ood_shape_score" and v["ood_score"] is not None)]
         card = rendered[i]
         cards.append({**card, "path": v["path"], "measures": " · ".join(measures) or "-",
                       "label": " · ".join(str(v[c]) for c in ("label", "view", "source") if v[c]),

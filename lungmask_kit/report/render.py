@@ -1,5 +1,5 @@
 """The report's overlays: each shown row's original image (or, where it is gone, the image put back together from
-the run's variants) with its mask tinted per lung, as a thumbnail and a large JPEG, rendered in threads.
+the run's variants) with its mask tinted per lung (and the heart, where the run drew it), as a thumbnail and a large JPEG, rendered in threads.
 
 Every file comes through the run's `RunManifest` (paths kept inside their folders) and `imaging.read_input`
 (regular files only, the original checked against the sha256 the run recorded)."""
@@ -52,8 +52,9 @@ def _render_one(data: RunManifest, i: int, folder: Path, options: ReportOptions)
     placeholder = image is None
     if placeholder:
         image, mask = _placeholder(problem or "image not found"), None
-    (folder / f"{name}.jpg").write_bytes(encode_jpeg(overlay(image, mask, options.thumb_side)))
-    (folder / f"{name}-large.jpg").write_bytes(encode_jpeg(overlay(image, mask, options.large_side), 90))
+    heart = _heart(data, i, mask.shape) if mask is not None else None
+    (folder / f"{name}.jpg").write_bytes(encode_jpeg(overlay(image, mask, options.thumb_side, heart=heart)))
+    (folder / f"{name}-large.jpg").write_bytes(encode_jpeg(overlay(image, mask, options.large_side, 0.28, heart), 90))
     w, h = scaled_size(image.shape, options.thumb_side)
     return {"thumb": f"img/{name}.jpg", "large": f"img/{name}-large.jpg", "w": w, "h": h, "placeholder": placeholder,
             "no_outline": not placeholder and mask is None, "problem": problem}
@@ -113,6 +114,17 @@ def _with_sides(data: RunManifest, i: int, mask: np.ndarray | None) -> np.ndarra
     labels = np.zeros(mask.shape, np.uint8)
     labels[right], labels[left] = RIGHT_LUNG, LEFT_LUNG
     return labels
+
+
+def _heart(data: RunManifest, i: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """The row's heart mask where it has one of the mask's size (else none is drawn)."""
+    heart = data.value("heart_rle", i)
+    if not heart:
+        return None
+    try:
+        return rle.decode(heart, expect_shape=shape)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _from_variants(data: RunManifest, i: int) -> np.ndarray | None:

@@ -40,7 +40,8 @@ class LocalSteps:
             for i, it in enumerate(items):
                 it.model_input = None  # spent: free it; the prediction sends the image to the writers
                 it.prediction = ImagePrediction(pred.probabilities[i], pred.pooled[i],
-                                                None if pred.flipped is None else pred.flipped[i])
+                                                None if pred.flipped is None else pred.flipped[i],
+                                                {name: p[i] for name, p in pred.extra.items()})
 
         return finish
 

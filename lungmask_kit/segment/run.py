@@ -30,6 +30,7 @@ from lungmask_kit.runtime import autocast_dtype, available_cores, precision_name
 from lungmask_kit.segment.local import LocalSteps
 from lungmask_kit.segment.steps import (
     DICOM_SEG_DIR,
+    HEART_DIR,
     OUTPUT_DIRS,
     DicomSegOutput,
     ImageReader,
@@ -57,6 +58,7 @@ class SegmentOptions:
     keep_largest: int = defaults.KEEP_LARGEST
     max_ood_score: float | None = None  # None: the model's calibrated gate (1.0)
     min_est_dice: float | None = None  # None: the model's calibrated default
+    flag_ctr_above: float | None = None  # QC: flag a cardiothoracic ratio above this (None: off)
     tta: bool = False  # a mirrored pass adds flip agreement to est_dice (masks are unchanged)
     dicom: bool = False  # also read extensionless / UID-named files as DICOM (.dcm is always read)
     max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
@@ -218,7 +220,8 @@ class _SegmentRun:
         root, out = (self.root.absolute(), self.out.absolute()) if on_host else (self.root, self.out)
         return ImageReader(root, out, self.key, seg.config, self.options.dicom,
                            prepare_on_host=on_host or not seg.prepares_on_device,
-                           jpeg_on_device=not on_host and seg.decodes_jpeg_on_device)
+                           jpeg_on_device=not on_host and seg.decodes_jpeg_on_device,
+                           heart="heart" in seg.extra_outputs)
 
     def writer(self) -> OutputWriter:
         seg = self.segmenter
@@ -266,7 +269,7 @@ class _SegmentRun:
             s.failed = len(s.errors)
             s.next_step = (f"shard {self.folder.shard} done; when all {self.folder.shard.count} shards have finished, "
                            f"`lungkit merge {self.out}` writes the manifest")
-            s.output_folders = [str(self.out / d) for d in OUTPUT_DIRS.values()]
+            s.output_folders = _output_folders(self.out)
         s.warnings[:0] = self.folder.warnings
         s.seconds = time.perf_counter() - t_start
         s.pipeline_seconds = time.perf_counter() - self.t_pipeline
@@ -321,10 +324,15 @@ def _finish_manifest(folder: RunFolder, root: Path, paths: list[str], labels: _L
     table, s.removed_stale = folder.finalize(paths, metadata, update=update, keep_other=keep_existing(root, folder.overwrite))
     s.count(table)
     s.manifest = str(out / MANIFEST_NAME)
-    s.output_folders = [str(out / d) for d in OUTPUT_DIRS.values()]
+    s.output_folders = _output_folders(out)
     if labels.unmatched or labels.conflicts:
         s.unmatched_labels, s.label_conflicts = len(labels.unmatched), len(labels.conflicts)
         write_label_report(out, labels.unmatched, labels.conflicts)
+
+
+def _output_folders(out: Path) -> list[str]:
+    """Where a run's images went: masks, lungs, nolungs, and heart where the model draws one."""
+    return [str(out / d) for d in OUTPUT_DIRS.values()] + ([str(out / HEART_DIR)] if (out / HEART_DIR).is_dir() else [])
 
 
 def merge_shards(out: str | Path) -> RunSummary:
@@ -383,7 +391,7 @@ def quality_thresholds(quality, options) -> QCThresholds:
     """QC thresholds: the user's where given, else those calibrated with the model (none if uncalibrated)."""
     max_ood = options.max_ood_score if options.max_ood_score is not None else (quality and quality.max_ood_score)
     min_est = options.min_est_dice if options.min_est_dice is not None else (quality and quality.min_est_dice)
-    return QCThresholds(options.min_lung_fraction, max_ood, min_est)
+    return QCThresholds(options.min_lung_fraction, max_ood, min_est, options.flag_ctr_above)
 
 
 def _quality_metadata(quality, tta: bool) -> dict:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lungmask_kit import defaults
+from lungmask_kit.anatomy.heart import finish_heart, heart_fields, thorax_fields
 from lungmask_kit.derive import derive_variants, lung_fields
 from lungmask_kit.discovery import output_path_problem, wants_dicom
 from lungmask_kit.engines.local import Item
@@ -36,9 +37,11 @@ if TYPE_CHECKING:
     from lungmask_kit.quality import QualityModel
 
 OUTPUT_DIRS = {"mask": "masks", "lungs": "lungs", "nolungs": "nolungs"}
+HEART_DIR = "heart"  # heart masks, for a model with a heart output
+_ALL_DIRS = {**OUTPUT_DIRS, "heart": HEART_DIR}
 DICOM_SEG_DIR = "dicom-seg"  # segment --dicom-seg
 # Bump when the bytes written for the same input and settings change.
-OUTPUT_FORMAT = 3  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns
+OUTPUT_FORMAT = 4  # 2: quality columns (ood_score, est_dice); 3: convention, right and left lung columns; 4: heart
 
 
 def manifest_path(rel: str) -> str:
@@ -78,11 +81,13 @@ class OutputWriteError(LungkitError):
 @dataclass(frozen=True)
 class ImagePrediction:
     """The model's output for one image: lung probability (S, S), the encoder's pooled features (the input gate's
-    view of the image) and, with --tta, the probability of the mirrored pass."""
+    view of the image), with --tta the probability of the mirrored pass, and the other outputs the run reads
+    (`inference.BatchPrediction.extra`: "heart", and "jsrt" for the CTR when the run's lungs are v7)."""
 
     probability: np.ndarray
     pooled: np.ndarray
     flipped: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,8 @@ class Task:
 
 
 def output_rel(kind: str, task: Task) -> str:
-    """Where an image's mask / lungs / nolungs file goes, relative to OUT."""
-    return f"{OUTPUT_DIRS[kind]}/{manifest_path(task.out_name)}"
+    """Where an image's mask / lungs / nolungs / heart file goes, relative to OUT."""
+    return f"{_ALL_DIRS[kind]}/{manifest_path(task.out_name)}"
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ class ImageReader:
     dicom: bool = False
     prepare_on_host: bool = True  # False: the engine's device resizes and normalises
     jpeg_on_device: bool = False  # leave gray JPEGs undecoded for nvJPEG
+    heart: bool = False  # the model draws the heart: a finished image has a heart mask too
 
     def read(self, task: Task) -> Item:
         try:
@@ -147,7 +153,8 @@ class ImageReader:
             return item
         sha = hashlib.sha256(data).hexdigest()
         row.update(sha256=sha, file_bytes=len(data))
-        if task.done_sha256 == sha and all((self.out / output_rel(k, task)).is_file() for k in OUTPUT_DIRS):
+        kinds = [*OUTPUT_DIRS, "heart"] if self.heart else list(OUTPUT_DIRS)
+        if task.done_sha256 == sha and all((self.out / output_rel(k, task)).is_file() for k in kinds):
             row["status"] = "skipped"
             return item
         if self.jpeg_on_device:
@@ -230,7 +237,12 @@ class OutputWriter:
         right, left = split_by_region(mask, right_lung_region(lung_sides(small)))
         row.update(lung_fields(right, left, row.get("pixel_spacing")), convention=self.convention)
         images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
-        paths = {kind: output_rel(kind, task) for kind in OUTPUT_DIRS}
+        heart = None
+        if "heart" in prediction.extra:
+            heart = self._finish_heart(row, small, prediction, pixels.shape)
+            images["heart"] = heart.astype(np.uint8) * 255
+            row["heart_path"] = output_rel("heart", task)
+        paths = {kind: output_rel(kind, task) for kind in images}
         try:
             for kind, image in images.items():
                 atomic_write_bytes(self.out / paths[kind], encode_png(image), fsync=False)
@@ -243,10 +255,29 @@ class OutputWriter:
             status="ok", error=None,
         )
         if self.dicom_seg is not None and row.get("sop_uid"):  # a DICOM input (its header gave a SOP Instance UID)
-            row["dicom_seg_path"] = self._write_dicom_seg(task, right, left)
+            row["dicom_seg_path"] = self._write_dicom_seg(task, right, left, heart)
         return row
 
-    def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray) -> str:
+    def _finish_heart(self, row: SegmentRow, lungs_small: np.ndarray, prediction: ImagePrediction,
+                      shape: tuple[int, int]) -> np.ndarray:
+        """The heart mask at native size, its fields and the two widths of the CTR (on the visible lungs: the
+        run's own lungs in the jsrt convention, the model's jsrt output otherwise). The heart is kept as the
+        network draws it, overlap with the lungs included: the publisher's own jsrt lung and heart masks
+        overlap too (cxr-heart: 4.5% of the heart's area on average)."""
+        heart = resize_mask(finish_heart(prediction.extra["heart"], self.post.threshold), shape)
+        row.update(heart_fields(heart, row.get("pixel_spacing")))
+        visible = lungs_small if self.convention == "jsrt" else None
+        if visible is None and "jsrt" in prediction.extra:
+            visible = clean_mask(prediction.extra["jsrt"], self.post)
+        if visible is None:
+            row.update(thorax_fields(None, None))
+        else:
+            row.update(thorax_fields(resize_mask(visible, shape), lung_sides(visible)))
+        if row["heart_width_px"] is None:
+            row["ctr_null_reason"] = "no heart found"
+        return heart
+
+    def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> str:
         """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm)."""
         from io import BytesIO
 
@@ -257,7 +288,7 @@ class OutputWriter:
         data = read_regular_file(self.dicom_seg.input_root / task.rel, defaults.MAX_FILE_BYTES)
         source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
         payload = dicom_seg.segmentation(source, right, left, self.dicom_seg.model_name, self.dicom_seg.model_version,
-                                         self.convention)
+                                         self.convention, heart)
         rel = f"{DICOM_SEG_DIR}/{PurePosixPath(manifest_path(task.out_name)).with_suffix('.dcm')}"
         try:
             atomic_write_bytes(self.out / rel, payload, fsync=False)

@@ -106,28 +106,76 @@ def _number(text) -> float | None:
         return None
 
 
-def match_images(rows: list[Row], image_rels: list[str]) -> tuple[dict[str, Row], list[Row]]:
-    """{image path: its row} and the rows no image matched. An id matches an image's relative path, or its
-    path's end (CheXpert's `Path` starts with the corpus folder), or its file name, or its name without the
-    extension (MIMIC's dicom_id, VinDr's image_id); an id that fits several images matches none."""
-    by_name: dict[str, list[str]] = {}
+@dataclass
+class Matches:
+    """How a CheXmask CSV's rows met the images: each matched image's row, the rows that fit no image, and the
+    ids refused as ambiguous (an id that fits several images, or an image that several ids fit)."""
+
+    matched: dict[str, Row]
+    unmatched: list[Row]
+    ambiguous: list[str]
+
+    def note(self) -> str:
+        """One line for a run's summary, naming the first ambiguous id."""
+        text = f"CheXmask: {len(self.matched)} image(s) matched, {len(self.unmatched)} row(s) match no image"
+        if self.ambiguous:
+            text += (f", {len(self.ambiguous)} ambiguous id(s) refused (e.g. {self.ambiguous[0]!r}: it fits several "
+                     "images or shares its image with another id; give the images' folder that the ids' paths name)")
+        return text
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Two file names of one image: equal, or equal but for the extension (a corpus converted to PNG)."""
+    return a == b or PurePosixPath(a).stem == PurePosixPath(b).stem
+
+
+def _fits(id_parts: list[str], rel_parts: list[str]) -> bool:
+    """An id with folders fits an image when the shorter path is the end of the longer, folder by folder
+    (CheXpert's Path starts with the corpus folder; an image folder may start further down or further up)."""
+    n = min(len(id_parts), len(rel_parts))
+    if not _same_file(id_parts[-1], rel_parts[-1]):
+        return False
+    return id_parts[-n:-1] == rel_parts[-n:-1]
+
+
+def match_images(rows: list[Row], image_rels: list[str]) -> Matches:
+    """Each image's row, matched only where there is no doubt. An id with folders (CheXpert's `Path`) must agree
+    with the image's path folder by folder, from the file name up, as far as the shorter one goes: a file name
+    shared by every study (`view1_frontal.jpg`) never matches on the name alone. An id without folders (MIMIC's
+    dicom_id, ChestX-ray14's Image Index, VinDr's image_id) matches an image of that name or stem. An id that fits
+    several images, and every id of an image that several ids fit, is refused as ambiguous."""
     by_stem: dict[str, list[str]] = {}
     for rel in image_rels:
-        p = PurePosixPath(rel)
-        by_name.setdefault(p.name, []).append(rel)
-        by_stem.setdefault(p.stem, []).append(rel)
-    rels = set(image_rels)
-    matched, unmatched = {}, []
+        by_stem.setdefault(PurePosixPath(rel).stem, []).append(rel)
+    claims: dict[str, list[Row]] = {}
+    unmatched, ambiguous = [], []
     for row in rows:
-        key = row.image_id.replace("\\", "/").lstrip("./")
-        parts = key.split("/")
-        tails = ["/".join(parts[k:]) for k in range(len(parts))]  # the id itself, then without leading folders
-        found = next(([t] for t in tails if t in rels), None) or by_name.get(parts[-1]) or by_stem.get(key) or []
-        if len(found) == 1 and found[0] not in matched:
-            matched[found[0]] = row
-        else:
+        id_parts = _parts(row.image_id)
+        if not id_parts:
             unmatched.append(row)
-    return matched, unmatched
+            continue
+        candidates = by_stem.get(PurePosixPath(id_parts[-1]).stem, [])
+        if len(id_parts) == 1:
+            found = [rel for rel in candidates if _same_file(id_parts[0], PurePosixPath(rel).name)]
+        else:
+            found = [rel for rel in candidates if _fits(id_parts, _parts(rel))]
+        if not found:
+            unmatched.append(row)
+        elif len(found) > 1:
+            ambiguous.append(row.image_id)
+        else:
+            claims.setdefault(found[0], []).append(row)
+    matched = {}
+    for rel, claimants in claims.items():
+        if len(claimants) == 1:
+            matched[rel] = claimants[0]
+        else:
+            ambiguous += [r.image_id for r in claimants]
+    return Matches(matched, unmatched, ambiguous)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -249,10 +249,12 @@ def evaluate_masks(pred: str | Path, truth: str | Path | None, out: str | Path, 
         raise LungkitError(f"the predictions are {found.convention} masks and the truth is {truth_convention}: compare like "
                            f"with like (segment again with --convention {truth_convention})")
     truths: dict = {}
+    chexmask_ambiguous: list[str] = []
     if truth_chexmask is not None:
         rows_cx, _, _ = chexmask.read_csv(truth_chexmask, chexmask_id)
-        matched, _ = chexmask.match_images(rows_cx, sorted(paths.values()))
-        truths = {stem_key(rel): row for rel, row in matched.items()}
+        matches = chexmask.match_images(rows_cx, sorted(paths.values()))
+        truths = {stem_key(rel): row for rel, row in matches.matched.items()}
+        chexmask_ambiguous = matches.ambiguous
         truth = None
     elif truth is not None:
         truth = Path(truth)
@@ -297,7 +299,8 @@ def evaluate_masks(pred: str | Path, truth: str | Path | None, out: str | Path, 
                "n": len(rows), "n_error": sum(r["status"] == "error" for r in rows),
                "unmatched_predictions": len(set(preds) - set(truths) - set(hearts) - set(ratios)),
                "unmatched_truths": len((set(truths) | set(hearts) | set(ratios)) - set(preds)),
-               "truth_resized": resized}  # CheXmask truths of another size, resized (nearest) to the prediction's
+               "truth_resized": resized,  # CheXmask truths of another size, resized (nearest) to the prediction's
+               "chexmask_ambiguous": len(chexmask_ambiguous)}  # CheXmask ids that fit several images: not scored
     for metric in METRICS:
         values = np.array([r[metric] for r in rows if r["status"] == "ok" and r.get(metric) is not None and not math.isnan(r[metric])])
         summary[metric] = (

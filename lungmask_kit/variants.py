@@ -146,16 +146,16 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
     return tasks, run.input_root, run.masks_root, carried
 
 
-def _tasks_from_chexmask(options: VariantsOptions, images: Path) -> tuple[list[_Task], int, int]:
-    """(tasks, CheXmask rows dropped by --min-rca, rows that match no image) of a CheXmask CSV and its images.
+def _tasks_from_chexmask(options: VariantsOptions, images: Path) -> tuple[list[_Task], int, chexmask.Matches]:
+    """(tasks, CheXmask rows dropped by --min-rca, how the rows met the images) of a CheXmask CSV and its images.
     Only images that have a row are processed; CheXmask outlines the visible lungs (the jsrt convention)."""
     rows, _, dropped = chexmask.read_csv(options.chexmask, options.chexmask_id, options.min_rca)
     rels = find_images(images, options.glob, options.dicom)
-    matched, unmatched = chexmask.match_images(rows, rels)
-    names = output_names(sorted(matched))
+    matches = chexmask.match_images(rows, rels)
+    names = output_names(sorted(matches.matched))
     tasks = [_Task(rel, str(images / rel), None, None, names[rel], {"convention": "jsrt"}, wants_dicom(rel, options.dicom),
-                   chexmask=row) for rel, row in sorted(matched.items())]
-    return tasks, dropped, len(unmatched)
+                   chexmask=row) for rel, row in sorted(matches.matched.items())]
+    return tasks, dropped, matches
 
 
 def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
@@ -414,10 +414,10 @@ def run_variants(
         if images is None or not Path(images).is_dir():
             raise LungkitError("--chexmask needs the folder of the images it describes: give --images")
         images_root = Path(images)
-        tasks, dropped, unmatched = _tasks_from_chexmask(options, images_root)
+        tasks, dropped, matches = _tasks_from_chexmask(options, images_root)
         masks_root, carried, manifest = Path(options.chexmask).parent, None, None
-        chexmask_note = (f"CheXmask: {len(tasks)} image(s) matched, {unmatched} row(s) match no image"
-                         + (f", {dropped} below --min-rca {options.min_rca:g}" if options.min_rca is not None else ""))
+        chexmask_note = matches.note() + (f", {dropped} below --min-rca {options.min_rca:g}"
+                                          if options.min_rca is not None else "")
     elif manifest is not None and Path(manifest).is_dir():  # a dataset made by lungkit publish --masks-only
         tasks, images_root, masks_root, carried = _tasks_from_dataset(Path(manifest), options.glob, options.input_root)
         manifest = None

@@ -118,3 +118,46 @@ def test_evaluate_against_chexmask_truth(tmp_path, example_images, example_masks
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["truth_resized"] == 1
     assert main(["evaluate", str(run), "-o", str(tmp_path / "ev2"), "-q"]) == 2  # no truth given
     assert "give a truth: --truth MASKS, --truth-chexmask CSV" in capsys.readouterr().err
+
+
+def _row(image_id: str) -> chexmask.Row:
+    return chexmask.Row(image_id, "1 2", "5 2", 10, 10, 0.9, 0.9)
+
+
+def test_an_id_with_folders_never_matches_on_a_shared_file_name():
+    # CheXpert: view1_frontal.jpg is in every study; patient00001's row must not reach patient00005's image
+    images = ["train/patient00005/study1/view1_frontal.png", "train/patient00007/study2/view1_frontal.png"]
+    rows = [_row("CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"),
+            _row("CheXpert-v1.0/train/patient00005/study1/view1_frontal.jpg")]
+    m = chexmask.match_images(rows, images)
+    assert m.matched == {images[0]: rows[1]} and m.unmatched == [rows[0]] and not m.ambiguous
+    # a flat folder of images cannot tell the studies apart: every row is refused, named and counted
+    flat = chexmask.match_images(rows, ["view1_frontal.png"])
+    assert not flat.matched and len(flat.ambiguous) == 2 and "2 ambiguous id(s) refused" in flat.note()
+
+
+def test_a_bare_id_matches_one_image_by_name_or_stem_and_refuses_several():
+    m = chexmask.match_images([_row("00000001_000.png"), _row("abc")], ["a/00000001_000.png", "x/abc.png", "y/abc.png"])
+    assert set(m.matched) == {"a/00000001_000.png"} and m.ambiguous == ["abc"]
+
+
+def test_variants_gives_no_image_another_patients_chexmask_mask(tmp_path, example_images, example_masks, capsys):
+    name = "ieee_b39f5cf9.png"
+    images = tmp_path / "images"
+    for patient in ("patient00005", "patient00009"):
+        (images / patient / "study1").mkdir(parents=True)
+        (images / patient / "study1" / "view1_frontal.png").write_bytes((example_images / name).read_bytes())
+    mask = cv2.imread(str(example_masks / name), cv2.IMREAD_GRAYSCALE) > 0
+    sides = lung_sides(mask)
+    table = tmp_path / "chexpert.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Path", "Dice RCA (Mean)", "Left Lung", "Right Lung", "Heart", "Height", "Width"])
+        for patient in ("patient00001", "patient00005"):
+            w.writerow([f"CheXpert-v1.0/train/{patient}/study1/view1_frontal.jpg", 0.9, reference_encode(sides == LEFT_LUNG),
+                        reference_encode(sides == RIGHT_LUNG), "", mask.shape[0], mask.shape[1]])
+    out = tmp_path / "var"
+    assert main(["variants", "--chexmask", str(table), "--images", str(images), "-o", str(out), "-j", "1"]) == 0
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["path"] for r in rows] == ["patient00005/study1/view1_frontal.png"]  # patient00009 got no one's mask
+    assert "1 image(s) matched, 1 row(s) match no image" in capsys.readouterr().err

@@ -59,6 +59,8 @@ def evaluate(
         rows.append(("unmatched predictions / truths", f"{s['unmatched_predictions']} / {s['unmatched_truths']}"))
         if s.get("truth_resized"):
             rows.append(("CheXmask truths resized (nearest)", s["truth_resized"]))
+        if s.get("chexmask_ambiguous"):
+            rows.append(("CheXmask ids refused as ambiguous", s["chexmask_ambiguous"]))
         typer.echo(table(rows, title="lungkit evaluate summary"))
     if s["n_error"]:
         raise typer.Exit(1)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import cv2
 import numpy as np
 
 from lungmask_kit import defaults
@@ -54,6 +55,33 @@ def decode(text: str | None, height: int, width: int, max_pixels: int = defaults
     np.add.at(marks, starts, 1)
     np.add.at(marks, starts + lengths, -1)
     return (np.cumsum(marks[:n]) > 0).reshape(height, width)
+
+
+def fit_to_image(mask: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+    """A CheXmask mask (h, w) bool brought to an image's (H, W): (mask, what was done, None when nothing was).
+
+    CheXmask's preprocessed masks are drawn on the image padded to a centred square and scaled to 1024x1024
+    (its DataPreparation code); those are un-padded: scaled to the longest side, then cropped. A mask of the
+    image's own aspect ratio (the original-resolution layout, or a resized copy) is scaled. Nearest neighbour
+    throughout; a mask whose aspect ratio fits neither layout is a ValueError (stretching it would shift the lungs).
+    """
+    h, w = mask.shape
+    height, width = shape
+    if (h, w) == (height, width):
+        return mask, None
+
+    def scaled(m: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+        return cv2.resize(m.astype(np.uint8), (size_hw[1], size_hw[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+    if abs(h * width - w * height) <= max(h, w, height, width):  # the same aspect ratio, to a pixel's rounding
+        return scaled(mask, shape), f"chexmask {w}x{h}, resized (nearest) to {width}x{height}"
+    if h == w:  # the preprocessed layout: the image padded to a centred square
+        side = max(height, width)
+        top, left = (side - height) // 2, (side - width) // 2
+        return (scaled(mask, (side, side))[top:top + height, left:left + width],
+                f"chexmask {w}x{h} of the image padded to a square: un-padded and resized (nearest) to {width}x{height}")
+    raise ValueError(f"CheXmask's {w}x{h} mask fits neither the {width}x{height} image's aspect ratio nor its centred "
+                     "square padding: not the same image, or another layout")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -135,14 +134,11 @@ def _truth_pixels(path: Path, root: Path) -> np.ndarray:
 
 
 def _chexmask_sides(row: chexmask.Row, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(right, left) lungs of a CheXmask row at `shape` (nearest neighbour where CheXmask's size differs)."""
-    sides = []
-    for text in (row.right, row.left):
-        lung = chexmask.decode(text, row.height, row.width)
-        if lung.shape != tuple(shape):
-            lung = cv2.resize(lung.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-        sides.append(lung)
-    return sides[0], sides[1]
+    """(right, left) lungs of a CheXmask row at `shape` (`chexmask.fit_to_image`: un-padded or resized where
+    CheXmask's size differs; ValueError where its aspect ratio fits neither layout)."""
+    right, left = (chexmask.fit_to_image(chexmask.decode(text, row.height, row.width), shape)[0]
+                   for text in (row.right, row.left))
+    return right, left
 
 
 def _truth_name(truth, out: str | Path) -> str:
@@ -232,7 +228,7 @@ def evaluate_masks(pred: str | Path, truth: str | Path | None, out: str | Path, 
 
     Args:
         truth: a folder of lung masks; or `truth_chexmask`: a CheXmask CSV (its right and left lungs; a truth of
-            another size is resized to the prediction's with nearest neighbour, and counted).
+            another size is un-padded or resized to the prediction's (`chexmask.fit_to_image`) and counted).
         truth_convention: what the lung truth outlines (CheXmask: jsrt); predictions known to outline another are
             refused (a Dice across conventions measures the convention gap, not the masks).
         truth_heart: a folder of heart masks, scored against the run's heart masks (`heart_path`).

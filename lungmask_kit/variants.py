@@ -258,13 +258,11 @@ def _decode_mask(task: _Task, data, image_shape: tuple[int, int] | None) -> np.n
 
 
 def _chexmask_heart(entry: chexmask.Row, lungs: np.ndarray, sides: np.ndarray, pixel_spacing) -> dict:
-    """The heart fields of a CheXmask entry at the image's size (nearest neighbour where CheXmask's size differs),
+    """The heart fields of a CheXmask entry at the image's size (brought there as its lungs were),
     and the thorax width of its (visible-lung) lungs for the CTR; a reason where CheXmask has no heart."""
     if not entry.heart:
         return {"ctr_null_reason": "CheXmask gives no heart for this image"}
-    heart = chexmask.decode(entry.heart, entry.height, entry.width)
-    if heart.shape != lungs.shape:
-        heart = cv2.resize(heart.astype(np.uint8), lungs.shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+    heart, _ = chexmask.fit_to_image(chexmask.decode(entry.heart, entry.height, entry.width), lungs.shape)
     fields = {**heart_fields(heart, pixel_spacing), **thorax_fields(lungs, sides)}
     if fields["heart_width_px"] is None:
         fields["ctr_null_reason"] = "no heart found"
@@ -323,11 +321,16 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     row.update(width=w, height=h, bit_depth=image.bit_depth, source_channels=image.source_channels)
     if task.chexmask is not None:
         row.update(mask_source="chexmask", mask_quality=task.chexmask.rca_mean)
+    if task.chexmask is not None and mask_pixels.shape != pixels.shape:
+        # CheXmask's masks of some corpora are at another size, or of the image padded to a square: said in the row
+        try:
+            fitted, row["mask_source"] = chexmask.fit_to_image(mask_pixels > 0, pixels.shape)
+        except ValueError as err:
+            row["error"] = f"mask: {err}"
+            return row
+        mask_pixels = fitted.astype(np.uint8) * 255
     if mask_pixels.shape != pixels.shape:
-        if task.chexmask is not None:  # CheXmask's masks of some corpora are at another size: said in the row
-            row["mask_source"] = (f"chexmask {mask_pixels.shape[1]}x{mask_pixels.shape[0]}, resized (nearest) "
-                                  f"to {w}x{h}")
-        elif not options.resize_masks:
+        if not options.resize_masks:
             row["error"] = (f"mask size {mask_pixels.shape[1]}x{mask_pixels.shape[0]} differs from image size {w}x{h} "
                             "(use --resize-masks to resize with nearest neighbour)")
             return row

@@ -161,3 +161,54 @@ def test_variants_gives_no_image_another_patients_chexmask_mask(tmp_path, exampl
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert [r["path"] for r in rows] == ["patient00005/study1/view1_frontal.png"]  # patient00009 got no one's mask
     assert "1 image(s) matched, 1 row(s) match no image" in capsys.readouterr().err
+
+
+def _padded_square(mask: np.ndarray, side: int = 1024) -> np.ndarray:
+    """CheXmask's preprocessed layout: the image padded to a centred square, scaled to side x side."""
+    h, w = mask.shape
+    longest = max(h, w)
+    square = np.zeros((longest, longest), np.uint8)
+    top, left = (longest - h) // 2, (longest - w) // 2
+    square[top:top + h, left:left + w] = mask
+    return cv2.resize(square, (side, side), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def test_chexmasks_square_padded_masks_are_unpadded_and_a_foreign_aspect_refused(tmp_path, example_images, example_masks):
+    from lungmask_kit.metrics import dice
+
+    name = "ieee_thnov10p5641g006-c.png"  # 375x277: not square
+    truth = cv2.imread(str(example_masks / name), cv2.IMREAD_GRAYSCALE) > 0
+    padded = _padded_square(truth)
+    heart = np.zeros_like(truth)
+    heart[150:230, 130:230] = True
+    stretched = cv2.resize(truth.astype(np.uint8), (600, 300), interpolation=cv2.INTER_NEAREST) > 0
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / name).write_bytes((example_images / name).read_bytes())
+    (images / "other.png").write_bytes((example_images / name).read_bytes())
+    table = tmp_path / "cx.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Image Index", "Dice RCA (Mean)", "Left Lung", "Right Lung", "Heart", "Height", "Width"])
+        sides = lung_sides(padded)
+        w.writerow([name, 0.9, reference_encode(sides == LEFT_LUNG), reference_encode(sides == RIGHT_LUNG),
+                    reference_encode(_padded_square(heart)), 1024, 1024])
+        sides = lung_sides(stretched)
+        w.writerow(["other.png", 0.9, reference_encode(sides == LEFT_LUNG), reference_encode(sides == RIGHT_LUNG), "",
+                    300, 600])
+    out = tmp_path / "var"
+    assert main(["variants", "--chexmask", str(table), "--images", str(images), "-o", str(out), "-j", "1", "-q"]) == 1
+    rows = {r["path"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    ok = rows[name]
+    assert ok["status"] == "ok" and "padded to a square: un-padded" in ok["mask_source"]
+    lungs = cv2.imread(str(out / ok["lungs_path"]), cv2.IMREAD_UNCHANGED) > 0
+    image = cv2.imread(str(example_images / name), cv2.IMREAD_UNCHANGED) > 0
+    assert dice(lungs, truth & image) > 0.98  # stretched onto the 375x277 image it was 0.83
+    assert dice(rle_decode(ok["heart_rle"]), heart) > 0.97 and ok["ctr"] is not None
+    assert rows["other.png"]["status"] == "error" and "fits neither" in rows["other.png"]["error"]
+
+
+def rle_decode(value) -> np.ndarray:
+    from lungmask_kit import rle
+
+    return rle.decode(value)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -294,6 +295,33 @@ class RunFolder:
         for lock in self.out.glob(SHARD_LOCK.format(tag="*")):  # no shard can run while this run holds OUT
             lock.unlink(missing_ok=True)
         return table, len(dropped)
+
+
+@contextmanager
+def reading_run(run: str | Path, reader: str):
+    """Hold a run folder's lock shared while `reader` (publish, report) reads it: a segment or variants run into
+    it (which takes the lock exclusively) is refused meanwhile, and a run already writing refuses the reader, so
+    no dataset or page mixes files of two runs. A folder the reader may not write to is read unlocked (no
+    lungkit run can write there either), as is one no lungkit run ever locked (no lock file)."""
+    import fcntl
+
+    run = Path(run)
+    folder = run if run.is_dir() else run.parent
+    try:
+        if not (folder / LOCK_FILE).is_file():
+            raise FileNotFoundError(folder / LOCK_FILE)
+        fd = _open_lock(folder / LOCK_FILE)
+    except OSError:
+        yield
+        return
+    try:
+        if not _flock(fd, fcntl.LOCK_SH):
+            raise LungkitError(f"{folder} is being written by another lungkit run ({_holder(fd)}): {reader} it when "
+                               "that run has finished")
+        _write_holder(fd, f"{reader}, reading it (pid {os.getpid()} on {socket.gethostname()})")
+        yield
+    finally:
+        os.close(fd)  # closing drops the shared lock
 
 
 def running_holder(out: Path) -> str | None:

@@ -128,6 +128,49 @@ def test_two_publishes_at_once_leave_one_whole_dataset(tmp_path, run):
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=ds).returncode == 0
 
 
+WRITE = """
+import sys, time
+from pathlib import Path
+from lungmask_kit.runfolder import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(30)
+"""
+
+READ = """
+import sys, time
+from lungmask_kit.runfolder import reading_run
+with reading_run(sys.argv[1], "publish"):
+    print("held", flush=True)
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("command", ["publish", "report"])
+def test_a_run_being_rewritten_is_not_read_and_one_being_read_is_not_rewritten(tmp_path, run, capsys, command):
+    # publishing while `variants --overwrite` re-derived gave rows whose lungs were not image AND mask
+    writer = subprocess.Popen([sys.executable, "-c", WRITE, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        assert main([command, str(run), "-o", str(tmp_path / "dest"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is being written by another lungkit run" in err and str(writer.pid) in err
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not (tmp_path / "dest").exists()
+    reader = subprocess.Popen([sys.executable, "-c", READ, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "held"
+        data = run.parent / "data"
+        code = main(["variants", "--images", str(data / "images"), "--masks", str(data / "masks"), "-o", str(run),
+                     "--overwrite", "-j", "1", "-q"])
+        assert code == 2 and "publish, reading it" in capsys.readouterr().err
+    finally:
+        reader.kill()
+        reader.wait()
+
+
 # --- 3. reads outside the run ----------------------------------------------------------------------------------
 
 def test_paths_out_of_the_run_are_never_followed(tmp_path, run, capsys):

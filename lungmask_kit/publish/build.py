@@ -41,6 +41,7 @@ from lungmask_kit.publish.schema import (
     hf_schema_metadata,
     image_columns,
 )
+from lungmask_kit.runfolder import reading_run
 from lungmask_kit.runtime import available_cores
 
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
@@ -79,9 +80,13 @@ def _split_name(value: str) -> str:
 
 
 def publish(run: str | Path, dataset: str | Path, options: PublishOptions | None = None) -> PublishSummary:
-    """`lungkit publish RUN -o DATASET`."""
+    """`lungkit publish RUN -o DATASET`. RUN is held (`runfolder.reading_run`) while it is read."""
+    with reading_run(run, "publish"):
+        return _publish(run, dataset, options or PublishOptions())
+
+
+def _publish(run: str | Path, dataset: str | Path, options: PublishOptions) -> PublishSummary:
     t0 = time.perf_counter()
-    options = options or PublishOptions()
     source = open_run(run, options.input_root)
     dataset = Path(dataset)
     table, n_flagged, n_failed = eligible(source.table, options.include_flagged)

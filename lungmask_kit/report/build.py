@@ -13,12 +13,18 @@ from lungmask_kit.report.options import COLUMNS, MARKER, ReportOptions, ReportSu
 from lungmask_kit.report.pages import write_pages
 from lungmask_kit.report.render import render_cards
 from lungmask_kit.report.select import select
+from lungmask_kit.runfolder import reading_run
 
 
 def build_report(run: str | Path, report: str | Path, options: ReportOptions | None = None) -> ReportSummary:
-    """`lungkit report RUN -o REPORT`: REPORT/index.html, its pages, figures and overlays."""
+    """`lungkit report RUN -o REPORT`: REPORT/index.html, its pages, figures and overlays. RUN is held
+    (`runfolder.reading_run`) while it is read."""
+    with reading_run(run, "report"):
+        return _build_report(run, report, options or ReportOptions())
+
+
+def _build_report(run: str | Path, report: str | Path, options: ReportOptions) -> ReportSummary:
     t0 = time.perf_counter()
-    options = options or ReportOptions()
     data = open_run(run, options.input_root, COLUMNS)
     report = Path(report)
     warnings: list[str] = []

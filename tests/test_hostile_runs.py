@@ -318,13 +318,16 @@ def test_a_multi_valued_patient_id_is_text_not_a_list(tmp_path):
 
 
 def test_the_card_escapes_label_values_and_the_licence(tmp_path, run):
-    tamper(run / "manifest.parquet", label=lambda i, r: "## Injected section\n- [click](http://x)" if i == 0 else r["label"])
+    tamper(run / "manifest.parquet", label=lambda i, r: "## Injected section\n- [click](http://x)" if i == 0 else r["label"],
+           convention=lambda i, r: "`v7\n## Convention section <b>x</b> [y](http://z)" if i == 1 else "jsrt")
     ds = tmp_path / "ds"
     assert main(["publish", str(run), "-o", str(ds), "--include-flagged", "--license", "mit\nextra: injected", "-q"]) == 0
     card = (ds / "README.md").read_text()
     header = card.split("---")[1]
     assert 'license: "other"' in header and "extra" not in header
     assert "\n## Injected section" not in card and "](http://x)" not in card
+    assert "\n## Convention section" not in card and "<b>" not in card and "](http://z)" not in card
+    assert "(not a convention lungkit knows)" in card and "`jsrt`: the visible lung fields" in card
 
 
 # --- 7. silently wrong pictures --------------------------------------------------------------------------------

@@ -110,7 +110,10 @@ def _convention_line(table: pa.Table) -> str:
     said = sorted({c for c in table.column("convention").to_pylist() if c})
     if not said:
         return "- Annotation convention: not recorded (masks from elsewhere)."
-    return "- Annotation convention: " + "; ".join(f"`{c}`: {_CONVENTION_WORDS.get(c, c)}" for c in said) + "."
+    # a value that is not one of lungkit's conventions is the manifest's text, shown as plain escaped text
+    return "- Annotation convention: " + "; ".join(
+        f"`{c}`: {_CONVENTION_WORDS[c]}" if c in _CONVENTION_WORDS else f"{md(c)} (not a convention lungkit knows)"
+        for c in said) + "."
 
 
 def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, options: PublishOptions, licence: str,

@@ -55,6 +55,15 @@ def kind_reasons(row: dict) -> list[str]:
     return reasons
 
 
+def shown(value: float, limit: float, digits: int) -> str:
+    """`value` with at least `digits` decimals and as many more (up to 8) as it takes to differ visibly from the
+    `limit` it crossed: a reason never reads "1.00 > 1"."""
+    for d in range(digits, 9):
+        if round(value, d) != round(limit, d):
+            return f"{value:.{d}f}"
+    return f"{value:.8g}"
+
+
 def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
     """The QC reasons of one ok manifest row (declared kind, lung area, input gate, estimated Dice, and the
     cardiothoracic ratio `ctr` when the row has one and `flag_ctr_above` is set)."""
@@ -64,21 +73,21 @@ def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
         if fraction == 0:
             reasons.append("no lung detected")
         elif fraction < t.min_lung_fraction:
-            reasons.append(f"lung area fraction {fraction:.4f} < min_lung_fraction {t.min_lung_fraction:g}")
+            reasons.append(f"lung area fraction {shown(fraction, t.min_lung_fraction, 4)} < min_lung_fraction {t.min_lung_fraction:g}")
     if t.max_ood_score is not None:
         image, shape = row.get("ood_image_score"), row.get("ood_shape_score")
         if image is not None and image > t.max_ood_score:
-            reasons.append(f"not like the frontal chest X-rays the model knows (image ood score {image:.2f} > "
+            reasons.append(f"not like the frontal chest X-rays the model knows (image ood score {shown(image, t.max_ood_score, 2)} > "
                            f"max_ood_score {t.max_ood_score:g})")
         if shape is not None and shape > t.max_ood_score:
-            reasons.append(f"implausible lung shape for a frontal chest X-ray (shape ood score {shape:.2f} > "
+            reasons.append(f"implausible lung shape for a frontal chest X-ray (shape ood score {shown(shape, t.max_ood_score, 2)} > "
                            f"max_ood_score {t.max_ood_score:g})")
     est = row.get("est_dice")
     if t.min_est_dice is not None and est is not None and est < t.min_est_dice:
-        reasons.append(f"low estimated Dice {est:.3f} < min_est_dice {t.min_est_dice:g}")
+        reasons.append(f"low estimated Dice {shown(est, t.min_est_dice, 3)} < min_est_dice {t.min_est_dice:g}")
     ctr = row.get("ctr")
     if t.flag_ctr_above is not None and ctr is not None and ctr > t.flag_ctr_above:
-        reasons.append(f"cardiothoracic ratio {ctr:.3f} > flag_ctr_above {t.flag_ctr_above:g}")
+        reasons.append(f"cardiothoracic ratio {shown(ctr, t.flag_ctr_above, 3)} > flag_ctr_above {t.flag_ctr_above:g}")
     return reasons
 
 

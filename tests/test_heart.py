@@ -195,3 +195,14 @@ def test_initialise_from_gives_a_new_heart_channel_the_first_output(tmp_path):
     p, c = parent.model.state_dict(), child.state_dict()
     for key in ("segmentation_head.0.weight", "segmentation_head.0.bias"):
         assert torch.equal(c[key][:2], p[key]) and torch.equal(c[key][2], p[key][0])
+
+
+def test_a_qc_reason_never_shows_a_value_equal_to_its_limit():
+    from lungmask_kit.qc import qc_reasons
+
+    reasons = qc_reasons({"lung_area_fraction": 0.3, "ood_image_score": 1.0004, "est_dice": 0.91498,
+                          "ctr": 0.50001}, QCThresholds(max_ood_score=1.0, min_est_dice=0.915, flag_ctr_above=0.5))
+    assert "image ood score 1.0004 > max_ood_score 1" in reasons[0]
+    assert "low estimated Dice 0.91498 < min_est_dice 0.915" in reasons[1]
+    assert "cardiothoracic ratio 0.50001 > flag_ctr_above 0.5" in reasons[2]
+    assert "image ood score 1.40 >" in qc_reasons({"ood_image_score": 1.4}, QCThresholds(max_ood_score=1.0))[0]

@@ -84,3 +84,17 @@ def test_from_manifest_never_replaces_it_unless_asked(small_corpus, tmp_path, ra
 def test_only_rejects_unknown_variant(tmp_path, example_images, example_masks):
     assert main(["variants", "--images", str(example_images), "--masks", str(example_masks), "-o", str(tmp_path / "o"),
                  "--only", "lungs,heart", "-q"]) == 2
+
+
+def test_summary_has_no_rate_for_a_run_with_nothing_to_do_and_points_flagged_runs_to_the_report(
+        tmp_path, example_images, example_masks, capsys):
+    from lungmask_kit.cli.app import main
+
+    args = ["variants", "--images", str(example_images), "--masks", str(example_masks), "-o", str(tmp_path / "v"),
+            "-j", "1", "--min-lung-fraction", "0.9"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "images processed per second" in first and f"lungkit report {tmp_path / 'v'}" in first
+    assert main(args) == 0  # resumed: every image done before
+    again = capsys.readouterr().out
+    assert "nothing to process" in again and "0.00 images" not in again

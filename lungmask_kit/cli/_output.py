@@ -30,11 +30,17 @@ def echo_run_summary(s, title: str) -> None:
         ("flagged by QC", f"{s.flagged}" + (f" ({reasons})" if reasons else "")),
         ("failed", s.failed),
         ("removed (input gone)", s.removed_stale),
-        ("time", f"{s.seconds:.1f} s in all, model loading included: {s.images_per_second:.2f} images processed "
-                 f"per second ({s.processed} processed; the progress bar counts skipped images too)"),
+        ("time", _time_line(s)),
         ("outputs", ", ".join(s.output_folders) or "-"),
         ("manifest", s.manifest or "-"),
     ], title=title))
+
+
+def _time_line(s) -> str:
+    if not s.processed:  # a resumed run with nothing left to do has no rate to speak of
+        return f"{s.seconds:.1f} s in all, model loading included: nothing to process (every image was done before)"
+    return (f"{s.seconds:.1f} s in all, model loading included: {s.images_per_second:.2f} images processed per second "
+            f"({s.processed} processed; the progress bar counts skipped images too)")
 
 
 def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
@@ -47,6 +53,8 @@ def finish_run(s, quiet: bool, title: str, out, report: bool = False) -> None:
         echo_report_summary(build_report(out, default_folder(out), ReportOptions(progress=not quiet)), quiet)
     if s.next_step and not quiet:
         typer.echo(s.next_step)
+    elif s.flagged and not report and not quiet and s.manifest:
+        typer.echo(f"{s.flagged} image(s) flagged by QC: `lungkit report {out}` shows them grouped by reason")
     if s.uncalibrated:
         typer.echo("lungkit: warning: the model has no quality statistics, so ood_score and est_dice are null; "
                    "fit them with `lungkit calibrate`", err=True)

@@ -33,19 +33,28 @@ write("cxr-seg.csv", [[os.path.abspath(os.path.join(seg, kind, r["name"] + ".png
 jsrt = os.path.join(data, "cxr-seg-jsrt")
 write("cxr-seg-jsrt.csv", [[os.path.abspath(os.path.join(jsrt, r["image"])), os.path.abspath(os.path.join(jsrt, r["mask"])),
                             "jsrt:" + r["name"]] for r in csv.DictReader(open(os.path.join(jsrt, "pairs.csv")))])
-# cxr-heart: right + left lung masks joined into one visible-lung mask per image; no patient ids either
+# cxr-heart: right + left lung masks joined into one visible-lung mask per image; no patient ids either. One
+# image's published heart and left-lung masks are swapped (its "heart" lies 100 px above its "left lung"): the
+# two are swapped back here (rule: a heart whose centre is above the left lung's), written beside the lungs.
 import cv2
+import numpy as np
 heart = os.path.join(data, "cxr-heart")
-lungs = os.path.join(run, "cxr-heart-lungs")
+lungs, hearts = os.path.join(run, "cxr-heart-lungs"), os.path.join(run, "cxr-heart-fixed")
 os.makedirs(lungs, exist_ok=True)
 rows = []
 for r in csv.DictReader(open(os.path.join(heart, "pairs.csv"))):
-    right, left = (cv2.imread(os.path.join(heart, "masks", side, r["name"]), cv2.IMREAD_GRAYSCALE) for side in ("right_lung", "left_lung"))
+    right, left, h = (cv2.imread(os.path.join(heart, "masks", kind, r["name"]), cv2.IMREAD_GRAYSCALE) > 127
+                      for kind in ("right_lung", "left_lung", "heart"))
+    heart_path = os.path.abspath(os.path.join(heart, "masks", "heart", r["name"]))
+    if np.nonzero(h)[0].mean() < np.nonzero(left)[0].mean() - 50:  # swapped by the publisher
+        left, h = h, left
+        os.makedirs(hearts, exist_ok=True)
+        heart_path = os.path.abspath(os.path.join(hearts, r["name"]))
+        cv2.imwrite(heart_path, h.astype("uint8") * 255)
+        print(f"cxr-heart {r['name']}: heart and left lung masks swapped back")
     union = os.path.abspath(os.path.join(lungs, r["name"]))
-    if not os.path.exists(union):
-        cv2.imwrite(union, ((right > 127) | (left > 127)).astype("uint8") * 255)
-    rows.append([os.path.abspath(os.path.join(heart, "images", r["name"])), union,
-                 os.path.abspath(os.path.join(heart, "masks", "heart", r["name"])), "heart:" + r["name"]])
+    cv2.imwrite(union, (right | left).astype("uint8") * 255)
+    rows.append([os.path.abspath(os.path.join(heart, "images", r["name"])), union, heart_path, "heart:" + r["name"]])
 with open(os.path.join(run, "cxr-heart.csv"), "w", newline="") as fh:
     w = csv.writer(fh)
     w.writerow(["image", "mask", "heart", "patient_id"])

@@ -96,15 +96,20 @@ _NOT_FRONTAL = ("not a radiograph", "lateral view", "not like the frontal chest 
                 "implausible lung shape for a frontal chest X-ray")
 
 
+_FRONTAL_DOUBT = "flagged as possibly not a frontal chest X-ray"
+
+
 def ctr_of(row: dict, t: QCThresholds) -> tuple[float | None, str | None]:
-    """(ctr, ctr_null_reason) of an ok row from its widths: null where the writer found nothing to measure
-    (its reason kept), and where the image is flagged as possibly not a frontal CXR."""
+    """(ctr, ctr_null_reason) of an ok row from its widths: null where the writer found nothing to measure or
+    an implausible heart (its reason kept), and where the image is flagged as possibly not a frontal CXR (a
+    reason QC sets, and lifts when a new threshold passes the image)."""
     ctr = cardiothoracic_ratio(row.get("heart_width_px"), row.get("thorax_width_px"))
-    if ctr is None:
-        return None, row.get("ctr_null_reason")
+    written = row.get("ctr_null_reason")
+    if ctr is None or (written and not written.startswith(_FRONTAL_DOUBT)):
+        return None, written
     frontal_doubt = [r for r in qc_reasons({**row, "ctr": None}, t) if r.startswith(_NOT_FRONTAL)]
     if frontal_doubt:
-        return None, f"flagged as possibly not a frontal chest X-ray ({short_reason(frontal_doubt[0])})"
+        return None, f"{_FRONTAL_DOUBT} ({short_reason(frontal_doubt[0])})"
     return ctr, None
 
 

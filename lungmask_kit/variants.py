@@ -263,7 +263,7 @@ def _chexmask_heart(entry: chexmask.Row, lungs: np.ndarray, sides: np.ndarray, p
     if not entry.heart:
         return {"ctr_null_reason": "CheXmask gives no heart for this image"}
     heart, _ = chexmask.fit_to_image(chexmask.decode(entry.heart, entry.height, entry.width), lungs.shape)
-    fields = {**heart_fields(heart, pixel_spacing), **thorax_fields(lungs, sides)}
+    fields = {**heart_fields(heart, pixel_spacing), **thorax_fields(lungs, sides, heart)}
     if fields["heart_width_px"] is None:
         fields["ctr_null_reason"] = "no heart found"
     return fields

@@ -40,12 +40,15 @@ def test_dicom_inputs_get_a_segmentation_that_matches_the_png_mask(tmp_path, exa
         assert seg.SeriesInstanceUID != source.SeriesInstanceUID and seg.PatientID == f"P{i}"
         referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
         assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        assert [s.SegmentLabel.split(" (")[0] for s in seg.SegmentSequence] == ["Right lung", "Left lung"]
+        assert [s.SegmentLabel.split(" (")[0] for s in seg.SegmentSequence] == ["Right lung", "Left lung", "Heart"]
+        assert seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0].CodeValue == "80891009"
         assert seg.SegmentSequence[0].SegmentAlgorithmName == "lungkit"
         labels = hd.seg.segread(out / row["dicom_seg_path"]).get_pixels_by_source_instance(
-            source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[1, 2])[0]
+            source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[1, 2, 3])[0]
         png = cv2.imread(str(out / row["mask_path"]), cv2.IMREAD_GRAYSCALE) > 0
-        assert np.array_equal(labels.any(-1), png) and not (labels[..., 0] & labels[..., 1]).any()
+        assert np.array_equal(labels[..., :2].any(-1), png) and not (labels[..., 0] & labels[..., 1]).any()
+        heart = cv2.imread(str(out / row["heart_path"]), cv2.IMREAD_GRAYSCALE) > 0
+        assert heart.any() and np.array_equal(labels[..., 2] > 0, heart)  # the heart's own frame: it may overlap
         if shutil.which("dciodvfy"):  # Debian's dicom3tools, where installed: no error in the SEG
             check = subprocess.run(["dciodvfy", str(out / row["dicom_seg_path"])], capture_output=True, text=True)
             assert "Error" not in check.stderr, check.stderr

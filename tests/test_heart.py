@@ -68,6 +68,22 @@ def test_no_ctr_over_one_lung_or_without_a_visible_lung_mask():
     assert cardiothoracic_ratio(None, 200) is None and cardiothoracic_ratio(80, None) is None
 
 
+def test_a_heart_inside_one_lung_field_gives_no_ctr():
+    from lungmask_kit.anatomy.heart import crosses_midline
+
+    lungs, heart = _chest()
+    sides = lung_sides(lungs)
+    assert crosses_midline(heart, sides) and thorax_fields(lungs, sides, heart)["ctr_null_reason"] is None
+    inside = np.zeros_like(heart)
+    inside[100:160, 125:200] = True  # from the left lung's medial edge outwards: 0 of its area right of the midline
+    fields = thorax_fields(lungs, sides, inside)
+    assert not crosses_midline(inside, sides) and fields["ctr_null_reason"].startswith("implausible heart")
+    assert fields["thorax_width_px"] == 200  # measured, but no CTR: QC keeps the reason whatever the thresholds
+    table = _manifest([{"heart_width_px": 75, **fields}])
+    row = qc_update(QCThresholds(max_ood_score=5.0))(table).to_pylist()[0]
+    assert row["ctr"] is None and row["ctr_null_reason"].startswith("implausible heart")
+
+
 def test_finish_heart_keeps_one_solid_component():
     probability = np.zeros((64, 64), np.float32)
     probability[20:50, 20:50] = 0.9
@@ -206,3 +222,129 @@ def test_a_qc_reason_never_shows_a_value_equal_to_its_limit():
     assert "low estimated Dice 0.91498 < min_est_dice 0.915" in reasons[1]
     assert "cardiothoracic ratio 0.50001 > flag_ctr_above 0.5" in reasons[2]
     assert "image ood score 1.40 >" in qc_reasons({"ood_image_score": 1.4}, QCThresholds(max_ood_score=1.0))[0]
+
+
+@pytest.fixture(scope="module")
+def heart_run(tmp_path_factory, example_images):
+    """The bundled model (it draws the heart) on three real examples."""
+    import shutil
+
+    from lungmask_kit.segment import SegmentOptions, run_segment
+
+    root = tmp_path_factory.mktemp("heart")
+    src = root / "in"
+    src.mkdir()
+    for name in ("ieee_41182_2020_203_Fig3_HTML.png", "ieee_b39f5cf9.png", "ieee_2cd63b76.png"):
+        shutil.copy(example_images / name, src / name)
+    assert run_segment(src, root / "out", SegmentOptions(progress=False)).ok == 3
+    return root / "out"
+
+
+def test_the_bundled_model_draws_the_heart_and_measures_the_ctr_on_visible_lungs(heart_run):
+    from lungmask_kit.models.modeling import load_config
+
+    config, _ = load_config()
+    assert config.structures == ["heart"] and config.outputs == ["v7", "jsrt", "heart"]
+    rows = pq.read_table(heart_run / "manifest.parquet").to_pylist()
+    for r in rows:
+        assert r["convention"] == "v7" and 0.03 < r["heart_fraction"] < 0.3
+        assert (heart_run / r["heart_path"]).is_file()
+        # the thorax is measured on the jsrt output, not on the v7 lungs the run wrote
+        v7_width = widest_extent(rle.decode(r["right_lung_rle"]) | rle.decode(r["left_lung_rle"]))
+        assert r["thorax_width_px"] is not None and r["thorax_width_px"] <= v7_width
+    assert sum(r["ctr"] is not None for r in rows) >= 2 and all(0.3 < r["ctr"] < 0.8 for r in rows if r["ctr"])
+
+
+def test_publish_carries_the_heart_in_both_modes_and_in_chexmask_csv(heart_run, tmp_path):
+    from lungmask_kit.cli.app import main
+
+    full, masks = tmp_path / "full", tmp_path / "masks"
+    assert main(["publish", str(heart_run), "-o", str(full), "--include-flagged", "--chexmask", "-q"]) == 0
+    assert main(["publish", str(heart_run), "-o", str(masks), "--masks-only", "--include-flagged", "-q"]) == 0
+    manifest = {r["path"]: r for r in pq.read_table(heart_run / "manifest.parquet").to_pylist()}
+    shard = pq.read_table(next((full / "data").glob("*.parquet")))
+    assert "heart" in shard.column_names and "heart_path" not in shard.column_names
+    features = json.loads(shard.schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["heart"] == {"_type": "Image"}
+    for r in shard.to_pylist():
+        png = cv2.imdecode(np.frombuffer(r["heart"]["bytes"], np.uint8), cv2.IMREAD_GRAYSCALE) > 0
+        assert np.array_equal(png, rle.decode(manifest[r["path"]]["heart_rle"]))
+        assert r["ctr"] == manifest[r["path"]]["ctr"]
+    rows = pq.read_table(next((masks / "data").glob("*.parquet"))).to_pylist()
+    assert all(np.array_equal(rle.decode(r["heart_rle"]), rle.decode(manifest[r["path"]]["heart_rle"])) for r in rows)
+    from lungmask_kit import chexmask
+
+    with open(full / "chexmask.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            heart = chexmask.decode(r["Heart"], int(r["Height"]), int(r["Width"]))
+            assert np.array_equal(heart, rle.decode(manifest[r["Path"]]["heart_rle"]))
+    card = (full / "README.md").read_text()
+    assert "cardiothoracic ratio" in card and "`heart` as PNG" in card
+    croissant = json.loads((full / "croissant.json").read_text())
+    fields = {f["name"] for rs in croissant["recordSet"] for f in rs["field"]}
+    assert {"heart", "heart_rle", "ctr"} <= fields
+
+
+def test_evaluate_scores_the_heart_and_the_ctr(heart_run, tmp_path):
+    from lungmask_kit.evaluate import evaluate_masks
+
+    rows = pq.read_table(heart_run / "manifest.parquet").to_pylist()
+    truth = tmp_path / "hearts"
+    truth.mkdir()
+    ratios = tmp_path / "ctr.csv"
+    with open(ratios, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "ctr_ground_truth"])
+        for k, r in enumerate(rows):
+            heart = rle.decode(r["heart_rle"])
+            if k == 0:
+                heart = np.roll(heart, 10, axis=1)  # a truth 10 px aside: Dice below 1
+            write_png(truth / r["path"], heart.astype(np.uint8) * 255)
+            w.writerow([r["path"], "" if r["ctr"] is None else r["ctr"] + 0.02])
+    s = evaluate_masks(heart_run, None, tmp_path / "ev", progress=False, truth_heart=truth, truth_ctr=ratios,
+                       ctr_column="ctr_ground_truth")
+    assert s["n"] == 3 and s["n_error"] == 0 and s["dice"] is None
+    assert s["heart_dice"]["max"] == 1.0 and s["heart_dice"]["min"] < 1.0
+    assert s["ctr_abs_error"]["mean"] == pytest.approx(0.02, abs=1e-9)
+    metrics = pq.read_table(tmp_path / "ev" / "metrics.parquet").to_pylist()
+    assert all(m["heart_dice"] is not None for m in metrics)
+
+
+def test_report_draws_the_heart_and_prints_the_ctr(heart_run, tmp_path):
+    from lungmask_kit.report import ReportOptions, build_report
+    from lungmask_kit.report.overlay import HEART_TINT_BGR, overlay
+
+    image = np.full((100, 120), 128, np.uint8)
+    lungs, heart = np.zeros((100, 120), bool), np.zeros((100, 120), bool)
+    lungs[10:90, 10:50] = True
+    heart[40:80, 50:90] = True
+    plain, with_heart = overlay(image, lungs, 120), overlay(image, lungs, 120, heart=heart)
+    inside = with_heart[60, 70].astype(float)
+    assert np.array_equal(plain[60, 70], [128, 128, 128]) and inside[0] > inside[1]  # tinted magenta
+    assert np.allclose(inside, 0.72 * 128 + 0.28 * HEART_TINT_BGR, atol=1)
+    build_report(heart_run, tmp_path / "rep", ReportOptions(progress=False, sample=10))
+    assert "CTR 0." in "".join(p.read_text() for p in (tmp_path / "rep").glob("*.html"))
+
+
+def test_heart_and_ctr_on_cxr_heart_validation_images(tmp_path):
+    """Real data: cxr-heart images the bundled model never trained on (its recipe's split: by image, seed 0)."""
+    from lungmask_kit.evaluate import evaluate_masks
+    from lungmask_kit.segment import SegmentOptions, run_segment
+    from lungmask_kit.training.data import Pair, split_pairs
+
+    data = shared("cxr-heart")
+    with open(data / "pairs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pairs = [Pair(data / "images" / r["name"], data / "masks" / "heart" / r["name"], "heart:" + r["name"]) for r in rows]
+    _, val, _ = split_pairs(pairs, 0.2, 0)
+    chosen = sorted(p.image.name for p in val)[:12]
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in chosen:
+        (images / name).symlink_to(data / "images" / name)
+    assert run_segment(images, tmp_path / "out", SegmentOptions(convention="jsrt", progress=False)).ok == len(chosen)
+    s = evaluate_masks(tmp_path / "out", None, tmp_path / "ev", progress=False, truth_heart=data / "masks" / "heart",
+                       truth_ctr=data / "pairs.csv", ctr_column="ctr_ground_truth")
+    # the recipe's full validation set: heart Dice 0.929 mean, CTR error 0.013 mean
+    assert s["heart_dice"]["n"] == len(chosen) and s["heart_dice"]["median"] > 0.90
+    assert s["ctr_abs_error"]["n"] >= 6 and s["ctr_abs_error"]["mean"] < 0.03

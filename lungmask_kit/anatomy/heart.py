@@ -50,14 +50,37 @@ def heart_fields(heart: np.ndarray, pixel_spacing: list[float] | None = None) ->
     }
 
 
-def thorax_fields(visible_lungs: np.ndarray | None, sides: np.ndarray | None) -> dict:
+# the least share of the heart's area on the patient's right of the midline between the lungs: half the smallest
+# of cxr-heart's 258 annotated hearts (20%; median 35%)
+MIN_RIGHT_SHARE = 0.10
+
+
+def crosses_midline(heart: np.ndarray, sides: np.ndarray) -> bool:
+    """Whether the heart (h, w) bool lies across the midline between the two lungs (lung labels of the same
+    size: the mean of each lung's columns), with at least MIN_RIGHT_SHARE of its area on the patient's right (the
+    image's left). A heart drawn inside the left lung field alone, what a model may do on an image unlike its
+    training images, does not."""
+    right_x, left_x = (np.nonzero(sides == label)[1] for label in (RIGHT_LUNG, LEFT_LUNG))
+    area = np.count_nonzero(heart)
+    if not right_x.size or not left_x.size or not area:
+        return False
+    midline = int(round((right_x.mean() + left_x.mean()) / 2))
+    return np.count_nonzero(heart[:, :midline]) >= MIN_RIGHT_SHARE * area
+
+
+def thorax_fields(visible_lungs: np.ndarray | None, sides: np.ndarray | None, heart: np.ndarray | None = None) -> dict:
     """`thorax_width_px` from the native (H, W) bool visible-lung mask and the lung sides labelled at model
-    resolution (`postprocess.lung_sides`), or None with the reason in `ctr_null_reason` when there is no
-    visible-lung mask or one lung is missing (a CTR over one lung would be about half the true one)."""
+    resolution (`postprocess.lung_sides`), or None with the reason in `ctr_null_reason`: no visible-lung mask,
+    one lung missing (a CTR over one lung would be about half the true one), or a heart (given at the sides'
+    size) that does not cross the midline between the lungs (`crosses_midline`: its width would not be the
+    heart's)."""
     if visible_lungs is None or sides is None:
         return {"thorax_width_px": None, "ctr_null_reason": "the model draws no visible-lung (jsrt) mask to measure the thorax on"}
     if not (sides == RIGHT_LUNG).any() or not (sides == LEFT_LUNG).any():
         return {"thorax_width_px": None, "ctr_null_reason": "a lung is missing from the visible-lung mask"}
+    if heart is not None and heart.any() and not crosses_midline(heart, sides):
+        return {"thorax_width_px": widest_extent(visible_lungs),
+                "ctr_null_reason": "implausible heart: it does not cross the midline between the lungs"}
     return {"thorax_width_px": widest_extent(visible_lungs), "ctr_null_reason": None}
 
 

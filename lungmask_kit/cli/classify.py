@@ -36,7 +36,7 @@ def classify(
     labels_from_folders: Annotated[bool, typer.Option("--labels-from-folders", help="Label = first folder of each image path (folder-per-class).")] = False,
     patient_from: Annotated[str | None, typer.Option("--patient-from", metavar="REGEX", help="Patient id from each image path: the regex's first group (or whole match), e.g. 'patient(\\d+)'. Images without one are grouped by exact and near copies.")] = None,
     input_root: InputRootOpt = None,
-    include_flagged: Annotated[bool, typer.Option("--include-flagged", help="Keep images that failed the lung-area QC.")] = False,
+    include_flagged: Annotated[bool, typer.Option("--include-flagged", help="Also use images flagged by QC (any reason: lung area, input gate, est_dice, declared view; failed ones never).")] = False,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Score --checkpoint on this manifest without training.")] = False,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A classifier .safetensors written by lungkit classify.")] = None,
     device: DeviceOpt = "auto",

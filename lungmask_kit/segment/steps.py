@@ -264,7 +264,8 @@ class OutputWriter:
         run's own lungs in the jsrt convention, the model's jsrt output otherwise). The heart is kept as the
         network draws it, overlap with the lungs included: the publisher's own jsrt lung and heart masks
         overlap too (cxr-heart: 4.5% of the heart's area on average)."""
-        heart = resize_mask(finish_heart(prediction.extra["heart"], self.post.threshold), shape)
+        small_heart = finish_heart(prediction.extra["heart"], self.post.threshold)
+        heart = resize_mask(small_heart, shape)
         row.update(heart_fields(heart, row.get("pixel_spacing")))
         visible = lungs_small if self.convention == "jsrt" else None
         if visible is None and "jsrt" in prediction.extra:
@@ -272,7 +273,7 @@ class OutputWriter:
         if visible is None:
             row.update(thorax_fields(None, None))
         else:
-            row.update(thorax_fields(resize_mask(visible, shape), lung_sides(visible)))
+            row.update(thorax_fields(resize_mask(visible, shape), lung_sides(visible), small_heart))
         if row["heart_width_px"] is None:
             row["ctr_null_reason"] = "no heart found"
         return heart

@@ -173,14 +173,18 @@ class PartWriter:
 
 
 def carry_columns(table: pa.Table, carried: pa.Table) -> pa.Table:
-    """`table` with `carried`'s columns other than path joined on path (replacing columns of the same name, e.g.
-    from an earlier run); paths `carried` lacks get nulls. Row order is kept."""
+    """`table` with `carried`'s columns other than path joined on path: a column `table` has is replaced where it
+    stands (values and type), the others appended; paths `carried` lacks get nulls. Row order is kept."""
     names = [c for c in carried.column_names if c != "path"]
-    table = table.drop_columns([c for c in names if c in table.column_names])
     index = {p: i for i, p in enumerate(carried.column("path").to_pylist())}
     take = pa.array([index.get(p) for p in table.column("path").to_pylist()], pa.int64())
     for name in names:
-        table = table.append_column(carried.schema.field(name), carried.column(name).take(take))
+        values = carried.column(name).take(take)
+        if name in table.column_names:
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, table.schema.field(i).with_type(values.type), values)
+        else:
+            table = table.append_column(carried.schema.field(name), values)
     return table
 
 

@@ -44,6 +44,7 @@ from lungmask_kit.manifest import (
     carry_columns,
     folder_entries,
     open_run,
+    read_metadata,
 )
 from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
 from lungmask_kit.qc import QCThresholds, qc_update
@@ -115,6 +116,9 @@ def pairs_from_folders(images: Path, masks: Path, glob: str | None = None, dicom
 
 
 # columns a variants row takes over from the segment manifest's row (its own measures are recomputed)
+# what a segment run measured on its masks that variants cannot (it has no model): carried from its manifest
+SEGMENT_TRUST = ("ood_score", "ood_image_score", "ood_shape_score", "est_dice", "heart_rle", "heart_fraction",
+                 "heart_mm2", "heart_width_px", "thorax_width_px", "ctr", "ctr_null_reason")
 _CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "series_uid", "sop_uid", "pixel_spacing",
             "convention")
 
@@ -142,6 +146,8 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
                            {k: r.get(k) for k in _CARRIED}, wants_dicom(r["path"], dicom=True)))
     own = {f.name for f in FIELDS}
     others = [c for c in source.column_names if c not in own]
+    if run.meta.get("command") == "segment":  # the same masks: the model's verdicts on them stand
+        others += [c for c in SEGMENT_TRUST if c in source.column_names]
     carried = source.select(["path", *others]) if others else None
     return tasks, run.input_root, run.masks_root, carried
 
@@ -461,6 +467,16 @@ def _convention_of(tasks: list[_Task]) -> str:
     return said.pop() if len(said) == 1 else defaults.CONVENTION
 
 
+def _thresholds(options: VariantsOptions, gate, manifest: Path | None) -> QCThresholds:
+    """QC of a variants run: the user's thresholds; else, from a segment run's manifest, that run's (its masks keep
+    the flags its model gave them: input gate, est_dice, CTR); else the shape gate of --weights."""
+    source = (read_metadata(manifest).get("qc") or {}) if manifest is not None else {}
+    if source and read_metadata(manifest).get("command") != "segment":
+        source = {}
+    max_ood = options.max_ood_score if options.max_ood_score is not None else source.get("max_ood_score", gate and 1.0)
+    return QCThresholds(options.min_lung_fraction, max_ood, source.get("min_est_dice"), source.get("flag_ctr_above"))
+
+
 def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task], images_root: Path, masks_root: Path,
                 manifest: Path | None, t0: float, carried=None) -> RunSummary:
     out = folder.out
@@ -470,8 +486,7 @@ def _run_locked(folder: RunFolder, options: VariantsOptions, tasks: list[_Task],
     folder.start()
     key = _settings_key(options, gate)
     done = folder.done(key, ("sha256", "mask_sha256"))
-    max_ood = options.max_ood_score if options.max_ood_score is not None else (gate and 1.0)
-    thresholds = QCThresholds(options.min_lung_fraction, max_ood, None)
+    thresholds = _thresholds(options, gate, manifest)
     _process_all(folder, options, tasks, key, done, gate, summary, tally)
     metadata = {
         "command": "variants", "lungkit_version": __version__, **folder_entries("input_root", images_root, out),

@@ -98,3 +98,26 @@ def test_summary_has_no_rate_for_a_run_with_nothing_to_do_and_points_flagged_run
     assert main(args) == 0  # resumed: every image done before
     again = capsys.readouterr().out
     assert "nothing to process" in again and "0.00 images" not in again
+
+
+def test_variants_of_a_segment_run_keep_its_verdicts_and_flags(tmp_path, small_corpus):
+    """`variants MANIFEST --crop` of a segment run: the same masks, so the model's est_dice, ood scores, heart and
+    CTR stand, and so do the flags its thresholds gave (they were dropped and the images un-flagged)."""
+    import pyarrow.parquet as pq
+
+    from lungmask_kit.cli.app import main
+
+    seg = tmp_path / "seg"
+    assert main(["segment", str(small_corpus), "-o", str(seg), "--min-est-dice", "0.99", "-q"]) == 0
+    source = {r["path"]: r for r in pq.read_table(seg / "manifest.parquet").to_pylist()}
+    assert not any(r["qc_pass"] for r in source.values())
+    var = tmp_path / "var"
+    assert main(["variants", str(seg / "manifest.parquet"), "-o", str(var), "--crop", "-j", "1", "-q"]) == 0
+    rows = pq.read_table(var / "manifest.parquet").to_pylist()
+    assert len(rows) == 3
+    for r in rows:
+        s = source[r["path"]]
+        for column in ("est_dice", "ood_score", "ood_image_score", "ctr", "heart_fraction"):
+            assert r[column] == s[column], column
+        assert r["qc_pass"] is False and "low estimated Dice" in r["qc_reason"]
+    assert pq.read_schema(var / "manifest.parquet").names[:5] == pq.read_schema(seg / "manifest.parquet").names[:5]

@@ -10,6 +10,7 @@ bool or 0/1 array and never mutates it; `decode` returns (H, W) bool and checks 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,25 +37,39 @@ def encode(mask: np.ndarray) -> str:
 
 
 def decode(text: str | None, height: int, width: int, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> np.ndarray:
-    """CheXmask's run-length string -> (height, width) bool; ValueError for a size out of bounds or runs that
-    leave the image (checked before anything is allocated)."""
+    """CheXmask's run-length string -> (height, width) bool; ValueError for a size out of bounds, numbers that are
+    no pixel index, or runs that overlap, go backwards or leave the image (all checked before the mask is
+    allocated: about one byte per pixel then)."""
     height, width = int(height), int(width)
     if height <= 0 or width <= 0 or height * width > max_pixels:
         raise ValueError(f"mask size {height}x{width} is out of bounds (at most {max_pixels} pixels)")
     n = height * width
     try:
         runs = np.array((text or "").split(), dtype=np.int64)
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise ValueError(f"not a CheXmask run-length string: {err}") from err
     if runs.size % 2:
         raise ValueError("not a CheXmask run-length string: an odd number of values")
     starts, lengths = runs[::2] - 1, runs[1::2]
     if runs.size and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > n):
         raise ValueError(f"a run leaves the {height}x{width} image")
-    marks = np.zeros(n + 1, np.int32)
-    np.add.at(marks, starts, 1)
-    np.add.at(marks, starts + lengths, -1)
-    return (np.cumsum(marks[:n]) > 0).reshape(height, width)
+    if runs.size > 2 and (starts[1:] < starts[:-1] + lengths[:-1]).any():
+        raise ValueError("not a CheXmask run-length string: runs overlap or go backwards")
+    marks = np.zeros(n + 1, np.int8)  # runs are disjoint and in order: a running sum of +1 / -1 stays 0 or 1
+    marks[starts] += 1
+    marks[starts + lengths] -= 1
+    return np.cumsum(marks[:n], dtype=np.int8).view(bool).reshape(height, width)
+
+
+def check_size(height: int, width: int, image_shape: tuple[int, int] | None) -> None:
+    """Refuse, before decoding, a mask declared larger than any layout of its image (CheXmask's are the image's
+    own size or 1024 px squares): a 60-byte row declaring 20000x20000 must not allocate 400 M pixels."""
+    if image_shape is None:
+        return
+    side = max(max(image_shape), 1024)
+    if height > side or width > side:
+        raise ValueError(f"CheXmask declares a {width}x{height} mask for a {image_shape[1]}x{image_shape[0]} image: "
+                         "larger than any layout of it")
 
 
 def fit_to_image(mask: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
@@ -98,12 +113,27 @@ class Row:
     heart: str = ""  # empty where the CSV has no Heart column or no heart for the image
 
 
-def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | None = None) -> tuple[list[Row], str, int]:
-    """(rows, the id column used, rows dropped by `min_rca`) of a CheXmask CSV, read as a stream."""
+@dataclass
+class CsvRows:
+    """What `read_csv` read: the rows kept, the id column, rows dropped by --min-rca, rows it could not read
+    (a short row, a size that is not a positive whole number: skipped and counted, the rest read on)."""
+
+    rows: list[Row]
+    id_column: str
+    dropped: int = 0
+    unreadable: int = 0
+
+
+def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | None = None,
+             only_ids: set[str] | None = None, with_masks: bool = True) -> CsvRows:
+    """A CheXmask CSV, read as a stream: memory grows with the rows kept, not with the file. `with_masks=False`
+    keeps ids, sizes and RCA only (a first pass to match ids with images); `only_ids` keeps only those ids' rows
+    (the second pass, with their run-length strings). A BOM before the header is allowed; a NaN RCA counts as
+    none (dropped by --min-rca)."""
     # a run-length string of a large mask is a long field; the limit is process-wide, so it is put back after
     previous = csv.field_size_limit(min(sys.maxsize, 1 << 31))
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             column = id_column or next((c for c in ID_COLUMNS if c in header), None)
@@ -112,26 +142,47 @@ def read_csv(path: str | Path, id_column: str | None = None, min_rca: float | No
                 raise LungkitError(
                     f"{path} is not a CheXmask CSV: " + (f"no {', '.join(missing)} column" if missing else
                     f"no image id column ({', '.join(ID_COLUMNS)}; give another with --chexmask-id)"))
-            rows, dropped = [], 0
+            out = CsvRows([], column)
             for r in reader:
+                image_id = r.get(column)
+                if only_ids is not None and image_id not in only_ids:
+                    continue
+                try:
+                    height, width = _size(r.get("Height")), _size(r.get("Width"))
+                except ValueError:
+                    out.unreadable += 1
+                    continue
                 rca = _number(r.get(RCA_MEAN))
                 if min_rca is not None and (rca is None or rca < min_rca):
-                    dropped += 1
+                    out.dropped += 1
                     continue
-                rows.append(Row(str(r[column]), r[RIGHT] or "", r[LEFT] or "", int(float(r["Height"])),
-                                int(float(r["Width"])), rca, _number(r.get(RCA_MAX)), r.get(HEART) or ""))
+                masks = [r.get(k) or "" for k in (RIGHT, LEFT, HEART)] if with_masks else ["", "", ""]
+                out.rows.append(Row(str(image_id), masks[0], masks[1], height, width, rca, _number(r.get(RCA_MAX)),
+                                    masks[2]))
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
         raise LungkitError(f"cannot read the CheXmask CSV {path}: {err}") from err
     finally:
         csv.field_size_limit(previous)
-    return rows, column, dropped
+    return out
+
+
+def _size(text) -> int:
+    """A Height or Width cell -> a positive whole number of pixels; ValueError for anything else (inf, 1e400,
+    -3, 2.5, empty)."""
+    if not isinstance(text, str):  # a short row's missing cell
+        raise ValueError("no size")
+    value = float(text)  # ValueError for text that is no number
+    if not math.isfinite(value) or value <= 0 or value != int(value) or value > 1 << 31:
+        raise ValueError(f"not a size: {text!r}")
+    return int(value)
 
 
 def _number(text) -> float | None:
     try:
-        return float(text) if text not in (None, "") else None
+        value = float(text) if text not in (None, "") else None
     except ValueError:
         return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass
@@ -142,10 +193,13 @@ class Matches:
     matched: dict[str, Row]
     unmatched: list[Row]
     ambiguous: list[str]
+    unreadable: int = 0  # CSV rows read_csv could not read (counted there)
 
     def note(self) -> str:
         """One line for a run's summary, naming the first ambiguous id."""
         text = f"CheXmask: {len(self.matched)} image(s) matched, {len(self.unmatched)} row(s) match no image"
+        if self.unreadable:
+            text += f", {self.unreadable} unreadable row(s) skipped (a size that is not a positive whole number)"
         if self.ambiguous:
             text += (f", {len(self.ambiguous)} ambiguous id(s) refused (e.g. {self.ambiguous[0]!r}: it fits several "
                      "images or shares its image with another id; give the images' folder that the ids' paths name)")

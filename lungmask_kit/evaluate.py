@@ -136,6 +136,7 @@ def _truth_pixels(path: Path, root: Path) -> np.ndarray:
 def _chexmask_sides(row: chexmask.Row, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(right, left) lungs of a CheXmask row at `shape` (`chexmask.fit_to_image`: un-padded or resized where
     CheXmask's size differs; ValueError where its aspect ratio fits neither layout)."""
+    chexmask.check_size(row.height, row.width, shape)
     right, left = (chexmask.fit_to_image(chexmask.decode(text, row.height, row.width), shape)[0]
                    for text in (row.right, row.left))
     return right, left
@@ -247,8 +248,11 @@ def evaluate_masks(pred: str | Path, truth: str | Path | None, out: str | Path, 
     truths: dict = {}
     chexmask_ambiguous: list[str] = []
     if truth_chexmask is not None:
-        rows_cx, _, _ = chexmask.read_csv(truth_chexmask, chexmask_id)
-        matches = chexmask.match_images(rows_cx, sorted(paths.values()))
+        ids = chexmask.read_csv(truth_chexmask, chexmask_id, with_masks=False)
+        matches = chexmask.match_images(ids.rows, sorted(paths.values()))
+        wanted = {row.image_id for row in matches.matched.values()}
+        full = {r.image_id: r for r in chexmask.read_csv(truth_chexmask, ids.id_column, only_ids=wanted).rows}
+        matches.matched = {rel: full[row.image_id] for rel, row in matches.matched.items()}
         truths = {stem_key(rel): row for rel, row in matches.matched.items()}
         chexmask_ambiguous = matches.ambiguous
         truth = None

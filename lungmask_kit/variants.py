@@ -155,13 +155,18 @@ def _tasks_from_manifest(manifest: Path, glob: str | None, input_root: Path | No
 def _tasks_from_chexmask(options: VariantsOptions, images: Path) -> tuple[list[_Task], int, chexmask.Matches]:
     """(tasks, CheXmask rows dropped by --min-rca, how the rows met the images) of a CheXmask CSV and its images.
     Only images that have a row are processed; CheXmask outlines the visible lungs (the jsrt convention)."""
-    rows, _, dropped = chexmask.read_csv(options.chexmask, options.chexmask_id, options.min_rca)
+    # two passes: ids first, then the run-length strings of the matched rows only (a CheXmask CSV is GBs)
+    ids = chexmask.read_csv(options.chexmask, options.chexmask_id, options.min_rca, with_masks=False)
     rels = find_images(images, options.glob, options.dicom)
-    matches = chexmask.match_images(rows, rels)
+    matches = chexmask.match_images(ids.rows, rels)
+    wanted = {row.image_id for row in matches.matched.values()}
+    full = {row.image_id: row for row in chexmask.read_csv(options.chexmask, ids.id_column, options.min_rca,
+                                                           only_ids=wanted).rows}
     names = output_names(sorted(matches.matched))
     tasks = [_Task(rel, str(images / rel), None, None, names[rel], {"convention": "jsrt"}, wants_dicom(rel, options.dicom),
-                   chexmask=row) for rel, row in sorted(matches.matched.items())]
-    return tasks, dropped, matches
+                   chexmask=full[row.image_id]) for rel, row in sorted(matches.matched.items())]
+    matches.unreadable = ids.unreadable
+    return tasks, ids.dropped, matches
 
 
 def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
@@ -252,12 +257,13 @@ def _mask_data(task: _Task) -> tuple[str, object]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def _decode_mask(task: _Task, data, image_shape: tuple[int, int] | None) -> np.ndarray:
-    """The mask's pixels; a published RLE's size is checked (against the image, unless masks may be resized)
-    before anything is allocated."""
+def _decode_mask(task: _Task, data, image_shape: tuple[int, int], exact: bool = True) -> np.ndarray:
+    """The mask's pixels; a published RLE's size is checked (against the image when `exact`, i.e. unless masks
+    may be resized), a CheXmask entry's against its image's layouts, before anything is allocated."""
     if task.mask_rle is not None:
-        return rle.decode(data, expect_shape=image_shape).astype(np.uint8) * 255
+        return rle.decode(data, expect_shape=image_shape if exact else None).astype(np.uint8) * 255
     if task.chexmask is not None:  # the two lungs' union (sizes checked before allocating)
+        chexmask.check_size(data.height, data.width, image_shape)
         return (chexmask.decode(data.right, data.height, data.width)
                 | chexmask.decode(data.left, data.height, data.width)).astype(np.uint8) * 255
     return decode_image(data, dicom=wants_dicom(task.mask_rel or "")).pixels
@@ -268,6 +274,7 @@ def _chexmask_heart(entry: chexmask.Row, lungs: np.ndarray, sides: np.ndarray, p
     and the thorax width of its (visible-lung) lungs for the CTR; a reason where CheXmask has no heart."""
     if not entry.heart:
         return {"ctr_null_reason": "CheXmask gives no heart for this image"}
+    chexmask.check_size(entry.height, entry.width, lungs.shape)
     heart, _ = chexmask.fit_to_image(chexmask.decode(entry.heart, entry.height, entry.width), lungs.shape)
     fields = {**heart_fields(heart, pixel_spacing), **thorax_fields(lungs, sides, heart)}
     if fields["heart_width_px"] is None:
@@ -318,7 +325,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         return row
     row.update({k: v for k, v in image.header.items() if v is not None})
     try:
-        mask_pixels = _decode_mask(task, mask_data, image.pixels.shape if not options.resize_masks else None)
+        mask_pixels = _decode_mask(task, mask_data, image.pixels.shape, exact=not options.resize_masks)
     except (ImageDecodeError, ValueError) as err:
         row["error"] = f"mask: {err}"
         return row
@@ -346,7 +353,10 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
     sides = lung_sides(mask)
     row.update(lung_fields(sides == RIGHT_LUNG, sides == LEFT_LUNG, row.get("pixel_spacing")))
     if task.chexmask is not None:
-        row.update(_chexmask_heart(task.chexmask, mask, sides, row.get("pixel_spacing")))
+        try:
+            row.update(_chexmask_heart(task.chexmask, mask, sides, row.get("pixel_spacing")))
+        except ValueError as err:  # a damaged Heart costs the heart fields, not the lungs
+            row["ctr_null_reason"] = f"CheXmask's heart is unreadable: {err}"
     box = bounding_box(mask, options.margin) if options.crop else None
     derived = derive_variants(pixels, mask, options.only)
     for variant, arr in derived.items():

@@ -212,3 +212,52 @@ def rle_decode(value) -> np.ndarray:
     from lungmask_kit import rle
 
     return rle.decode(value)
+
+
+def test_hostile_chexmask_rows_are_counted_or_error_rows_never_tracebacks(tmp_path, example_images, example_masks,
+                                                                          capsys):
+    name = "ieee_thnov10p5641g006-c.png"
+    mask = cv2.imread(str(example_masks / name), cv2.IMREAD_GRAYSCALE) > 0
+    sides = lung_sides(mask)
+    right, left = reference_encode(sides == RIGHT_LUNG), reference_encode(sides == LEFT_LUNG)
+    h, w = mask.shape
+    images = tmp_path / "images"
+    images.mkdir()
+    cases = {"good": (right, left, h, w, 0.9), "inf": (right, left, "inf", w, 0.9), "huge": (right, left, "1e400", w, 0.9),
+             "nanrca": (right, left, h, w, "nan"), "bigint": ("99999999999999999999999 5", left, h, w, 0.9),
+             "declared": ("1 5", "9 5", 20000, 20000, 0.9)}
+    for case in [*cases, "short"]:
+        (images / f"{case}.png").write_bytes((example_images / name).read_bytes())
+    table = tmp_path / "cx.csv"
+    with open(table, "w", newline="", encoding="utf-8") as fh:
+        fh.write("\ufeff")  # a BOM before the header, as spreadsheet exports write it
+        wr = csv.writer(fh)
+        wr.writerow(["Image Index", "Dice RCA (Mean)", "Left Lung", "Right Lung", "Heart", "Height", "Width"])
+        for case, (r, l, hh, ww, rca) in cases.items():
+            wr.writerow([f"{case}.png", rca, l, r, "", hh, ww])
+        wr.writerow(["short.png", 0.9])  # a short row
+    out = tmp_path / "var"
+    code = main(["variants", "--chexmask", str(table), "--images", str(images), "-o", str(out), "--min-rca", "0.7",
+                 "-j", "1"])
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert "3 unreadable row(s) skipped" in captured.err  # inf, 1e400 and the short row; NaN RCA below --min-rca
+    rows = {r["path"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert set(rows) == {"good.png", "bigint.png", "declared.png"}
+    assert rows["good.png"]["status"] == "ok"
+    assert rows["bigint.png"]["status"] == "error" and "not a CheXmask run-length string" in rows["bigint.png"]["error"]
+    assert "larger than any layout" in rows["declared.png"]["error"]
+    assert "unexpected" not in rows["bigint.png"]["error"] + rows["declared.png"]["error"]
+
+
+def test_read_csv_streams_ids_then_only_the_masks_it_was_asked_for(tmp_path):
+    table = tmp_path / "cx.csv"
+    with open(table, "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["dicom_id", "Left Lung", "Right Lung", "Heart", "Height", "Width"])
+        for i in range(50):
+            wr.writerow([f"id{i}", "1 2", "5 2", "9 1", 10, 10])
+    ids = chexmask.read_csv(table, with_masks=False)
+    assert len(ids.rows) == 50 and all(r.right == r.left == r.heart == "" for r in ids.rows)
+    some = chexmask.read_csv(table, ids.id_column, only_ids={"id3", "id7"})
+    assert [(r.image_id, r.right, r.heart) for r in some.rows] == [("id3", "5 2", "9 1"), ("id7", "5 2", "9 1")]

@@ -315,6 +315,18 @@ def test_calibrate_with_one_convention_keeps_or_leaves_the_other(tmp_path):
     after = json.loads((tmp_path / "both" / "config.json").read_text())["quality"]["conventions"]
     assert after["jsrt"] == before and any("jsrt convention: its shape statistics and est_dice are kept" in s for s in said)
     assert Segmenter(tmp_path / "both", torch.device("cpu"), "jsrt").quality is not None
+    # the image gate fitted on both collections stays: refitted on v7's alone it would be narrowed to it
+    assert any("the image gate is kept as stored" in s for s in said)
+    from lungmask_kit.models.modeling import load_bundle
+
+    both_tensors = load_bundle(tmp_path / "both").quality_tensors
+    calibrate_model([str(v7), str(jsrt)], weights, tmp_path / "again", 0.25, 0, "cpu", progress=False,
+                    log=lambda _: None, conventions=["v7", "jsrt"])
+    gate_of_both = load_bundle(tmp_path / "again").quality_tensors["quality.image.mean"]
+    assert np.array_equal(both_tensors["quality.image.mean"], gate_of_both)  # not refitted on v7 alone
+    calibrate_model(str(v7), tmp_path / "both", None, 0.25, 0, "cpu", progress=False, log=lambda _: None,
+                    refit_gate=True)
+    assert not np.array_equal(load_bundle(tmp_path / "both").quality_tensors["quality.image.mean"], gate_of_both)
 
 
 def test_evaluate_compares_like_with_like_and_scores_each_lung(tmp_path, example_images, example_masks, capsys):

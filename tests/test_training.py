@@ -127,3 +127,26 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch):
     monkeypatch.setattr(smp, "create_model", offline)
     with pytest.raises(LungkitError, match="need the network"):
         build_model(ModelConfig(), encoder_weights="imagenet")
+
+
+def test_a_folders_pairs_csv_gives_the_patients_the_split_keeps_together(tmp_path):
+    """The shared data's layout (images/, masks/, pairs.csv with patient_id): split by patient, not by image."""
+    import csv as csv_module
+
+    import numpy as np
+
+    from conftest import cxr_like, write_png
+    from lungmask_kit.training.data import find_pairs, split_pairs
+
+    with open(tmp_path / "pairs.csv", "w", newline="") as fh:
+        w = csv_module.writer(fh)
+        w.writerow(["name", "view", "patient_id"])
+        for i in range(12):
+            img = cxr_like(64, 64, seed=i)
+            write_png(tmp_path / "images" / f"im{i}.png", img)
+            write_png(tmp_path / "masks" / f"im{i}.png", (img < 110).astype(np.uint8) * 255)
+            w.writerow([f"im{i}", "PA", f"p{i // 3}"])  # 4 patients of 3 images
+    pairs = find_pairs(tmp_path)
+    assert {p.image.stem: p.patient_id for p in pairs} == {f"im{i}": f"p{i // 3}" for i in range(12)}
+    train, val, by_patient = split_pairs(pairs, 0.25, 0)
+    assert by_patient and {p.patient_id for p in train}.isdisjoint({p.patient_id for p in val})

@@ -20,6 +20,7 @@ def calibrate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write a calibrated copy of the model here instead of updating it in place.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Share of images (whole patients) used for thresholds and est_dice; the same split `lungkit train` makes with the same data and seed.")] = defaults.TRAIN["val_fraction"],
     seed: SeedOpt = defaults.TRAIN["seed"],
+    refit_gate: Annotated[bool, typer.Option("--refit-gate", help="With data in fewer conventions than the model draws (fewer collections than it was calibrated on), fit the image gate on this data alone; by default the stored one is kept (refitted on one collection it flags most clean CXRs of others).")] = False,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -38,7 +39,7 @@ def calibrate(
 
     reports = calibrate_model([str(d) for d in data], weights, out, val_fraction, seed, device, progress=not quiet,
                               log=(lambda s: None) if quiet else typer.echo,
-                              conventions=[c.value for c in convention or [Convention.v7]])
+                              conventions=[c.value for c in convention or [Convention.v7]], refit_gate=refit_gate)
     if not quiet:
         for name, report in reports.items():
             typer.echo(table(_rows(report), title=f"lungkit calibrate summary: {name} convention"))

@@ -23,7 +23,7 @@ from lungmask_kit.fileio import inside, staged_folder
 from lungmask_kit.imaging import ImageDecodeError, read_gray, read_model_view
 from lungmask_kit.inference import Segmenter
 from lungmask_kit.metrics import dice
-from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, attach_quality, load_config, resolve_weights
+from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, attach_quality, load_bundle, load_config, resolve_weights
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, resize_mask
 from lungmask_kit.quality import (
     EST_DICE_FEATURES,
@@ -205,11 +205,15 @@ def fit_quality(train: list[Observation], val: list[Observation], image: ImageDe
 
 def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
               device: torch.device, post: PostprocessSettings | None = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, QualityModel]:
+              log: Callable[[str], None] = print, refit_gate: bool = False) -> dict[str, QualityModel]:
     """Fit the quality model of `weights` for each convention it draws and store them with the weights (in
     place). The image density comes from every training image (all collections: a frontal CXR is a frontal
     CXR whoever outlined its lungs); each convention's shape statistics from its masks on those images, its
-    est_dice from the validation images annotated in it. Returns the models by convention."""
+    est_dice from the validation images annotated in it. Returns the models by convention.
+
+    Data in fewer conventions than the model draws is fewer collections than it was calibrated on: the stored
+    image density is kept (refitted on one collection it flags most clean CXRs of any other) unless
+    `refit_gate`."""
     path = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
     config, _ = load_config(path)
     unknown = sorted({p.convention for p in [*train_pairs, *val_pairs]} - set(config.conventions))
@@ -219,9 +223,13 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
     if not fitted:
         raise LungkitError("calibration needs validation images with ground-truth masks")
     kept = _kept_parts(config, fitted, log)
+    image = None if refit_gate or not kept else _stored_image_density(path, config)
+    if image is not None:
+        log("the image gate is kept as stored (fitted on more collections than this data covers); --refit-gate fits "
+            "it on this data alone, which narrows it to these collections")
     post = post or PostprocessSettings(threshold=config.threshold)
     log(f"calibrating the input gate and est_dice on {len(train_pairs)} training / {len(val_pairs)} validation images")
-    models, image = {}, None
+    models = {}
     for convention in fitted:
         # the statistics are fitted in fp32 (bf16 moves est_dice by < 0.0003 and ood_score by < 0.003 here)
         segmenter = Segmenter(path, device, convention, precision="fp32")
@@ -237,6 +245,15 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
                                         for c in config.conventions}}
     attach_quality(path, combined_config(models, report, kept), next(iter(models.values())).tensors())
     return models
+
+
+def _stored_image_density(path: Path, config) -> ImageDensity | None:
+    """The image density stored with the weights, or None where they carry none."""
+    stored = (config.quality or {}).get("conventions", {})
+    if not stored or "image" not in config.quality:
+        return None
+    loaded = load_bundle(path)
+    return QualityModel.from_config(config.quality, loaded.quality_tensors, next(iter(stored))).image
 
 
 def _kept_parts(config, fitted: list[str], log: Callable[[str], None]) -> dict[str, dict]:
@@ -266,7 +283,7 @@ MODEL_MARKER = ".lungkit-model"
 
 def calibrate_model(data: str | Path | list, weights: str | Path | None, out: str | Path | None, val_fraction: float,
                     seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
-                    conventions: list[str] | None = None) -> dict:
+                    conventions: list[str] | None = None, refit_gate: bool = False) -> dict:
     """`lungkit calibrate`: split DATA as `lungkit train` does (each data argument alone, in its convention),
     fit, store in the user's weights or in a copy in OUT (built aside: a failed calibration leaves nothing
     there). The bundled model is never changed. Returns each convention's report."""
@@ -282,14 +299,14 @@ def calibrate_model(data: str | Path | list, weights: str | Path | None, out: st
         log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
     torch_device = prepare_device(device)  # an unusable device fails before anything is written
     if out is None:
-        models = calibrate(source, train_pairs, val_pairs, torch_device, progress=progress, log=log)
+        models = calibrate(source, train_pairs, val_pairs, torch_device, progress=progress, log=log, refit_gate=refit_gate)
         return _reports(models, source)
     out = Path(out)
     with staged_folder(out, source.parent, MODEL_MARKER, "lungkit calibrate") as staging:
         target = staging / "model.safetensors"
         shutil.copyfile(source, target)
         shutil.copyfile(_config_path(source), staging / "config.json")
-        models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log)
+        models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log, refit_gate=refit_gate)
         (staging / MODEL_MARKER).write_text("a model calibrated by `lungkit calibrate`; a re-run replaces this folder\n")
     return _reports(models, out / "model.safetensors")
 

@@ -29,16 +29,19 @@ class Pair:
     heart: Path | None = None  # a heart mask of the same image, where the data has one
 
 
-def _match_folder(images: Path, masks: Path, split: str | None, convention: str, hearts: Path | None = None) -> list[Pair]:
+def _match_folder(images: Path, masks: Path, split: str | None, convention: str, hearts: Path | None = None,
+                  patients: dict[str, str] | None = None) -> list[Pair]:
     mask_by_stem = {stem_key(m): m for m in find_images(masks)}
     heart_by_stem = {stem_key(m): hearts / m for m in find_images(hearts)} if hearts else {}
+    patients = patients or {}
     pairs, missing = [], []
     for rel in find_images(images):
         m = mask_by_stem.get(stem_key(rel))
         if m is None:
             missing.append(rel)
         else:
-            pairs.append(Pair(images / rel, masks / m, None, split, convention, heart_by_stem.get(stem_key(rel))))
+            pairs.append(Pair(images / rel, masks / m, patients.get(stem_key(rel)), split, convention,
+                              heart_by_stem.get(stem_key(rel))))
     if missing:
         raise LungkitError(f"{len(missing)} image(s) under {images} have no mask in {masks}, e.g. {missing[0]}")
     return pairs
@@ -60,11 +63,27 @@ def _read_csv(path: Path, convention: str) -> list[Pair]:
     ]
 
 
+def _folder_patients(data: Path) -> dict[str, str]:
+    """{image stem: patient id} from the folder's pairs.csv (a `patient_id` column beside `name` or `image`), as
+    the shared data and lungkit's own examples ship it; empty where there is none. An image the file does not name
+    gets no patient id, and the split then falls back to images (and says so)."""
+    path = data / "pairs.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        column = next((c for c in ("name", "image") if c in (reader.fieldnames or [])), None)
+        if column is None or "patient_id" not in (reader.fieldnames or []):
+            return {}
+        return {stem_key(r[column]): r["patient_id"] for r in reader if r.get(column) and r.get("patient_id")}
+
+
 _QU_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
 def find_pairs(data: str | Path, convention: str = defaults.CONVENTION) -> list[Pair]:
-    """Pairs from `images/` + `masks/` (+ `heart/` heart masks, where there), the COVID-QU-Ex layout, or a CSV of
+    """Pairs from `images/` + `masks/` (+ `heart/` heart masks, and patient ids from a `pairs.csv` beside them,
+    where there), the COVID-QU-Ex layout, or a CSV of
     image,mask[,patient_id,split,convention,heart]; `convention` is what the masks outline where the CSV does
     not say."""
     data = Path(data)
@@ -74,7 +93,7 @@ def find_pairs(data: str | Path, convention: str = defaults.CONVENTION) -> list[
         raise LungkitError(f"training data not found: {data}")
     if (data / "images").is_dir() and (data / "masks").is_dir():
         hearts = data / "heart" if (data / "heart").is_dir() else None
-        return _match_folder(data / "images", data / "masks", None, convention, hearts)
+        return _match_folder(data / "images", data / "masks", None, convention, hearts, _folder_patients(data))
     # COVID-QU-Ex: <root>/{Train,Val,Test}/<class>/{images,lung masks}
     pairs: list[Pair] = []
     for split_dir in sorted(p for p in data.iterdir() if p.is_dir() and p.name.lower() in _QU_SPLITS):

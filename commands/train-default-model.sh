@@ -7,7 +7,7 @@
 # Usage: commands/train-default-model.sh [SHARED_DATA_DIR] [RUN_DIR] [extra lungkit train options]
 # Stage 1 (the v7-only parent, from scratch): about 1-2 hours on 2 CPU cores. Stage 2 (both conventions,
 # fine-tuned from the parent): about 30 minutes on 2 CPU cores with bf16 (AVX512-BF16); minutes on one GPU.
-# Stage 3 (the heart output, fine-tuned from stage 2 on all three collections): about 20 minutes on 2 CPU cores
+# Stage 3 (the heart output, fine-tuned from stage 2 on all three collections): about 20-25 minutes on 2 CPU cores
 # with AMX bf16.
 # Set PARENT=default to fine-tune stage 2 from the bundled model instead of training stage 1; HEART_PARENT=WEIGHTS
 # (or default) to run stage 3 alone from those weights. The bundled model is stage 3 from the previous bundled

@@ -261,3 +261,27 @@ def test_read_csv_streams_ids_then_only_the_masks_it_was_asked_for(tmp_path):
     assert len(ids.rows) == 50 and all(r.right == r.left == r.heart == "" for r in ids.rows)
     some = chexmask.read_csv(table, ids.id_column, only_ids={"id3", "id7"})
     assert [(r.image_id, r.right, r.heart) for r in some.rows] == [("id3", "5 2", "9 1"), ("id7", "5 2", "9 1")]
+
+
+def test_a_chexmask_variants_run_publishes_and_reports_its_masks(tmp_path, example_images, example_masks):
+    from lungmask_kit.report import ReportOptions, build_report
+
+    names = sorted(p.name for p in example_images.glob("*.png"))[:3]
+    table = tmp_path / "ChestX-Ray8.csv"
+    _chexmask_csv(table, example_masks, names)
+    run = tmp_path / "var"
+    assert main(["variants", "--chexmask", str(table), "--images", str(example_images), "-o", str(run), "-j", "1",
+                 "-q"]) == 0
+    for mode in ([], ["--masks-only"]):
+        ds = tmp_path / f"ds{len(mode)}"
+        assert main(["publish", str(run), "-o", str(ds), "--include-flagged", "-q", *mode]) == 0
+        rows = pq.read_table(next((ds / "data").glob("*.parquet"))).to_pylist()
+        assert len(rows) == 3
+        for r in rows:
+            truth = cv2.imread(str(example_masks / r["path"]), cv2.IMREAD_GRAYSCALE) > 0
+            if mode:
+                assert np.array_equal(rle_decode(r["mask_rle"]), truth)
+            else:
+                assert np.array_equal(cv2.imdecode(np.frombuffer(r["mask"]["bytes"], np.uint8), 0) > 0, truth)
+    summary = build_report(run, tmp_path / "rep", ReportOptions(progress=False, sample=10))
+    assert summary.no_outline == 0 and summary.unrendered == 0

@@ -66,12 +66,27 @@ def _original_png(source: RunManifest, row: dict) -> bytes:
     return encode_png(decoded.pixels)
 
 
+def lungs_from_rles(row: dict) -> np.ndarray | None:
+    """The mask as the union of the row's right and left lung RLEs (checked against its size), or None."""
+    right, left = row.get("right_lung_rle"), row.get("left_lung_rle")
+    if not right or not left:
+        return None
+    shape = (row["height"], row["width"]) if row.get("height") and row.get("width") else None
+    try:
+        return rle.decode(right, expect_shape=shape) | rle.decode(left, expect_shape=shape)
+    except (ValueError, KeyError, TypeError) as err:
+        raise LungkitError(f"{row['path']}: its lung masks are unreadable ({err})") from err
+
+
 def _mask(source: RunManifest, row: dict) -> np.ndarray:
     """The mask the run used, as (height, width) bool: binarised by variants' rule, resized (nearest) where the
     run resized it (variants --resize-masks)."""
     rel = row.get("mask_path")
     if not rel:
-        raise LungkitError(f"{row['path']}: the manifest names no mask")
+        lungs = lungs_from_rles(row)  # a variants run of masks that were no files (CheXmask, a masks-only dataset)
+        if lungs is None:
+            raise LungkitError(f"{row['path']}: the manifest names no mask and has no right and left lung masks")
+        return lungs
     try:
         mask = binarize_mask(read_input(source.mask_file(rel))[1].pixels)
     except InputReadError as err:

@@ -91,8 +91,14 @@ def image_and_mask(data: RunManifest, i: int) -> tuple[np.ndarray | None, np.nda
 
 def _mask(data: RunManifest, i: int) -> tuple[np.ndarray | None, str | None]:
     rel = data.value("mask_path", i)
-    if not rel:
-        return None, "no mask in the manifest"
+    if not rel:  # a variants run of masks that were no files (CheXmask, a masks-only dataset): its lung RLEs
+        right, left = data.value("right_lung_rle", i), data.value("left_lung_rle", i)
+        if not right or not left:
+            return None, "no mask in the manifest"
+        try:
+            return rle.decode(right) | rle.decode(left), None
+        except (ValueError, KeyError, TypeError) as err:
+            return None, f"mask not readable ({err})"
     try:
         return binarize_mask(read_input(data.mask_file(rel))[1].pixels), None
     except (OSError, ImageDecodeError, ValueError) as err:

@@ -59,7 +59,7 @@ class Predictions:
     convention: str | None = None  # what the masks outline, where the manifest says
     refused: dict[str, str] = field(default_factory=dict)  # masks not read: why (a path out of the run)
     spacing: dict[str, tuple[float, float]] = field(default_factory=dict)  # (row, column) mm per pixel
-    hearts: dict[str, Path | None] = field(default_factory=dict)  # heart masks (None: one out of the run)
+    hearts: dict[str, Path | dict | None] = field(default_factory=dict)  # heart PNG or RLE (None: a PNG out of the run)
     ctr: dict[str, float | None] = field(default_factory=dict)  # the run's cardiothoracic ratio
 
 
@@ -69,7 +69,7 @@ def _predictions(pred: Path) -> Predictions:
         pred = pred / MANIFEST_NAME
     if pred.is_file() and pred.suffix == ".parquet":
         wanted = ("path", "status", "mask_path", "est_dice", "convention", "right_lung_rle", "left_lung_rle", "pixel_spacing",
-                  "heart_path", "ctr")
+                  "heart_path", "heart_rle", "ctr")
         # a damaged or foreign file is one line, not a traceback
         run = open_run(pred, columns=wanted)
         meta = run.meta
@@ -90,6 +90,8 @@ def _predictions(pred: Path) -> Predictions:
                     hearts[stem_key(r["path"])] = run.output_file(r["heart_path"])
                 except OutsidePathError:
                     hearts[stem_key(r["path"])] = None
+            elif r.get("heart_rle"):
+                hearts[stem_key(r["path"])] = r["heart_rle"]
         return Predictions(
             masks, {stem_key(r["path"]): r["path"] for r in ok},
             {stem_key(r["path"]): r["est_dice"] for r in ok if r.get("est_dice") is not None},
@@ -211,11 +213,11 @@ def _score_lungs(row: dict, key: str, found: Predictions, truth_item, truth_root
     return truth_sides is not None and truth_sides[0].shape != (truth_item.height, truth_item.width)
 
 
-def _score_heart(row: dict, predicted: Path | None, truth_path: Path, truth_root: Path) -> None:
+def _score_heart(row: dict, predicted: Path | dict | None, truth_path: Path, truth_root: Path) -> None:
     if predicted is None:
         raise ValueError("the run has no heart mask for this image inside its folder")
-    p = binarize_mask(read_gray(predicted))
     t = binarize_mask(_truth_pixels(truth_path, truth_root))
+    p = rle.decode(predicted) if isinstance(predicted, dict) else binarize_mask(read_gray(predicted))
     if p.shape != t.shape:
         raise ValueError(f"heart prediction {p.shape[::-1]} and truth {t.shape[::-1]} differ in size")
     row.update(heart_dice=dice(p, t), heart_hd95_px=hd95(p, t))

@@ -23,6 +23,23 @@ def encode(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def encode_window(window: np.ndarray, top: int, left: int, shape: tuple[int, int]) -> dict:
+    """The COCO RLE of an (H, W) = `shape` mask that is empty outside `window` ((h, w) bool whose top-left pixel
+    is at (`top`, `left`)): the same RLE `encode` gives for the whole mask, from the window's pixels alone (a heart
+    is a small part of the image)."""
+    from pycocotools import mask as coco
+
+    height, width = shape
+    h, w = window.shape
+    padded = np.zeros((w, h + 2), np.int8)  # column-major: one row per column of the window, zeros above and below
+    padded[:, 1:-1] = window.T
+    column, row = np.nonzero(np.diff(padded, axis=1))
+    edges = (left + column).astype(np.int64) * height + top + row
+    counts = np.diff(np.concatenate(([0], edges, [height * width]))).tolist()
+    out = coco.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    return {"size": [int(out["size"][0]), int(out["size"][1])], "counts": out["counts"].decode("ascii")}
+
+
 def size_of(rle: dict, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(height, width) an RLE declares, checked before anything is allocated: two positive integers whose
     product is at most `max_pixels` (an RLE from a dataset is untrusted: 70000x70000 would be 4.9 GB)."""

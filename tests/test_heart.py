@@ -179,7 +179,8 @@ def test_train_a_heart_channel_then_segment_writes_heart_masks_and_ctr(tmp_path)
     assert config["provenance"]["images_per_convention"]["heart"] == {"train": 8, "val": 2}
     assert "val_dice_heart" in json.loads((run / "log.json").read_text())[0]
     out = tmp_path / "seg"
-    s = run_segment(data / "images", out, SegmentOptions(weights=run / "best.safetensors", convention="jsrt", progress=False))
+    opts = SegmentOptions(weights=run / "best.safetensors", convention="jsrt", heart_png=True, progress=False)
+    s = run_segment(data / "images", out, opts)
     assert s.ok == 10 and str(out / "heart") in s.output_folders
     for r in pq.read_table(out / "manifest.parquet").to_pylist():
         heart = read_mask(out / r["heart_path"])
@@ -189,9 +190,10 @@ def test_train_a_heart_channel_then_segment_writes_heart_masks_and_ctr(tmp_path)
         assert (r["ctr"] is not None) != (r["ctr_null_reason"] is not None)
         if r["ctr"] is not None:
             assert r["ctr"] == round(r["heart_width_px"] / r["thorax_width_px"], 4)
-    # resumed: nothing redone, the heart masks are part of what a finished image has
-    assert run_segment(data / "images", out, SegmentOptions(weights=run / "best.safetensors", convention="jsrt",
-                                                             progress=False)).skipped == 10
+    # resumed: nothing redone, the heart PNGs are part of what a finished image has
+    assert run_segment(data / "images", out, opts).skipped == 10
+    (out / pq.read_table(out / "manifest.parquet").column("heart_path")[0].as_py()).unlink()
+    assert run_segment(data / "images", out, opts).processed == 1  # a lost heart PNG is redone
 
 
 def read_mask(path) -> np.ndarray:
@@ -248,7 +250,7 @@ def test_the_bundled_model_draws_the_heart_and_measures_the_ctr_on_visible_lungs
     rows = pq.read_table(heart_run / "manifest.parquet").to_pylist()
     for r in rows:
         assert r["convention"] == "v7" and 0.03 < r["heart_fraction"] < 0.3
-        assert (heart_run / r["heart_path"]).is_file()
+        assert r["heart_path"] is None and r["heart_rle"]  # no PNG unless --heart-png: the RLE holds the mask
         # the thorax is measured on the jsrt output, not on the v7 lungs the run wrote
         v7_width = widest_extent(rle.decode(r["right_lung_rle"]) | rle.decode(r["left_lung_rle"]))
         assert r["thorax_width_px"] is not None and r["thorax_width_px"] <= v7_width

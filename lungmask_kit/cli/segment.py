@@ -51,6 +51,7 @@ def segment(
     tta: Annotated[bool, typer.Option("--tta", help="Also run each image mirrored: flip agreement sharpens est_dice (masks unchanged; about 2x model time).")] = False,
     dicom: DicomOpt = False,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="Also write a DICOM Segmentation (right and left lung segments) of each DICOM input under OUT/dicom-seg/: same Study, new Series, referencing the source image (pip install 'lungkit\\[dicom]').")] = False,
+    heart_png: Annotated[bool, typer.Option("--heart-png", help="Also write each heart mask as PNG under OUT/heart/ (the manifest's heart_rle holds it either way; a model with a heart output).")] = False,
     shard: Annotated[str | None, typer.Option("--shard", metavar="K/N", help="Only part K of N of the images (by a hash of each path), for N processes or Slurm array tasks writing into one OUT on a shared filesystem; `lungkit merge OUT` then writes the manifest.")] = None,
     engine: Annotated[Engine, typer.Option("--engine", help="local (threads in this process) | ray (Ray Data across a cluster; pip install 'lungkit\\[ray]').")] = Engine.local,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join (e.g. ray://head:10001 or auto) (default: RAY_ADDRESS, else a local Ray).")] = None,
@@ -86,7 +87,7 @@ def segment(
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
         keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, flag_ctr_above=flag_ctr_above, tta=tta,
-        max_decoded_mb=max_decoded_mb, dicom=dicom, dicom_seg=dicom_seg, gpu_decode=gpu_decode, shard=shard, engine=engine.value,
+        max_decoded_mb=max_decoded_mb, dicom=dicom, dicom_seg=dicom_seg, heart_png=heart_png, gpu_decode=gpu_decode, shard=shard, engine=engine.value,
         ray_address=ray_address, overwrite=overwrite, progress=not quiet,
     )
     if report and shard:

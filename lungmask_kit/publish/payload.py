@@ -27,7 +27,16 @@ def full_payload(source: RunManifest, row: dict) -> dict:
     for variant in ("lungs", "nolungs", "heart"):
         rel = row.get(f"{variant}_path")
         out[variant] = {"bytes": _read_output(source, rel, f"{variant} output"), "path": name} if rel else None
+    if out["heart"] is None and row.get("heart_rle"):  # no heart PNG written (segment without --heart-png)
+        out["heart"] = {"bytes": encode_png(_heart(row).view(np.uint8) * 255), "path": name}
     return out
+
+
+def _heart(row: dict) -> np.ndarray:
+    try:
+        return rle.decode(row["heart_rle"], expect_shape=(row["height"], row["width"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise LungkitError(f"{row['path']}: its heart mask is unreadable ({err})") from err
 
 
 def masks_payload(source: RunManifest, row: dict) -> dict:

@@ -64,6 +64,7 @@ class SegmentOptions:
     max_decoded_mb: int = defaults.MAX_DECODED_MB  # decoded images held ahead of the model and writers
     gpu_decode: bool = True  # with CUDA, decode gray JPEGs with nvJPEG
     dicom_seg: bool = False  # also a DICOM Segmentation of each DICOM input, under OUT/dicom-seg/ (lungkit[dicom])
+    heart_png: bool = False  # also the heart as PNG under OUT/heart/ (the manifest's heart_rle holds it either way)
     shard: str | None = None  # "K/N": only this part of the images; `merge_shards` makes the manifest
     engine: Engine = Engine.local  # local | ray (a string is taken too)
     ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS)
@@ -185,7 +186,7 @@ class _SegmentRun:
         )
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
                                 options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device,
-                                options.convention, self.precision, options.dicom_seg)
+                                options.convention, self.precision, options.dicom_seg, options.heart_png)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
         done = folder.done(self.key, ("sha256",))
         names = output_names(rels)
@@ -221,13 +222,14 @@ class _SegmentRun:
         return ImageReader(root, out, self.key, seg.config, self.options.dicom,
                            prepare_on_host=on_host or not seg.prepares_on_device,
                            jpeg_on_device=not on_host and seg.decodes_jpeg_on_device,
-                           heart="heart" in seg.extra_outputs)
+                           heart="heart" in seg.extra_outputs and self.options.heart_png)
 
     def writer(self) -> OutputWriter:
         seg = self.segmenter
         dicom_seg = DicomSegOutput(self.root.absolute(), seg.config.name, seg.weights_sha256[:12]) \
             if self.options.dicom_seg else None
-        return OutputWriter(self.out.absolute(), self.post, seg.quality, self.options.convention, dicom_seg)
+        return OutputWriter(self.out.absolute(), self.post, seg.quality, self.options.convention, dicom_seg,
+                            self.options.heart_png)
 
     def _run_local(self, bar) -> None:
         o = self.options

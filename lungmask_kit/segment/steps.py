@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lungmask_kit import defaults
-from lungmask_kit.anatomy.heart import finish_heart, heart_fields, thorax_fields
+from lungmask_kit.anatomy.heart import finish_heart, heart_at_native, heart_fields, native_columns, thorax_fields
 from lungmask_kit.derive import derive_variants, lung_fields
 from lungmask_kit.discovery import output_path_problem, wants_dicom
 from lungmask_kit.engines.local import Item
@@ -51,7 +51,8 @@ def manifest_path(rel: str) -> str:
 
 def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSettings, tta: bool = False,
                  batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
-                 convention: str = defaults.CONVENTION, precision: str = "fp32", dicom_seg: bool = False) -> str:
+                 convention: str = defaults.CONVENTION, precision: str = "fp32", dicom_seg: bool = False,
+                 heart_png: bool = False) -> str:
     """Identifies everything that changes the written files and quality columns; resume redoes images whose
     key differs. The batch size, the device and the precision are in it: a model batch of another size moves
     probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask pixel. QC thresholds are not: they re-flag
@@ -71,6 +72,8 @@ def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSett
     }
     if dicom_seg:  # only when asked, so the keys of runs without it stay what they were
         payload["dicom_seg"] = True
+    if heart_png:
+        payload["heart_png"] = True
     return digest(payload)
 
 
@@ -129,7 +132,7 @@ class ImageReader:
     dicom: bool = False
     prepare_on_host: bool = True  # False: the engine's device resizes and normalises
     jpeg_on_device: bool = False  # leave gray JPEGs undecoded for nvJPEG
-    heart: bool = False  # the model draws the heart: a finished image has a heart mask too
+    heart: bool = False  # heart PNGs are written (--heart-png): a finished image has one too
 
     def read(self, task: Task) -> Item:
         try:
@@ -225,6 +228,7 @@ class OutputWriter:
     quality: QualityModel | None
     convention: str = defaults.CONVENTION
     dicom_seg: DicomSegOutput | None = None
+    heart_png: bool = False  # also OUT/heart/ PNGs (the manifest's heart_rle is written either way)
 
     def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction: ImagePrediction) -> SegmentRow:
         probability, pooled, flipped = prediction.probability, prediction.pooled, prediction.flipped
@@ -236,12 +240,13 @@ class OutputWriter:
         # the lungs are told apart at model resolution; every native mask pixel takes the side of its region
         right, left = split_by_region(mask, right_lung_region(lung_sides(small)))
         row.update(lung_fields(right, left, row.get("pixel_spacing")), convention=self.convention)
-        images = {"mask": mask.astype(np.uint8) * 255, **derive_variants(pixels, mask)}
+        images = {"mask": mask.view(np.uint8) * 255, **derive_variants(pixels, mask)}
         heart = None
         if "heart" in prediction.extra:
             heart = self._finish_heart(row, small, prediction, pixels.shape)
-            images["heart"] = heart.astype(np.uint8) * 255
-            row["heart_path"] = output_rel("heart", task)
+            if self.heart_png:  # a PNG per image costs the writers about 10% of their time at 2000 px
+                images["heart"] = heart.view(np.uint8) * 255
+                row["heart_path"] = output_rel("heart", task)
         paths = {kind: output_rel(kind, task) for kind in images}
         try:
             for kind, image in images.items():
@@ -265,18 +270,18 @@ class OutputWriter:
         network draws it, overlap with the lungs included: the publisher's own jsrt lung and heart masks
         overlap too (cxr-heart: 4.5% of the heart's area on average)."""
         small_heart = finish_heart(prediction.extra["heart"], self.post.threshold)
-        heart = resize_mask(small_heart, shape)
-        row.update(heart_fields(heart, row.get("pixel_spacing")))
+        native = heart_at_native(small_heart, shape)
+        row.update(heart_fields(native, row.get("pixel_spacing")))
         visible = lungs_small if self.convention == "jsrt" else None
         if visible is None and "jsrt" in prediction.extra:
             visible = clean_mask(prediction.extra["jsrt"], self.post)
         if visible is None:
             row.update(thorax_fields(None, None))
         else:
-            row.update(thorax_fields(resize_mask(visible, shape), lung_sides(visible), small_heart))
+            row.update(thorax_fields(native_columns(visible, shape[1]), lung_sides(visible), small_heart))
         if row["heart_width_px"] is None:
             row["ctr_null_reason"] = "no heart found"
-        return heart
+        return native.mask
 
     def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> str:
         """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm)."""

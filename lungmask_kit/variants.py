@@ -430,6 +430,9 @@ def run_variants(
         raise LungkitError(f"--only takes {', '.join(VARIANTS)} (got {', '.join(options.only) or 'nothing'})")
     chexmask_note = None
     if options.chexmask is not None:
+        if options.convention not in (None, "jsrt"):
+            raise LungkitError(f"--convention {options.convention} contradicts --chexmask: CheXmask's masks outline the "
+                               "visible lung fields (jsrt)")
         if images is None or not Path(images).is_dir():
             raise LungkitError("--chexmask needs the folder of the images it describes: give --images")
         images_root = Path(images)

@@ -398,3 +398,27 @@ def test_publish_carries_both_lungs(tmp_path, small_corpus):
             assert np.array_equal(right | left, mask) and r["convention"] == "v7"
         card = (target / "README.md").read_text()
         assert "`right_lung_rle`" in card and "Annotation convention: `v7`" in card
+
+
+def test_one_folder_never_mixes_conventions(tmp_path, small_corpus, capsys):
+    """A v7 run, then a jsrt run of some of its images into the same OUT, left rows of both under metadata naming
+    one; CheXmask paths took v7 masks as jsrt."""
+    from lungmask_kit.cli.app import main
+
+    weights = _tiny_model(tmp_path, ["v7", "jsrt"])
+    out = tmp_path / "out"
+    assert main(["segment", str(small_corpus), "-o", str(out), "-w", str(weights), "-q"]) == 0
+    capsys.readouterr()
+    args = ["segment", str(small_corpus), "-o", str(out), "-w", str(weights), "--convention", "jsrt", "--glob", "ieee_b*", "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "would mix both conventions" in err
+    assert main([*args, "--overwrite"]) == 0  # replaced, not mixed in
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["convention"] for r in rows] == ["jsrt"]
+    # the whole folder in the other convention is fine: every row is redone
+    assert main(["segment", str(small_corpus), "-o", str(out), "-w", str(weights), "-q"]) == 0
+    assert {r["convention"] for r in pq.read_table(out / "manifest.parquet").to_pylist()} == {"v7"}
+    assert main(["variants", "--chexmask", str(tmp_path / "none.csv"), "--images", str(small_corpus), "-o",
+                 str(tmp_path / "var"), "--convention", "v7", "-q"]) == 2
+    assert "contradicts --chexmask" in capsys.readouterr().err

@@ -260,6 +260,12 @@ def test_the_bundled_model_draws_the_heart_and_measures_the_ctr_on_visible_lungs
 def test_publish_carries_the_heart_in_both_modes_and_in_chexmask_csv(heart_run, tmp_path):
     from lungmask_kit.cli.app import main
 
+    # chexmask.csv's readers take masks as visible lungs: a v7 run is refused, a jsrt run of the same images taken
+    assert main(["publish", str(heart_run), "-o", str(tmp_path / "refused"), "--chexmask", "-q"]) == 2
+    assert not (tmp_path / "refused").exists()
+    jsrt_run = tmp_path / "jsrt"
+    assert main(["segment", str(heart_run.parent / "in"), "-o", str(jsrt_run), "--convention", "jsrt", "-q"]) == 0
+    heart_run = jsrt_run
     full, masks = tmp_path / "full", tmp_path / "masks"
     assert main(["publish", str(heart_run), "-o", str(full), "--include-flagged", "--chexmask", "-q"]) == 0
     assert main(["publish", str(heart_run), "-o", str(masks), "--masks-only", "--include-flagged", "-q"]) == 0

@@ -93,6 +93,12 @@ def _publish(run: str | Path, dataset: str | Path, options: PublishOptions) -> P
     if table.num_rows == 0:
         raise LungkitError(f"nothing to publish in {source.path}: no image passed QC and ran without error "
                            "(--include-flagged also publishes flagged images)")
+    if options.chexmask and "convention" in table.column_names:
+        other = sorted({c for c in table.column("convention").to_pylist() if c and c != "jsrt"})
+        if other:
+            raise LungkitError(f"--chexmask: the run's masks are {', '.join(other)} (the lung behind the heart included) "
+                               "and CheXmask's readers take every mask as visible lung fields (jsrt): segment with "
+                               "--convention jsrt for a chexmask.csv")
     splits = split_names(table)
     table = table.drop_columns(["split"]) if "split" in table.column_names else table
     table = table.append_column("split", pa.array(splits, pa.string()))

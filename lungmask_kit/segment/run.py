@@ -22,7 +22,7 @@ from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import inside, utc_stamp
 from lungmask_kit.inference import Segmenter, oom_note
 from lungmask_kit.labels import labels_update, match_labels, read_labels, write_label_report
-from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, folder_entries
+from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsError, folder_entries, previous_table
 from lungmask_kit.postprocess import PostprocessSettings
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, Shard, keep_existing, running_holder, shard_records
@@ -165,6 +165,8 @@ class _SegmentRun:
         self.root, self.folder, self.out, self.options = root, folder, folder.out, options
         self.paths = [manifest_path(r) for r in rels]
         self.labels = _Labels(options.labels, self.paths)  # read now: a bad label file fails before the images
+        if not options.overwrite:
+            _refuse_mixed_conventions(folder.out, root, self.paths, options.convention)
         if options.engine is Engine.ray:  # the model runs in Ray's actors; the driver's copy gives config and quality
             from lungmask_kit.engines.ray import model_device_type  # ray: optional
 
@@ -301,6 +303,22 @@ class _SegmentRun:
             "labels": [str(p) for p in options.labels],
             "finished_at": utc_stamp(),
         }
+
+
+def _refuse_mixed_conventions(out: Path, root: Path, paths: list[str], convention: str) -> None:
+    """A run in one convention into a folder whose manifest keeps rows of images outside this run (another
+    --glob) drawn in the other would leave a manifest of two conventions under metadata that names one."""
+    previous = previous_table(out, MANIFEST_NAME, SEGMENT_FIELDS)
+    if previous is None or "convention" not in previous.column_names:
+        return
+    ours, keep = set(paths), keep_existing(root, overwrite=False)
+    rows = previous.select(["path", "convention"]).to_pylist()
+    other = next((r for r in rows if r["convention"] not in (None, convention) and r["path"] not in ours
+                  and keep(r["path"])), None)
+    if other is not None:
+        raise LungkitError(f"{out} holds {other['convention']} masks of images this run leaves alone (e.g. "
+                           f"{other['path']}): a {convention} run would mix both conventions in one manifest; run "
+                           "over all of them (no --glob), pass --overwrite, or choose another -o")
 
 
 class _Labels:

@@ -52,6 +52,27 @@ def _with_empty_type2(source: pydicom.Dataset) -> pydicom.Dataset:
     return copy
 
 
+# what a SEG references of its source: without any of them there is no valid SEG to write
+REFERENCED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def missing_uids(source: pydicom.Dataset) -> list[str]:
+    """The UIDs a SEG must reference that the source lacks (empty: a SEG can be written)."""
+    return [k for k in REFERENCED_UIDS if not str(source.get(k, "") or "").strip()]
+
+
+def _without_unreadable_pixel_measures(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A projection radiograph's PixelSpacing without a SliceThickness makes highdicom write a Pixel Measures
+    item its own reader (`highdicom.seg.segread`) refuses; the macro is optional for a 2-D SEG (dciodvfy finds no
+    error without it), so the SEG is written from a copy without PixelSpacing (the source keeps it)."""
+    if "PixelSpacing" not in source or "SliceThickness" in source:
+        return source
+    copy = pydicom.Dataset(source)
+    copy.file_meta = getattr(source, "file_meta", pydicom.dataset.FileMetaDataset())
+    del copy.PixelSpacing
+    return copy
+
+
 def segmentation(source: pydicom.Dataset, right: np.ndarray, left: np.ndarray, model_name: str, model_version: str,
                  convention: str, heart: np.ndarray | None = None) -> bytes:
     """The DICOM Segmentation (BINARY) of one image's two lungs (and heart), as Part 10 bytes."""
@@ -62,7 +83,7 @@ def segmentation(source: pydicom.Dataset, right: np.ndarray, left: np.ndarray, m
     if right.shape != (source.Rows, source.Columns) or left.shape != right.shape or \
             (heart is not None and heart.shape != right.shape):
         raise ValueError(f"mask {right.shape} does not fit the DICOM's {source.Rows}x{source.Columns}")
-    source = _with_empty_type2(source)
+    source = _with_empty_type2(_without_unreadable_pixel_measures(source))
     if heart is None:
         pixels = np.zeros(right.shape, np.uint8)  # a label map: the lungs are disjoint
         pixels[right], pixels[left] = 1, 2

@@ -56,3 +56,31 @@ def test_dicom_inputs_get_a_segmentation_that_matches_the_png_mask(tmp_path, exa
             assert "Error" not in check.stderr, check.stderr
     assert main(["segment", str(src), "-o", str(out), "--dicom-seg", "-q"]) == 0  # a re-run resumes
     assert main(["segment", str(src), "-o", str(out), "-q"]) == 0  # without it: another key, every image redone
+
+
+def test_sources_with_pixel_spacing_or_without_uids(tmp_path, example_images, capsys):
+    """A source with PixelSpacing gave a SEG highdicom's own reader refused; one without StudyInstanceUID became an
+    error row after its PNGs were written; one without SOPInstanceUID silently got no SEG."""
+    import pydicom
+
+    pixels = cv2.imread(str(example_images / "ieee_b39f5cf9.png"), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16
+    src = tmp_path / "in"
+    write_dicom(src / "spacing.dcm", pixels, bits_stored=12, PixelSpacing=[0.2, 0.2])
+    for name, missing in (("nosop.dcm", "SOPInstanceUID"), ("nostudy.dcm", "StudyInstanceUID")):
+        write_dicom(src / name, pixels, bits_stored=12)
+        ds = pydicom.dcmread(src / name)
+        delattr(ds, missing)
+        ds.save_as(src / name)
+    out = tmp_path / "out"
+    assert main(["segment", str(src), "-o", str(out), "--dicom-seg", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "1 DICOM Segmentation(s)" in err and "2 DICOM input(s) lack a UID a SEG must reference" in err
+    rows = {r["path"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["nosop.dcm"]["dicom_seg_path"] is None and rows["nostudy.dcm"]["dicom_seg_path"] is None
+    seg = hd.seg.segread(out / rows["spacing.dcm"]["dicom_seg_path"])
+    source = pydicom.dcmread(src / "spacing.dcm")
+    labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[source.SOPInstanceUID],
+                                               segment_numbers=[1, 2])[0]
+    png = cv2.imread(str(out / rows["spacing.dcm"]["mask_path"]), cv2.IMREAD_GRAYSCALE) > 0
+    assert np.array_equal(labels.any(-1), png)

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from lungmask_kit import __version__, defaults
 from lungmask_kit.choices import Engine
 from lungmask_kit.decoder_warnings import WarningTally
-from lungmask_kit.discovery import Scan, output_names, scan_images
+from lungmask_kit.dicom_seg import REFERENCED_UIDS
+from lungmask_kit.discovery import Scan, output_names, scan_images, wants_dicom
 from lungmask_kit.engines.local import ByteBudget, EngineSettings, run_local
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import inside, utc_stamp
@@ -135,17 +136,23 @@ def run_segment(input_dir: str | Path, out: str | Path, options: SegmentOptions)
         summary.warnings.append(tally.summary())
     _say_what_was_not_read(summary, scan, root, out)
     if options.dicom_seg:
-        summary.warnings.append(_dicom_seg_sentence(out))
+        summary.warnings.append(_dicom_seg_sentence(out, options.dicom))
     return summary
 
 
-def _dicom_seg_sentence(out: Path) -> str:
-    """How many DICOM SEGs the manifest names, and how many ok images had none (not DICOM)."""
-    table = pq.read_table(out / MANIFEST_NAME, columns=["status", "sop_uid", "dicom_seg_path"]).to_pylist()
-    written = sum(bool(r["dicom_seg_path"]) for r in table)
-    without = sum(r["status"] == "ok" and not r["sop_uid"] for r in table)
-    return f"--dicom-seg: {written} DICOM Segmentation(s) in {out / DICOM_SEG_DIR}" + (
-        f"; {without} input(s) are not DICOM and have none" if without else "")
+def _dicom_seg_sentence(out: Path, dicom: bool) -> str:
+    """How many DICOM SEGs the manifest names, and why ok images have none: not DICOM, or a DICOM lacking a UID a
+    SEG must reference."""
+    table = pq.read_table(out / MANIFEST_NAME, columns=["path", "status", "dicom_seg_path"]).to_pylist()
+    ok = [r for r in table if r["status"] == "ok"]
+    written = sum(bool(r["dicom_seg_path"]) for r in ok)
+    not_dicom = sum(not wants_dicom(r["path"], dicom) for r in ok)
+    lacking = len(ok) - written - not_dicom
+    text = f"--dicom-seg: {written} DICOM Segmentation(s) in {out / DICOM_SEG_DIR}"
+    if lacking:
+        text += (f"; {lacking} DICOM input(s) lack a UID a SEG must reference ({', '.join(REFERENCED_UIDS)}) and have "
+                 "none")
+    return text + (f"; {not_dicom} input(s) are not DICOM and have none" if not_dicom else "")
 
 
 def _say_what_was_not_read(summary: RunSummary, scan: Scan, root: Path, out: Path) -> None:
@@ -228,7 +235,7 @@ class _SegmentRun:
 
     def writer(self) -> OutputWriter:
         seg = self.segmenter
-        dicom_seg = DicomSegOutput(self.root.absolute(), seg.config.name, seg.weights_sha256[:12]) \
+        dicom_seg = DicomSegOutput(self.root.absolute(), seg.config.name, seg.weights_sha256[:12], self.options.dicom) \
             if self.options.dicom_seg else None
         return OutputWriter(self.out.absolute(), self.post, seg.quality, self.options.convention, dicom_seg,
                             self.options.heart_png)

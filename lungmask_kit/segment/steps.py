@@ -216,6 +216,7 @@ class DicomSegOutput:
     input_root: Path
     model_name: str
     model_version: str
+    dicom: bool = False  # --dicom: files without an extension are DICOM too
 
 
 @dataclass
@@ -259,7 +260,7 @@ class OutputWriter:
             lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(small),
             status="ok", error=None,
         )
-        if self.dicom_seg is not None and row.get("sop_uid"):  # a DICOM input (its header gave a SOP Instance UID)
+        if self.dicom_seg is not None and wants_dicom(task.rel, self.dicom_seg.dicom):
             row["dicom_seg_path"] = self._write_dicom_seg(task, right, left, heart)
         return row
 
@@ -283,8 +284,9 @@ class OutputWriter:
             row["ctr_null_reason"] = "no heart found"
         return native.mask
 
-    def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> str:
-        """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm)."""
+    def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> str | None:
+        """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm); None where the source
+        lacks a UID a SEG must reference (the run's summary counts them)."""
         from io import BytesIO
 
         import pydicom
@@ -293,6 +295,8 @@ class OutputWriter:
 
         data = read_regular_file(self.dicom_seg.input_root / task.rel, defaults.MAX_FILE_BYTES)
         source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+        if dicom_seg.missing_uids(source):
+            return None
         payload = dicom_seg.segmentation(source, right, left, self.dicom_seg.model_name, self.dicom_seg.model_version,
                                          self.convention, heart)
         rel = f"{DICOM_SEG_DIR}/{PurePosixPath(manifest_path(task.out_name)).with_suffix('.dcm')}"

@@ -442,3 +442,41 @@ def test_the_card_says_only_what_is_true(tmp_path, run, capsys):
     assert "flag rates" not in json.dumps(croissant) and "year = {" in croissant["citeAs"]
     table = pq.read_table(next((ds / "data").glob("*.parquet")))
     assert not {"mask_path", "lungs_path", "nolungs_path"} & set(table.column_names)  # files the dataset lacks
+
+
+def test_publish_leaves_no_identifier_in_paths_or_png_text(tmp_path, example_images, capsys):
+    """A PACS-like export (PatientID/SOPInstanceUID.png, PNGs with a PatientName text chunk): full mode publishes
+    neither, and the card says exactly what it did; masks-only keeps paths (its users match images by them) and
+    says so."""
+    import zlib
+
+    def with_text(png: bytes, key: bytes, text: bytes) -> bytes:
+        body = key + b"\0" + text
+        chunk = len(body).to_bytes(4, "big") + b"tEXt" + body
+        chunk += zlib.crc32(b"tEXt" + body).to_bytes(4, "big")
+        return png[:33] + chunk + png[33:]  # after IHDR (8 + 25 bytes)
+
+    src = tmp_path / "export"
+    uids = ["1.2.840.113619.2.55.3.1", "1.2.840.113619.2.55.3.2"]
+    for uid, name in zip(uids, sorted(p.name for p in example_images.glob("*.png"))[:2]):
+        (src / "PAT4711").mkdir(parents=True, exist_ok=True)
+        png = with_text((example_images / name).read_bytes(), b"PatientName", b"Doe^Jane")
+        (src / "PAT4711" / f"{uid}.png").write_bytes(png)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,patient_id\n" + "".join(f"PAT4711/{u}.png,PAT4711\n" for u in uids))
+    run = tmp_path / "seg"
+    assert main(["segment", str(src), "-o", str(run), "--labels", str(labels), "-q"]) == 0
+    ds = tmp_path / "ds"
+    assert main(["publish", str(run), "-o", str(ds), "--include-flagged", "-q"]) == 0
+    blob = b"".join(p.read_bytes() for p in ds.rglob("*") if p.is_file())
+    assert b"Doe^Jane" not in blob and b"PAT4711" not in blob and uids[0].encode() not in blob
+    rows = pq.read_table(next((ds / "data").glob("*.parquet"))).to_pylist()
+    assert all(r["path"].startswith("anon-") and r["path"].count("/") == 1 for r in rows)
+    card = (ds / "README.md").read_text()
+    assert "replaced by pseudonyms the same way (2 path(s))" in card and "without their text chunks" in card
+    masks = tmp_path / "masks"
+    assert main(["publish", str(run), "-o", str(masks), "--include-flagged", "--masks-only", "-q"]) == 0
+    assert "`path` is published as in the source" in (masks / "README.md").read_text()
+    kept = tmp_path / "kept"
+    assert main(["publish", str(run), "-o", str(kept), "--include-flagged", "--keep-identifiers", "-q"]) == 0
+    assert b"Doe^Jane" in b"".join(p.read_bytes() for p in (kept / "data").glob("*.parquet"))

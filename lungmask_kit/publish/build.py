@@ -47,7 +47,8 @@ from lungmask_kit.runtime import available_cores
 MARKER = ".lungkit-dataset"  # a folder holding it is ours to replace
 PROGRESS = ".progress.json"
 # manifest columns that only mean something inside the run folder, or on rows never published
-RUN_ONLY = ("status", "error", "mask_path", "lungs_path", "nolungs_path", "heart_path")
+RUN_ONLY = ("status", "error", "mask_path", "lungs_path", "nolungs_path", "heart_path", "dicom_seg_path")
+PUBLISHED_PATH = "_published_path"  # the path others see (full mode: identifiers in it replaced), until the swap
 ROW_GROUP_BYTES = 64 << 20  # image bytes per Parquet row group: readers hold one row group at a time
 READ_CHUNK = 64  # rows read ahead in threads
 MAX_SPLIT_NAME = 64  # characters of a split name (it is part of every shard's file name)
@@ -108,6 +109,8 @@ def _publish(run: str | Path, dataset: str | Path, options: PublishOptions) -> P
     with staged_folder(dataset, source.run, MARKER, "lungkit publish", resumable=True, warnings=summary.warnings) as staging:
         state = _Progress.open(staging, _publish_key(source, options))
         if not options.keep_identifiers:
+            if not options.masks_only:  # masks-only keeps paths: they are how its users find their images
+                table, summary.paths_pseudonymised = pseudonymise_paths(table, state.pseudonym_key)
             table, summary.pseudonymised = pseudonymise(table, state.pseudonym_key)
         rows_of: dict[str, list[int]] = {}
         for i, split in enumerate(splits):
@@ -116,7 +119,7 @@ def _publish(run: str | Path, dataset: str | Path, options: PublishOptions) -> P
             summary.resumed_shards += _write_split(source, table.take(pa.array(rows, pa.int64())), split, staging, state, options)
             summary.rows[split] = len(rows)
         if options.chexmask:
-            write_chexmask_csv(staging / CHEXMASK_CSV, table)
+            write_chexmask_csv(staging / CHEXMASK_CSV, public_paths(table))
         files = sorted(p.relative_to(staging).as_posix() for p in (staging / "data").glob("*.parquet"))
         published = _published_columns(table, options)
         write_card(staging, source, published, summary, options, files)
@@ -157,6 +160,39 @@ def write_chexmask_csv(path: Path, table: pa.Table) -> None:
     chexmask.write_csv(path, out)
 
 
+_UID = re.compile(r"^\d+(\.\d+){3,}$")  # a DICOM UID as PACS exports name files and folders by them
+
+
+def pseudonymise_paths(table: pa.Table, key: bytes) -> tuple[pa.Table, int]:
+    """The paths others see, as a `PUBLISHED_PATH` column (the run's own `path` stays for reading the files): each
+    folder or file name that equals one of the table's identifier values (patient ids, DICOM UIDs) or looks like a
+    DICOM UID is replaced by its keyed pseudonym (the extension kept), e.g. `PAT123/1.2.840.../x.dcm` ->
+    `anon-.../anon-....dcm`. Returns the table and how many paths changed."""
+    values = set()
+    for name in IDENTIFIER_COLUMNS:
+        if name in table.column_names:
+            values |= {str(v).strip() for v in table.column(name).to_pylist() if v is not None and len(str(v).strip()) >= 3}
+
+    def name_of(part: str) -> str:
+        stem, dot, ext = part.rpartition(".") if "." in part and not _UID.match(part) else (part, "", "")
+        for candidate, suffix in ((part, ""), (stem, dot + ext)):
+            if candidate in values or _UID.match(candidate):
+                return "anon-" + hmac.new(key, f"path:{candidate}".encode(), hashlib.sha256).hexdigest()[:16] + suffix
+        return part
+
+    paths = table.column("path").to_pylist()
+    public = ["/".join(name_of(part) for part in p.split("/")) for p in paths]
+    return table.append_column(PUBLISHED_PATH, pa.array(public, pa.string())), sum(a != b for a, b in zip(paths, public))
+
+
+def public_paths(table: pa.Table) -> pa.Table:
+    """`table` with `path` as others see it (`PUBLISHED_PATH` where there is one) and no private columns."""
+    if PUBLISHED_PATH not in table.column_names:
+        return table
+    i = table.schema.get_field_index("path")
+    return table.set_column(i, table.schema.field(i), table.column(PUBLISHED_PATH)).drop_columns([PUBLISHED_PATH])
+
+
 def pseudonymise(table: pa.Table, key: bytes) -> tuple[pa.Table, list[str]]:
     """The identifier columns (patient ids, DICOM UIDs) replaced by keyed hashes: equal values stay equal within
     the dataset (a patient's images can still be grouped), and without the key, discarded once the dataset is
@@ -175,15 +211,15 @@ def pseudonymise(table: pa.Table, key: bytes) -> tuple[pa.Table, list[str]]:
 
 def _published_columns(table: pa.Table, options: PublishOptions) -> pa.Table:
     """The manifest's columns others get: its run-folder paths and status columns dropped (in masks-only mode
-    too: the dataset holds none of the files they name)."""
-    return table.drop_columns([c for c in RUN_ONLY if c in table.column_names])
+    too: the dataset holds none of the files they name), `path` as others see it."""
+    return public_paths(table).drop_columns([c for c in RUN_ONLY if c in table.column_names])
 
 
 def _publish_key(source: RunManifest, options: PublishOptions) -> str:
     """What a partial build must share with this one to be resumed: the manifest's bytes and the options that
     change the shards."""
     manifest_sha = hashlib.sha256(source.path.read_bytes()).hexdigest()
-    return digest([manifest_sha, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 3])
+    return digest([manifest_sha, options.masks_only, options.include_flagged, options.shard_mb, options.keep_identifiers, 4])
 
 
 class _Progress:
@@ -267,7 +303,7 @@ def _row_payloads(source: RunManifest, rows: pa.Table, options: PublishOptions):
     with ThreadPoolExecutor(workers, thread_name_prefix="lungkit-publish") as pool:
         for start in range(0, rows.num_rows, READ_CHUNK):
             chunk = records[start:start + READ_CHUNK] if records is not None else rows.slice(start, READ_CHUNK).to_pylist()
-            extra = list(pool.map(lambda r: make(source, r), chunk))
+            extra = list(pool.map(lambda r: make(source, r, strip_text=not options.keep_identifiers), chunk))
             yield _chunk_table(rows.slice(start, READ_CHUNK), extra, options, columns)
 
 

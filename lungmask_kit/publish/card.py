@@ -179,7 +179,7 @@ def _card_body(name: str, meta: dict, table: pa.Table, summary: PublishSummary, 
               "## Uses", "",
               "Shortcut audits of chest X-ray classifiers, lung-region analyses, pre-training lung segmenters. Not for "
               "clinical use: no mask here was checked by a clinician.", "",
-              "## Personal and sensitive information", "", _identifiers_sentence(table, summary), "",
+              "## Personal and sensitive information", "", _identifiers_sentence(table, summary, options.keep_identifiers), "",
               "## Licences", ""]
     if licences:
         lines += [f"Licence of the images, per source row (`license` column); the card's licence is `{licence}`:", "",
@@ -214,16 +214,27 @@ def citation(name: str, meta: dict, rows: int) -> list[str]:
             "  author = {{lungkit contributors}},", f"  year = {{{year}}},", f"  version = {{{version}}},", "}"]
 
 
-def _identifiers_sentence(table: pa.Table, summary: PublishSummary) -> str:
+def _identifiers_sentence(table: pa.Table, summary: PublishSummary, keep_identifiers: bool) -> str:
+    """What the dataset says of its patients, exactly as published."""
     present = [c for c in IDENTIFIER_COLUMNS if c in table.column_names and table.column(c).null_count < len(table)]
-    if not present:
-        return "No patient identifier column (patient_id, DICOM UIDs) is published."
     names = ", ".join(f"`{c}`" for c in present)
-    if summary.pseudonymised:
-        return (f"{names}: replaced by pseudonyms (a keyed hash whose key was discarded after publishing): rows of one "
-                "patient or study share a pseudonym within this dataset, and no value can be traced back to the source.")
-    return (f"{names}: published as in the source (`lungkit publish --keep-identifiers`); they identify patients unless "
-            "the source was de-identified.")
+    if keep_identifiers:
+        return ((f"{names}: published as in the source; " if present else "") + "paths and the original PNGs' text "
+                "chunks as in the source (`lungkit publish --keep-identifiers`): they identify patients unless the "
+                "source was de-identified.")
+    parts = [f"{names}: replaced by pseudonyms (a keyed hash whose key was discarded after publishing): rows of one "
+             "patient or study share a pseudonym within this dataset, and no pseudonym can be traced back to its value."
+             if present else "No patient identifier column (patient_id, DICOM UIDs) is published."]
+    if summary.mode == "full":
+        parts.append(f"In `path`, folder and file names equal to an identifier value or shaped like a DICOM UID are "
+                     f"replaced by pseudonyms the same way ({summary.paths_pseudonymised} path(s)); other names are "
+                     "kept as they were. The original PNGs are published without their text chunks, EXIF and time "
+                     "stamps (pixels untouched).")
+    else:
+        parts.append("`path` is published as in the source, since it is how users of this dataset find their own "
+                     "copies of the images: a folder or file name that carries an identifier stays in it.")
+    parts.append("`sha256` (of each source file) is kept: whoever holds a source file can find its row.")
+    return " ".join(parts)
 
 
 def _quality_sentence(calibration: dict, qc: dict) -> str:
@@ -319,7 +330,7 @@ def write_croissant(folder: Path, source: RunManifest, table: pa.Table, summary:
                                 "est_dice is an estimate, not a measurement; QC flags are heuristics."],
         "rai:dataBiases": ["The source corpus's mix of sites, devices and diseases carries over; the images per label, "
                            "split and source are counted in README.md."],
-        "rai:personalSensitiveInformation": ["Medical images. " + _identifiers_sentence(table, summary)],
+        "rai:personalSensitiveInformation": ["Medical images. " + _identifiers_sentence(table, summary, options.keep_identifiers)],
         "rai:dataUseCases": ["Shortcut audits of chest X-ray classifiers; lung-region analyses. Not for clinical use."],
         "rai:dataSocialImpact": "Helps show whether diagnostic classifiers rely on cues outside the lungs.",
         "rai:dataReleaseMaintenancePlan": ["Regenerate with lungkit publish from the run; SHA256SUMS pins every file."],

@@ -20,9 +20,12 @@ from lungmask_kit.manifest import RunManifest
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def full_payload(source: RunManifest, row: dict) -> dict:
-    name = _png_name(row["path"])
-    out = {"image": {"bytes": _original_png(source, row), "path": name},
+def full_payload(source: RunManifest, row: dict, strip_text: bool = True) -> dict:
+    """`strip_text`: the original PNG's text chunks, EXIF and time stamp left out (a PACS export may write the
+    patient's name there); its pixels, palette and colour information kept."""
+    name = _png_name(row.get("_published_path") or row["path"])
+    original = _original_png(source, row)
+    out = {"image": {"bytes": without_text_chunks(original) if strip_text else original, "path": name},
            "mask": {"bytes": encode_png(_mask(source, row).astype(np.uint8) * 255), "path": name}}
     for variant in ("lungs", "nolungs", "heart"):
         rel = row.get(f"{variant}_path")
@@ -39,7 +42,25 @@ def _heart(row: dict) -> np.ndarray:
         raise LungkitError(f"{row['path']}: its heart mask is unreadable ({err})") from err
 
 
-def masks_payload(source: RunManifest, row: dict) -> dict:
+# ancillary PNG chunks that carry text or time, not pixels: tEXt/zTXt/iTXt (free text: PatientName=...), eXIf, tIME
+_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+
+
+def without_text_chunks(png: bytes) -> bytes:
+    """A PNG's bytes without its text, EXIF and time chunks (every other chunk as it is, CRCs untouched)."""
+    if png[:8] != PNG_MAGIC:
+        return png
+    out, i = [png[:8]], 8
+    while i + 8 <= len(png):
+        length = int.from_bytes(png[i:i + 4], "big")
+        end = i + 12 + length
+        if png[i + 4:i + 8] not in _TEXT_CHUNKS:
+            out.append(png[i:end])
+        i = end
+    return b"".join(out)
+
+
+def masks_payload(source: RunManifest, row: dict, strip_text: bool = True) -> dict:
     return {"mask_rle": rle.encode(_mask(source, row))}
 
 

@@ -55,6 +55,7 @@ class PublishSummary:
     total_bytes: int = 0
     resumed_shards: int = 0
     pseudonymised: list[str] = field(default_factory=list)  # identifier columns replaced by pseudonyms
+    paths_pseudonymised: int = 0  # full mode: paths with an identifier in a folder or file name, replaced
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 

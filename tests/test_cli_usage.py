@@ -130,3 +130,21 @@ def test_the_cli_imports_no_heavy_library_until_a_command_runs():
             "print(sorted(m for m in ('torch', 'cv2', 'pyarrow', 'pydicom', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_every_example_in_the_help_fits_80_columns():
+    """Examples that wrapped at 80 columns lost their indentation and read as prose; each line of a command's
+    docstring example (and its continuation lines) fits the 78 columns rich leaves inside an 80-column terminal."""
+    import inspect
+
+    from lungmask_kit.cli.app import app
+
+    long = []
+    for command in app.registered_commands:
+        lines = inspect.cleandoc(command.callback.__doc__ or "").splitlines()
+        for i, line in enumerate(lines):
+            example = line.lstrip().startswith(("lungkit ", "Example: lungkit")) or \
+                (i and lines[i - 1].rstrip().endswith("\\"))
+            if example and len(line) > 78:
+                long.append(line)
+    assert not long, long

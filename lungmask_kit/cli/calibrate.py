@@ -33,7 +33,8 @@ def calibrate(
     Example: lungkit calibrate runs/seg/pairs.csv -w runs/seg/best.safetensors
 
     A model with an output per convention needs data in each:
-    lungkit calibrate cxr-seg.csv cxr-seg-jsrt.csv --convention v7 --convention jsrt -w runs/both -o runs/both-cal
+    lungkit calibrate cxr-seg.csv cxr-seg-jsrt.csv --convention v7 \\
+        --convention jsrt -w runs/both -o runs/both-cal
     """
     from lungmask_kit.training.calibrate import calibrate_model
 

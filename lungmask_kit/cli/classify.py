@@ -36,7 +36,7 @@ def classify(
     labels_from_folders: Annotated[bool, typer.Option("--labels-from-folders", help="Label = first folder of each image path (folder-per-class).")] = False,
     patient_from: Annotated[str | None, typer.Option("--patient-from", metavar="REGEX", help="Patient id from each image path: the regex's first group (or whole match), e.g. 'patient(\\d+)'. Images without one are grouped by exact and near copies.")] = None,
     input_root: InputRootOpt = None,
-    include_flagged: Annotated[bool, typer.Option("--include-flagged", help="Also use images flagged by QC (any reason: lung area, input gate, est_dice, declared view; failed ones never).")] = False,
+    include_flagged: Annotated[bool, typer.Option("--include-flagged", help="Also use images flagged by QC (any reason: lung area, input gate, est_dice, declared view, CTR; failed ones never).")] = False,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Score --checkpoint on this manifest without training.")] = False,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A classifier .safetensors written by lungkit classify.")] = None,
     device: DeviceOpt = "auto",
@@ -53,9 +53,11 @@ def classify(
 
     Examples:
 
-      lungkit classify out/cls/manifest.parquet -o runs/cls --variant all --image-size 128 --epochs 8
+      lungkit classify out/cls/manifest.parquet -o runs/cls --variant all \\
+          --image-size 128 --epochs 8
 
-      lungkit classify other/manifest.parquet -o runs/eval --eval-only --checkpoint runs/cls/checkpoints/lungs.safetensors
+      lungkit classify other/manifest.parquet -o runs/eval --eval-only \\
+          --checkpoint runs/cls/checkpoints/lungs.safetensors
     """
     from lungmask_kit.classify import ClassifySettings, comparison_table, run_classify, variants_to_run
     from lungmask_kit.errors import LungkitError

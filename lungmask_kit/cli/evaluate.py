@@ -31,7 +31,8 @@ def evaluate(
     est_dice, also how well it tracks the measured Dice (Spearman, mean absolute error, bias): check the
     quality estimate on your own annotated subset.
 
-    Example: lungkit evaluate out/sample/manifest.parquet --truth examples/cxr-sample/masks -o out/eval
+    Example: lungkit evaluate out/sample/manifest.parquet -o out/eval \\
+        --truth examples/cxr-sample/masks
     """
     from lungmask_kit.errors import LungkitError
     from lungmask_kit.evaluate import METRICS, evaluate_masks

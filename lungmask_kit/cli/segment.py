@@ -71,11 +71,14 @@ def segment(
 
       lungkit segment examples/cxr-sample/images -o out/sample
 
-      lungkit segment montgomery/ -o out/mc --convention jsrt    # visible lung fields, as CheXmask draws them
+      # visible lung fields, as CheXmask draws them
+      lungkit segment montgomery/ -o out/mc --convention jsrt
 
-      lungkit segment covidx/ -o out/covidx --labels covidx/train.txt --labels covidx/test.txt --batch-size 32
+      lungkit segment covidx/ -o out/covidx --labels covidx/train.txt --labels \\
+          covidx/test.txt --batch-size 32
 
-      lungkit segment mimic/ -o /shared/out --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT
+      lungkit segment mimic/ -o /shared/out \\
+          --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT
     """
     from lungmask_kit.runtime import cpu_load_warning
     from lungmask_kit.segment import SegmentOptions, run_segment

@@ -37,7 +37,8 @@ def train(
     Example: lungkit train data/cxr-seg -o runs/seg --epochs 36
 
     Both conventions, fine-tuned from the bundled model:
-    lungkit train cxr-seg.csv cxr-seg-jsrt.csv --convention v7 --convention jsrt --init default -o runs/both
+    lungkit train cxr-seg.csv cxr-seg-jsrt.csv --convention v7 \\
+        --convention jsrt --init default -o runs/both
     """
     from lungmask_kit.training.trainer import TrainSettings
     from lungmask_kit.training.trainer import train as run_train

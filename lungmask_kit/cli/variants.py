@@ -49,11 +49,14 @@ def variants(
 
     Examples:
 
-      lungkit variants out/sample/manifest.parquet -o out/variants --crop --margin 16
+      lungkit variants out/sample/manifest.parquet -o out/variants --crop \\
+          --margin 16
 
-      lungkit variants --images COVID-QU-Ex/Train/COVID-19/images --masks "COVID-QU-Ex/Train/COVID-19/lung masks" -o out/qu
+      lungkit variants --images COVID-QU-Ex/Train/COVID-19/images --masks \\
+          "COVID-QU-Ex/Train/COVID-19/lung masks" -o out/qu
 
-      lungkit variants --chexmask CheXmask/OriginalResolution/ChestX-Ray8.csv --images chestxray8/images -o out/cx8 --min-rca 0.7
+      lungkit variants --chexmask CheXmask/OriginalResolution/ChestX-Ray8.csv \\
+          --images chestxray8/images -o out/cx8 --min-rca 0.7
     """
     from lungmask_kit.variants import VariantsOptions, run_variants
 

@@ -173,7 +173,7 @@ class _SegmentRun:
         self.paths = [manifest_path(r) for r in rels]
         self.labels = _Labels(options.labels, self.paths)  # read now: a bad label file fails before the images
         if not options.overwrite:
-            _refuse_mixed_conventions(folder.out, root, self.paths, options.convention)
+            _refuse_mixed_conventions(folder, root, self.paths, options.convention)
         if options.engine is Engine.ray:  # the model runs in Ray's actors; the driver's copy gives config and quality
             from lungmask_kit.engines.ray import model_device_type  # ray: optional
 
@@ -312,10 +312,12 @@ class _SegmentRun:
         }
 
 
-def _refuse_mixed_conventions(out: Path, root: Path, paths: list[str], convention: str) -> None:
+def _refuse_mixed_conventions(folder: RunFolder, root: Path, paths: list[str], convention: str) -> None:
     """A run in one convention into a folder whose manifest keeps rows of images outside this run (another
-    --glob) drawn in the other would leave a manifest of two conventions under metadata that names one."""
-    previous = previous_table(out, MANIFEST_NAME, SEGMENT_FIELDS)
+    --glob) drawn in the other would leave a manifest of two conventions under metadata that names one. (Damaged
+    manifest files found here are set aside and said in the run's warnings, as the resume map would.)"""
+    out = folder.out
+    previous = previous_table(out, MANIFEST_NAME, SEGMENT_FIELDS, folder.warnings)
     if previous is None or "convention" not in previous.column_names:
         return
     ours, keep = set(paths), keep_existing(root, overwrite=False)

@@ -100,7 +100,8 @@ def pipeline(src: Path, out: Path, args, fixed_probability: bool, precision: str
         class NoModel(RealSegmenter):
             # the quality model (gate, est_dice) still runs on the writer threads, on zero features
             def start(self, inputs, pad_to=None, tta=False):
-                dim = self.quality.image.mean.shape[0] if self.quality and self.quality.image else 1
+                gate = self.quality and (self.quality.view or self.quality.image)
+                dim = gate.mean.shape[0] if gate else 1
                 n = len(inputs)
                 return lambda: BatchPrediction(np.broadcast_to(prob, (n, size, size)), np.zeros((n, dim), np.float32))
 

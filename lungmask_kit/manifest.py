@@ -61,6 +61,7 @@ SEGMENT_FIELDS = [
     pa.field("ctr_null_reason", pa.string()),
     pa.field("ood_score", pa.float64()),
     pa.field("ood_image_score", pa.float64()),
+    pa.field("view_guess", pa.string()),  # the view gate's guess: frontal, lateral, cross-sectional, other
     pa.field("ood_shape_score", pa.float64()),
     pa.field("est_dice", pa.float64()),
     pa.field("qc_pass", pa.bool_()),

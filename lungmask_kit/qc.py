@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from lungmask_kit import defaults
 from lungmask_kit.anatomy.heart import cardiothoracic_ratio
 from lungmask_kit.dicom import RADIOGRAPH_MODALITIES, is_lateral
+from lungmask_kit.quality import VIEW_WORDS
 
 # how label files spell a projection radiograph besides the DICOM codes (e.g. cxr-ood's list.csv: "X-ray")
 _RADIOGRAPH_SPELLINGS = set(RADIOGRAPH_MODALITIES) | {"XRAY", "X-RAY", "X RAY", "RG", "DR", "CXR"}
@@ -77,8 +78,9 @@ def qc_reasons(row: dict, t: QCThresholds) -> list[str]:
     if t.max_ood_score is not None:
         image, shape = row.get("ood_image_score"), row.get("ood_shape_score")
         if image is not None and image > t.max_ood_score:
-            reasons.append(f"not like the frontal chest X-rays the model knows (image ood score {shown(image, t.max_ood_score, 2)} > "
-                           f"max_ood_score {t.max_ood_score:g})")
+            looks = VIEW_WORDS.get(row.get("view_guess"))
+            reasons.append(f"not like the frontal chest X-rays the model knows ({f'looks like {looks}; ' if looks else ''}"
+                           f"image ood score {shown(image, t.max_ood_score, 2)} > max_ood_score {t.max_ood_score:g})")
         if shape is not None and shape > t.max_ood_score:
             reasons.append(f"implausible lung shape for a frontal chest X-ray (shape ood score {shown(shape, t.max_ood_score, 2)} > "
                            f"max_ood_score {t.max_ood_score:g})")
@@ -126,9 +128,19 @@ _SHORT = {
 }
 
 
+# what the view gate took an image for -> the words its short reason adds (a report sheet of its own each)
+_LOOKS_SHORT = {words: kind for kind, words in (("lateral?", VIEW_WORDS["lateral"]), ("CT/MR?", VIEW_WORDS["cross-sectional"]),
+                                                  ("other image?", VIEW_WORDS["other"]))}
+
+
 def short_reason(reason: str) -> str:
-    """One qc_reason part -> the few words the run summary counts it under."""
-    return next((short for opening, short in _SHORT.items() if reason.startswith(opening)), reason)
+    """One qc_reason part -> the few words the run summary counts it under (the image gate's with what the view
+    gate took the image for, so that laterals and false alarms land on different report sheets)."""
+    short = next((short for opening, short in _SHORT.items() if reason.startswith(opening)), reason)
+    if short == "not a frontal CXR (image)":
+        looks = next((s for words, s in _LOOKS_SHORT.items() if f"(looks like {words};" in reason), None)
+        short = f"not a frontal CXR ({looks})" if looks else short
+    return short
 
 
 def split_reasons(text: str | None) -> list[str]:
@@ -157,7 +169,7 @@ def qc_update(thresholds: QCThresholds):
     import pyarrow as pa
 
     def update(table):
-        names = [n for n in ("lung_area_fraction", "ood_image_score", "ood_shape_score", "est_dice", "modality", "view",
+        names = [n for n in ("lung_area_fraction", "ood_image_score", "view_guess", "ood_shape_score", "est_dice", "modality", "view",
                              "heart_width_px", "thorax_width_px", "ctr_null_reason") if n in table.column_names]
         columns = {n: table.column(n).to_pylist() for n in names}
         has_ctr = "ctr" in table.column_names and "heart_width_px" in columns

@@ -4,9 +4,15 @@ Shape contract: probabilities are (S, S) float in [0, 1] at model resolution; ma
 cleaned mask at model resolution; `pooled` is the 1-D encoder summary `inference.pooled_features` returns.
 Functions are pure; inputs are never mutated.
 
-- Image part of the gate: a probabilistic-PCA density of the segmenter's own deepest encoder features on its
-  training images (PCA, Ledoit-Wolf-shrunk Mahalanobis distance inside the subspace, plus the residual off
-  it), so the gate models what a frontal CXR *is* for this model rather than what it is not.
+- Image part of the gate, one of two kinds (the model's config says which; a manifest's metadata too):
+  - `view` (`ViewGate`, what `calibrate --negatives` fits): "is this a frontal chest radiograph?", a multinomial
+    logistic head on the pooled encoder features, frontal against the kinds of image that are not (lateral
+    radiographs, CT/MR slices, anything else), fitted on every frontal collection and every non-frontal image
+    given, with acquisition augmentations. Measured leave-one-collection-out, it holds on frontal collections it
+    never saw, where a density of the same features flagged the unfamiliar collection (benchmarks/bench_view_gate.py).
+  - `density` (`ImageDensity`, without negatives): a probabilistic-PCA density of the features on the training
+    images (Ledoit-Wolf-shrunk Mahalanobis distance inside the subspace plus the residual off it): what a
+    frontal CXR of the training collections is.
 - Shape part of the gate: two lungs side by side, their extent and solidity, as a Ledoit-Wolf Mahalanobis
   distance from the masks of the training images. Applies to masks from anywhere (`lungkit variants`).
 - Both parts are divided by their calibrated threshold, so `ood_score = max(image, shape)` and 1.0 is the
@@ -112,11 +118,12 @@ class Assessment:
     ood_image_score: float | None = None
     ood_shape_score: float | None = None
     est_dice: float | None = None
+    view_guess: str | None = None  # what the view gate takes the image for (VIEW_CLASSES); None: no view gate
 
     def as_row(self) -> dict:
         r = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
         return {"ood_score": r(self.ood_score), "ood_image_score": r(self.ood_image_score),
-                "ood_shape_score": r(self.ood_shape_score), "est_dice": r(self.est_dice)}
+                "ood_shape_score": r(self.ood_shape_score), "est_dice": r(self.est_dice), "view_guess": self.view_guess}
 
 
 @dataclass
@@ -142,6 +149,62 @@ class ImageDensity:
     def tensors(self) -> dict[str, np.ndarray]:
         names = ("mean", "components", "z_mean", "z_precision")
         return {f"{TENSOR_PREFIX}image.{n}": np.ascontiguousarray(getattr(self, n), np.float32) for n in names}
+
+
+VIEW_FORMAT = "lungkit-view/1"
+FRONTAL = "frontal"
+# the kinds a view gate tells apart; the first is what the model segments, the others are what a QC reason names
+VIEW_CLASSES = (FRONTAL, "lateral", "cross-sectional", "other")
+VIEW_WORDS = {"lateral": "a lateral radiograph", "cross-sectional": "a CT or MR slice", "other": "no chest radiograph"}
+
+
+@dataclass
+class ViewGate:
+    """Frontal chest radiograph or not, from pooled encoder features: softmax(coef . (x - mean) / scale + intercept)
+    over `classes` (frontal first). The score is the log-odds of "not frontal", placed so that `center` (the median
+    of validation frontal images) is 0 and `edge` (the balanced decision boundary) is 1, clipped at 0."""
+
+    classes: tuple[str, ...]
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    coef: np.ndarray  # (K, D)
+    intercept: np.ndarray  # (K,)
+    center: float
+    edge: float
+
+    def log_probabilities(self, pooled: np.ndarray) -> np.ndarray:
+        """(D,) or (N, D) -> (N, K) log class probabilities."""
+        x = (np.atleast_2d(np.asarray(pooled, np.float64)) - self.mean) / self.scale
+        z = x @ self.coef.T + self.intercept
+        return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+
+    def scores(self, pooled: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """(N, D) -> (N,) gate scores (1 = the edge) and what each image looks like: frontal up to the edge, past it
+        the most likely other kind."""
+        lp = self.log_probabilities(pooled)
+        not_frontal = np.logaddexp.reduce(lp[:, 1:], axis=1) - lp[:, 0]
+        score = np.maximum((not_frontal - self.center) / (self.edge - self.center), 0.0)
+        # past the edge, the most likely of the other kinds (a curator's first question: a lateral or a false alarm?)
+        other = lp[:, 1:].argmax(1) + 1
+        return score, [self.classes[k] if s > 1.0 else FRONTAL for k, s in zip(other, score)]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        names = ("mean", "scale", "coef", "intercept")
+        return {f"{TENSOR_PREFIX}view.{n}": np.ascontiguousarray(getattr(self, n), np.float32) for n in names}
+
+    def to_config(self) -> dict:
+        return {"format": VIEW_FORMAT, "classes": list(self.classes), "center": round(float(self.center), 6),
+                "edge": round(float(self.edge), 6), "features": "sqrt of 2x2 average-pooled deepest encoder features"}
+
+    @classmethod
+    def from_config(cls, cfg: dict, tensors: dict[str, np.ndarray]) -> "ViewGate":
+        if cfg.get("format") != VIEW_FORMAT:
+            raise ValueError(f"view gate format {cfg.get('format')!r}, this lungkit reads {VIEW_FORMAT}")
+        t = {n: np.asarray(tensors[f"{TENSOR_PREFIX}view.{n}"], np.float64) for n in ("mean", "scale", "coef", "intercept")}
+        if t["coef"].shape[0] != len(cfg["classes"]) or cfg["classes"][0] != FRONTAL:
+            raise ValueError("view gate classes do not match its coefficients")
+        return cls(tuple(cfg["classes"]), t["mean"], t["scale"], t["coef"], t["intercept"], float(cfg["center"]),
+                   float(cfg["edge"]))
 
 
 @dataclass
@@ -204,6 +267,12 @@ class QualityModel:
     max_ood_score: float = 1.0
     min_est_dice: float = 0.0
     report: dict = field(default_factory=dict)
+    view: ViewGate | None = None  # where set, the image part of the gate (and `image` is None)
+
+    @property
+    def gate(self) -> str:
+        """Which image gate scores `ood_image_score`: "view", "density" or "none" (the shape part alone)."""
+        return "view" if self.view is not None else "density" if self.image is not None else "none"
 
     def assess(self, probability: np.ndarray, mask: np.ndarray, pooled: np.ndarray | None = None,
                mask_of_flipped: np.ndarray | None = None, post: PostprocessSettings | None = None) -> Assessment:
@@ -216,13 +285,16 @@ class QualityModel:
     def assess_values(self, values: dict[str, float], pooled: np.ndarray | None = None) -> Assessment:
         """The same from descriptors already computed (`flip_dice` present: the --tta regressor)."""
         shape_score = self.shape.raw_score(values) / self.shape.threshold
-        image_score = None
-        if pooled is not None and self.image is not None:
+        image_score = guess = None
+        if pooled is not None and self.view is not None:
+            scores, guesses = self.view.scores(pooled)
+            image_score, guess = float(scores[0]), guesses[0]
+        elif pooled is not None and self.image is not None:
             image_score = float(self.image.raw_score(pooled)[0]) / self.image.threshold
         tta = "flip_dice" in values and self.est_dice_tta is not None
         est = (self.est_dice_tta if tta else self.est_dice).predict(values)
         ood = shape_score if image_score is None else max(shape_score, image_score)
-        return Assessment(ood, image_score, shape_score, est)
+        return Assessment(ood, image_score, shape_score, est, guess)
 
     def to_config(self) -> dict:
         cfg = {
@@ -236,14 +308,17 @@ class QualityModel:
         }
         if self.est_dice_tta is not None:
             cfg["est_dice_tta"] = self.est_dice_tta.to_dict()
-        if self.image is not None:
+        if self.view is not None:
+            cfg["view"] = self.view.to_config()
+        elif self.image is not None:
             cfg["image"] = {"features": "sqrt of 2x2 average-pooled deepest encoder features",
                             "n_components": int(len(self.image.z_mean)),
                             "residual_scale": float(self.image.residual_scale), "threshold": round(self.image.threshold, 6)}
         return cfg
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return self.image.tensors() if self.image is not None else {}
+        gate = self.view if self.view is not None else self.image
+        return gate.tensors() if gate is not None else {}
 
     @classmethod
     def from_config(cls, cfg: dict, tensors: dict[str, np.ndarray], convention: str | None = None) -> "QualityModel":
@@ -256,9 +331,10 @@ class QualityModel:
                  for n in ("mean", "components", "z_mean", "z_precision")}
             image = ImageDensity(t["mean"], t["components"], t["z_mean"], t["z_precision"],
                                  float(cfg["image"]["residual_scale"]), float(cfg["image"]["threshold"]))
+        view = ViewGate.from_config(cfg["view"], tensors) if "view" in cfg else None
         tta = DiceRegressor.from_dict(cfg["est_dice_tta"]) if "est_dice_tta" in cfg else None
         return cls(shape, DiceRegressor.from_dict(cfg["est_dice"]), image, tta, float(cfg["max_ood_score"]),
-                   float(cfg["min_est_dice"]), cfg.get("report", {}))
+                   float(cfg["min_est_dice"]), cfg.get("report", {}), view)
 
 
 def calibrated_for(cfg: dict, convention: str) -> bool:

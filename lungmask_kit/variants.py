@@ -117,7 +117,7 @@ def pairs_from_folders(images: Path, masks: Path, glob: str | None = None, dicom
 
 # columns a variants row takes over from the segment manifest's row (its own measures are recomputed)
 # what a segment run measured on its masks that variants cannot (it has no model): carried from its manifest
-SEGMENT_TRUST = ("ood_score", "ood_image_score", "ood_shape_score", "est_dice", "heart_rle", "heart_fraction",
+SEGMENT_TRUST = ("ood_score", "ood_image_score", "view_guess", "ood_shape_score", "est_dice", "heart_rle", "heart_fraction",
                  "heart_mm2", "heart_width_px", "thorax_width_px", "ctr", "ctr_null_reason")
 _CARRIED = ("label", "patient_id", "split", "view", "modality", "study_uid", "series_uid", "sop_uid", "pixel_spacing",
             "convention")

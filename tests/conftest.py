@@ -106,3 +106,20 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=preamble)
     return path
+
+
+def write_calibration_pairs(folder: Path, n: int = 24) -> Path:
+    """`n` image + mask pairs under folder/images and folder/masks: the bundled example's 8 again, mirrored and
+    shifted, enough for a 10-image validation split (calibrate refuses fewer)."""
+    sources = sorted((EXAMPLE / "images").iterdir())
+    for i in range(n):
+        src = sources[i % 8]
+        image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(EXAMPLE / "masks" / src.name), cv2.IMREAD_UNCHANGED)
+        if i >= 8:
+            image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
+        if i >= 16:
+            image, mask = np.roll(image, 7, axis=0), np.roll(mask, 7, axis=0)
+        write_png(folder / "images" / f"{i:02d}-{src.name}", image)
+        write_png(folder / "masks" / f"{i:02d}-{src.name}", mask)
+    return folder

@@ -16,7 +16,7 @@ from lungmask_kit.qc import QCThresholds, qc_reasons
 from lungmask_kit.quality import flip_agreement, shape_descriptors, uncertainty_descriptors
 from lungmask_kit.segment import SegmentOptions, run_segment
 
-from conftest import EXAMPLE, shared, write_png
+from conftest import EXAMPLE, shared, write_calibration_pairs, write_png
 
 
 def _lungs(size: int = 256) -> np.ndarray:
@@ -208,7 +208,7 @@ def test_quality_statistics_survive_save_and_reload(tmp_path):
     shutil.copytree(DEFAULT_WEIGHTS.parent, tmp_path / "m")
     seg = Segmenter(tmp_path / "m", torch.device("cpu"))
     q = seg.quality
-    assert q.image is not None and q.image.components.shape[0] == len(q.image.z_mean)
+    assert q.gate == "view" and q.image is None and q.view.coef.shape == (len(q.view.classes), len(q.view.mean))
     # store the same statistics again, with another threshold: the network's tensors stay bit-identical
     cfg = q.to_config()
     cfg["min_est_dice"] = 0.5
@@ -221,8 +221,9 @@ def test_quality_statistics_survive_save_and_reload(tmp_path):
     assert again.min_est_dice == 0.5 and again.shape.threshold == q.shape.threshold
     mask = _lungs()
     prob = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 2)
-    pooled = np.abs(np.random.default_rng(0).normal(size=q.image.mean.shape))
+    pooled = np.abs(np.random.default_rng(0).normal(size=q.view.mean.shape))
     assert again.assess(prob, mask, pooled) == q.assess(prob, mask, pooled)
+    assert again.assess(prob, mask, pooled).view_guess in q.view.classes
     stored = json.loads((tmp_path / "m" / "config.json").read_text())
     assert stored["quality"]["min_est_dice"] == 0.5 and len(stored["provenance"]["sha256"]) == 64
 
@@ -321,7 +322,7 @@ def test_a_copy_of_a_calibrated_model_keeps_its_statistics_or_none(tmp_path):
     save_model(loaded.model, loaded.config, tmp_path / "with" / "model.safetensors", torch.float16, loaded.quality_tensors)
     save_model(loaded.model, loaded.config, tmp_path / "without" / "model.safetensors", torch.float16)
     with_q = Segmenter(tmp_path / "with", torch.device("cpu")).quality
-    assert with_q is not None and np.array_equal(with_q.image.components, loaded.quality_tensors["quality.image.components"])
+    assert with_q is not None and np.array_equal(with_q.view.coef, loaded.quality_tensors["quality.view.coef"])
     assert Segmenter(tmp_path / "without", torch.device("cpu")).quality is None  # uncalibrated, not inconsistent
     assert json.loads((tmp_path / "without" / "config.json").read_text())["quality"] is None
 
@@ -340,16 +341,7 @@ def test_calibrate_cli_writes_a_calibrated_copy_and_fails_cleanly(tmp_path, exam
     assert main(["calibrate", str(data), "-o", str(tmp_path / "copy"), "--val-fraction", "0.4", "-q"]) == 2
     err = capsys.readouterr().err
     assert "too few images to calibrate" in err and "at least 10" in err and not (tmp_path / "copy").exists()
-    big = tmp_path / "big"
-    for i in range(24):  # the example pairs again, flipped and shifted: enough for a 10-image validation split
-        src = sorted((data / "images").iterdir())[i % 8]
-        image, mask = cv2.imread(str(src), cv2.IMREAD_UNCHANGED), cv2.imread(str(data / "masks" / src.name), cv2.IMREAD_UNCHANGED)
-        if i >= 8:
-            image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
-        if i >= 16:
-            image, mask = np.roll(image, 7, axis=0), np.roll(mask, 7, axis=0)
-        write_png(big / "images" / f"{i:02d}-{src.name}", image)
-        write_png(big / "masks" / f"{i:02d}-{src.name}", mask)
+    big = write_calibration_pairs(tmp_path / "big")
     assert main(["calibrate", str(big), "-o", str(tmp_path / "copy"), "--val-fraction", "0.45", "-q"]) == 0
     cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
     assert cfg["quality"]["report"]["n_val_images"] >= 10 and cfg["quality"]["report"]["n_train_images"] >= 10

@@ -196,7 +196,7 @@ def save_model(
     }
     if quality_tensors:
         state.update({k: torch.as_tensor(v).contiguous() for k, v in quality_tensors.items()})
-    elif config.quality and "image" in config.quality:
+    elif config.quality and {"image", "view"} & set(config.quality):
         config = dataclasses.replace(config, quality=None)
     payload = save(state, metadata={"format": CONFIG_FORMAT, "name": config.name})
     atomic_write_bytes(weights, payload)

@@ -426,4 +426,4 @@ def quality_thresholds(quality, options) -> QCThresholds:
 def _quality_metadata(quality, tta: bool) -> dict:
     if quality is None:
         return {"calibrated": False}
-    return {"calibrated": True, "tta": tta, "calibration": quality.report}
+    return {"calibrated": True, "tta": tta, "image_gate": quality.gate, "calibration": quality.report}

@@ -1,7 +1,7 @@
 """Fit a segmenter's input gate and est_dice regressor and store them with its weights.
 
-The image density and the shape statistics come from the training images (what a frontal CXR is for
-this model); thresholds and the est_dice regressor come from validation patients, whose masks the model
+The image gate (a view classifier with `--negatives`, else a density) and the shape statistics come from the
+training images; thresholds and the est_dice regressor come from validation patients, whose masks the model
 never saw, so their Dice against the annotation is the honest target. `lungkit train` runs this on its own
 split; `lungkit calibrate` refits an existing model (the bundled default included) without retraining.
 """
@@ -33,6 +33,7 @@ from lungmask_kit.quality import (
     ImageDensity,
     QualityModel,
     ShapeModel,
+    ViewGate,
     combined_config,
     flip_agreement,
     shape_descriptors,
@@ -41,6 +42,7 @@ from lungmask_kit.quality import (
 from lungmask_kit.quality import PER_CONVENTION
 from lungmask_kit.runtime import prepare_device
 from lungmask_kit.training.data import data_sources, Pair, split_sources
+from lungmask_kit.training.view_gate import NEGATIVE_COPIES, Negative, fit_view_gate, negatives_in, package_negatives, view_features
 
 N_COMPONENTS = 128  # PCA dimensions of the image density (fewer with fewer training images)
 IMAGE_MARGIN = 1.05  # image gate at 1.05 x the 99th percentile of validation scores
@@ -164,7 +166,7 @@ def _agreement(pred: np.ndarray | None, truth: np.ndarray) -> dict:
 
 
 def fit_quality(train: list[Observation], val: list[Observation], image: ImageDensity | None,
-                convention: str | None = None) -> QualityModel:
+                convention: str | None = None, view: ViewGate | None = None) -> QualityModel:
     """The shape statistics and est_dice of one convention, beside an image density fitted once for the shared
     encoder. `val`: every validation image, its masks drawn in `convention`; those whose truth is in that
     convention (all, when None) fit est_dice, and all of them set the thresholds: a frontal CXR of any
@@ -189,7 +191,8 @@ def fit_quality(train: list[Observation], val: list[Observation], image: ImageDe
     collection = np.array([o.convention for o in scored] + [o.convention for o in others], dtype=object)
     lowest = min(np.quantile(reference[collection == c], EST_DICE_FLAG_SHARE) for c in set(collection))
     min_est_dice = float(np.floor(lowest * 200) / 200)
-    model = QualityModel(shape, base, image, fit_regressor(scored, EST_DICE_TTA_FEATURES), 1.0, min_est_dice)
+    model = QualityModel(shape, base, None if view is not None else image, fit_regressor(scored, EST_DICE_TTA_FEATURES),
+                         1.0, min_est_dice, view=view)
     flags = [model.assess_values(o.values, o.pooled) for o in val]
     model.report = {
         "n_train_images": len(train), "n_val_images": len(scored), "n_val_patients": len({o.patient for o in scored}),
@@ -197,6 +200,7 @@ def fit_quality(train: list[Observation], val: list[Observation], image: ImageDe
         "val_dice_mean": round(float(truth.mean()), 4),
         "est_dice_cv": _agreement(cv_base, truth), "est_dice_tta_cv": _agreement(cv_tta, truth),
         "est_dice_cv_method": "leave-one-patient-out on the validation patients",
+        "image_gate": model.gate,
         "val_flagged_by_gate": round(float(np.mean([a.ood_score > 1.0 for a in flags])), 4),
         "val_flagged_by_est_dice": round(float(np.mean(reference < min_est_dice)), 4),
     }
@@ -205,15 +209,18 @@ def fit_quality(train: list[Observation], val: list[Observation], image: ImageDe
 
 def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
               device: torch.device, post: PostprocessSettings | None = None, progress: bool = False,
-              log: Callable[[str], None] = print, refit_gate: bool = False) -> dict[str, QualityModel]:
+              log: Callable[[str], None] = print, refit_gate: bool = False,
+              negatives: Sequence[Negative] = ()) -> dict[str, QualityModel]:
     """Fit the quality model of `weights` for each convention it draws and store them with the weights (in
     place). The image density comes from every training image (all collections: a frontal CXR is a frontal
     CXR whoever outlined its lungs); each convention's shape statistics from its masks on those images, its
     est_dice from the validation images annotated in it. Returns the models by convention.
 
-    Data in fewer conventions than the model draws is fewer collections than it was calibrated on: the stored
-    image density is kept (refitted on one collection it flags most clean CXRs of any other) unless
-    `refit_gate`."""
+    The image gate: with `negatives` (images that are not frontal CXRs), a view gate fitted on them and on every
+    calibration image (training/view_gate.py); without, a density of the training images' features. Data in fewer
+    conventions than the model draws is fewer collections than it was calibrated on: the stored image gate is
+    kept (refitted on one collection, a density flags most clean CXRs of any other) unless `refit_gate` or
+    `negatives`."""
     path = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
     config, _ = load_config(path)
     unknown = sorted({p.convention for p in [*train_pairs, *val_pairs]} - set(config.conventions))
@@ -223,10 +230,11 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
     if not fitted:
         raise LungkitError("calibration needs validation images with ground-truth masks")
     kept = _kept_parts(config, fitted, log)
-    image = None if refit_gate or not kept else _stored_image_density(path, config)
-    if image is not None:
+    stored = None if refit_gate or negatives or not kept else _stored_image_gate(path, config)
+    if stored is not None:
         log("the image gate is kept as stored (fitted on more collections than this data covers); --refit-gate fits "
             "it on this data alone, which narrows it to these collections")
+    image, view = stored or (None, None)
     post = post or PostprocessSettings(threshold=config.threshold)
     log(f"calibrating the input gate and est_dice on {len(train_pairs)} training / {len(val_pairs)} validation images")
     models = {}
@@ -236,9 +244,12 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
         segmenter.quality = None  # the statistics being replaced are not needed (nor required to load)
         train = observe(segmenter, train_pairs, False, post, progress=progress)
         val = observe(segmenter, val_pairs, True, post, progress=progress)
-        if image is None:  # the encoder, and so its features, are the same for every output
-            image = fit_image_density(np.array([o.pooled for o in train]), np.array([o.pooled for o in val]))
-        models[convention] = fit_quality(train, val, image, convention)
+        if stored is None and not models:  # the encoder, and so its features, are the same for every output
+            if negatives:
+                view = _fit_view_gate(segmenter, train_pairs, train, val, negatives, log)
+            else:
+                image = fit_image_density(np.array([o.pooled for o in train]), np.array([o.pooled for o in val]))
+        models[convention] = fit_quality(train, val, image, convention, view)
         models[convention].report["convention"] = convention
     report = {"n_train_images": len(train_pairs), "n_val_images": len(val_pairs),
               "images_per_convention": {c: sum(p.convention == c for p in [*train_pairs, *val_pairs])
@@ -247,13 +258,29 @@ def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs
     return models
 
 
-def _stored_image_density(path: Path, config) -> ImageDensity | None:
-    """The image density stored with the weights, or None where they carry none."""
+def _stored_image_gate(path: Path, config) -> tuple[ImageDensity | None, ViewGate | None] | None:
+    """The image gate stored with the weights (a density or a view gate), or None where they carry none."""
     stored = (config.quality or {}).get("conventions", {})
-    if not stored or "image" not in config.quality:
+    if not stored or not {"image", "view"} & set(config.quality):
         return None
     loaded = load_bundle(path)
-    return QualityModel.from_config(config.quality, loaded.quality_tensors, next(iter(stored))).image
+    model = QualityModel.from_config(config.quality, loaded.quality_tensors, next(iter(stored)))
+    return model.image, model.view
+
+
+def _fit_view_gate(segmenter, train_pairs: Sequence[Pair], train: list[Observation], val: list[Observation],
+                   negatives: Sequence[Negative], log: Callable[[str], None]) -> ViewGate:
+    """The view gate on every calibration image (training images with augmented copies; validation images place
+    its scale) against the negatives."""
+    log(f"fitting the view gate: {len(train_pairs)} frontal training images against {len(negatives)} other images "
+        "(each also seen through acquisition augmentations)")
+    copies, other, kinds = view_features(segmenter, [p.image for p in train_pairs], negatives, log,
+                                         lambda p: _read(p, read_model_view))
+    frontal = np.concatenate([np.array([o.pooled for o in train]), copies])
+    gate = fit_view_gate(frontal, np.array([o.pooled for o in val]), other, kinds)
+    counts = {k: kinds.count(k) // (1 + NEGATIVE_COPIES) for k in gate.classes[1:]}
+    log("view gate classes: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    return gate
 
 
 def _kept_parts(config, fitted: list[str], log: Callable[[str], None]) -> dict[str, dict]:
@@ -283,15 +310,18 @@ MODEL_MARKER = ".lungkit-model"
 
 def calibrate_model(data: str | Path | list, weights: str | Path | None, out: str | Path | None, val_fraction: float,
                     seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
-                    conventions: list[str] | None = None, refit_gate: bool = False) -> dict:
+                    conventions: list[str] | None = None, refit_gate: bool = False,
+                    negatives: Sequence[str | Path] = ()) -> dict:
     """`lungkit calibrate`: split DATA as `lungkit train` does (each data argument alone, in its convention),
     fit, store in the user's weights or in a copy in OUT (built aside: a failed calibration leaves nothing
-    there). The bundled model is never changed. Returns each convention's report."""
+    there). The bundled model is never changed. `negatives`: folders of images that are not frontal CXRs (a view
+    gate is fitted; the installed packages' sample pictures join them). Returns each convention's report."""
     source = resolve_weights(weights) if weights is not None else DEFAULT_WEIGHTS
     if out is None and inside(source, DEFAULT_WEIGHTS.parent.parent):
         raise LungkitError("the bundled model is part of the installed package and is never changed: give -o FOLDER "
                            "for a calibrated copy")
     # bad data or an unusable split fails before anything is written
+    others = _negatives(negatives)
     sources = data_sources(data, conventions or [defaults.CONVENTION])
     train_pairs, val_pairs, by_patient = split_sources(sources, val_fraction, seed)
     _check_enough(train_pairs, val_pairs, val_fraction)
@@ -299,16 +329,32 @@ def calibrate_model(data: str | Path | list, weights: str | Path | None, out: st
         log("warning: no patient_id in the data; validation is split by image and est_dice's error may be optimistic")
     torch_device = prepare_device(device)  # an unusable device fails before anything is written
     if out is None:
-        models = calibrate(source, train_pairs, val_pairs, torch_device, progress=progress, log=log, refit_gate=refit_gate)
+        models = calibrate(source, train_pairs, val_pairs, torch_device, progress=progress, log=log, refit_gate=refit_gate,
+                           negatives=others)
         return _reports(models, source)
     out = Path(out)
     with staged_folder(out, source.parent, MODEL_MARKER, "lungkit calibrate") as staging:
         target = staging / "model.safetensors"
         shutil.copyfile(source, target)
         shutil.copyfile(_config_path(source), staging / "config.json")
-        models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log, refit_gate=refit_gate)
+        models = calibrate(target, train_pairs, val_pairs, torch_device, progress=progress, log=log, refit_gate=refit_gate,
+                           negatives=others)
         (staging / MODEL_MARKER).write_text("a model calibrated by `lungkit calibrate`; a re-run replaces this folder\n")
     return _reports(models, out / "model.safetensors")
+
+
+def _negatives(folders: Sequence[str | Path]) -> list[Negative]:
+    """The images of the --negatives folders, and with them the installed packages' sample pictures (none without
+    a folder: a view gate needs the user's lateral or cross-sectional images to be worth more than a density)."""
+    found: list[Negative] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise LungkitError(f"--negatives {folder}: not a folder")
+        own = negatives_in(folder)
+        if not own:
+            raise LungkitError(f"--negatives {folder}: no images in it")
+        found += own
+    return found + package_negatives() if found else []
 
 
 def _check_enough(train_pairs, val_pairs, val_fraction: float) -> None:

@@ -111,8 +111,20 @@ from lungmask_kit.models.modeling import load_model, save_model
 model, cfg, _ = load_model('$run/heart/best.safetensors')
 save_model(model, cfg, '$run/export/model.safetensors', dtype=torch.float16)
 "
+# the view gate's other images: cxr-ood's lateral radiographs and CT slices, by kind (the installed packages'
+# sample pictures join them)
+python - "$data" "$run" <<'PY'
+import csv, os, sys
+data, run = sys.argv[1], sys.argv[2]
+for r in csv.DictReader(open(os.path.join(data, "cxr-ood", "list.csv"))):
+    kind = "lateral" if r["view"] == "L" else "cross-sectional" if r["modality"] in ("CT", "MR") else "other"
+    os.makedirs(os.path.join(run, "negatives", kind), exist_ok=True)
+    dst = os.path.join(run, "negatives", kind, r["name"])
+    if not os.path.lexists(dst):
+        os.symlink(os.path.abspath(os.path.join(data, "cxr-ood", "images", r["name"])), dst)
+PY
 lungkit calibrate "$run/cxr-seg.csv" "$run/cxr-seg-jsrt.csv" "$run/cxr-heart.csv" --convention v7 --convention jsrt \
-  --convention jsrt -w "$run/export" --val-fraction 0.2 --seed 0 -q
+  --convention jsrt -w "$run/export" --val-fraction 0.2 --seed 0 --negatives "$run/negatives" -q
 for pair in "cxr-seg v7" "cxr-seg-jsrt jsrt"; do
   set -- $pair
   lungkit segment "$run/val/$1/images" -o "$run/val-segment-$2" -w "$run/export" --convention "$2" --overwrite -q

@@ -129,8 +129,7 @@ _SHORT = {
 
 
 # what the view gate took an image for -> the words its short reason adds (a report sheet of its own each)
-_LOOKS_SHORT = {words: kind for kind, words in (("lateral?", VIEW_WORDS["lateral"]), ("CT/MR?", VIEW_WORDS["cross-sectional"]),
-                                                  ("other image?", VIEW_WORDS["other"]))}
+_LOOKS_SHORT = {VIEW_WORDS["lateral"]: "lateral?", VIEW_WORDS["cross-sectional"]: "CT/MR?", VIEW_WORDS["other"]: "other image?"}
 
 
 def short_reason(reason: str) -> str:

@@ -99,7 +99,7 @@ def test_a_view_gate_holds_on_a_collection_and_patients_it_never_saw():
     kind = {r["name"]: "lateral" if r["view"] == "L" else "cross-sectional" for r in listed}
     held = [r["name"] for r in listed if r["patient_id"] in ("92", "210")]
     negatives = package_negatives() + [Negative(ood / "images" / n, k) for n, k in kind.items() if n not in held]
-    images, kinds = read_negatives(negatives, print)
+    images, kinds, _ = read_negatives(negatives)
     other = np.concatenate([pooled_of(seg, images), augmented_pooled(seg, images, 3, rng)])
     gate = fit_view_gate(frontal, pooled_of(seg, fit[48:]), other, kinds + [k for k in kinds for _ in range(3)])
 

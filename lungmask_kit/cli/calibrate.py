@@ -29,8 +29,9 @@ def calibrate(
 
     The image gate and mask-shape statistics come from the training split, the thresholds and the est_dice
     regressor from the validation patients. With --negatives the image gate is a classifier of the view (frontal
-    or not) that holds on collections it never saw; without, a density of the training images' features. Use the split the model was trained with (same DATA, --val-fraction
-    and --seed), or annotated data the model never saw.
+    or not) that holds on collections it never saw; without, a density of the training images' features. Use
+    the split the model was trained with (same DATA, --val-fraction and --seed), or annotated data the model
+    never saw.
 
     Example: lungkit calibrate runs/seg/pairs.csv -w runs/seg/best.safetensors
 
@@ -38,7 +39,7 @@ def calibrate(
     lungkit calibrate cxr-seg.csv cxr-seg-jsrt.csv --convention v7 \\
         --convention jsrt -w runs/both -o runs/both-cal
 
-    With images that are not frontal CXRs (laterals/, ct/ inside):
+    With images that are not frontal CXRs (lateral/, cross-sectional/ inside):
     lungkit calibrate pairs.csv -w runs/seg --negatives not-frontal/
     """
     from lungmask_kit.training.calibrate import calibrate_model

@@ -20,6 +20,7 @@ import numpy as np
 
 from lungmask_kit.decoder_warnings import WarningTally
 from lungmask_kit.discovery import find_images
+from lungmask_kit.errors import LungkitError
 from lungmask_kit.imaging import ImageDecodeError, read_model_view, to_unit_range
 from lungmask_kit.fileio import InputReadError
 from lungmask_kit.quality import FRONTAL, VIEW_CLASSES, ViewGate
@@ -113,9 +114,9 @@ def augmented_pooled(segmenter, images: Sequence[np.ndarray], copies: int, rng: 
     return pooled_of(segmenter, [acquisition_augment(im, rng) for im in images for _ in range(copies)])
 
 
-def read_negatives(negatives: Sequence[Negative], log: Callable[[str], None]) -> tuple[list[np.ndarray], list[str]]:
-    """The negatives' images and kinds; a user's file that cannot be read is counted and said, a package's small or
-    unreadable test file (pydicom ships broken ones on purpose) skipped."""
+def read_negatives(negatives: Sequence[Negative]) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """The negatives' images and kinds, and what could not be read: a user's file is named there, a package's
+    small or unreadable test file (pydicom ships broken ones on purpose) skipped."""
     images, kinds, unreadable = [], [], []
     with WarningTally(c_stderr=False):  # counted, not printed: pydicom's odd test files warn by design
         for n in negatives:
@@ -128,26 +129,32 @@ def read_negatives(negatives: Sequence[Negative], log: Callable[[str], None]) ->
             if min(image.shape) >= MIN_SIDE:
                 images.append(image)
                 kinds.append(n.kind)
-    if unreadable:
-        log(f"{len(unreadable)} negative image(s) could not be read and are left out, e.g. {unreadable[0]}")
-    return images, kinds
+    return images, kinds, unreadable
 
 
 def view_features(segmenter, frontal: Sequence[Path], negatives: Sequence[Negative], log: Callable[[str], None],
-                  read: Callable[[Path], np.ndarray], seed: int = 0, chunk: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  read: Callable[[Path], np.ndarray], seed: int = 0, chunk: int = 16) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """What the view gate is fitted on besides the frontal images' own features (which calibration already has):
-    the augmented copies of the frontal images, and the negatives with theirs. Returns (frontal copies, negatives,
-    the negatives' kinds)."""
+    the augmented copies of the frontal images, and the negatives with theirs. Images are read and dropped a
+    chunk at a time, so memory does not grow with a large --negatives folder. Returns (frontal copies,
+    negatives: their own features, then their copies', the negatives' kinds in that order)."""
     rng = np.random.default_rng(seed)
     copies = [augmented_pooled(segmenter, [read(p) for p in frontal[i:i + chunk]], FRONTAL_COPIES, rng)
               for i in range(0, len(frontal), chunk)]
-    images, kinds = read_negatives(negatives, log)
-    if not images:
-        raise ValueError("none of the negative images could be read")
-    own = pooled_of(segmenter, images)
-    varied = augmented_pooled(segmenter, images, NEGATIVE_COPIES, rng)
-    all_kinds = list(kinds) + [k for k in kinds for _ in range(NEGATIVE_COPIES)]
-    return np.concatenate(copies), np.concatenate([own, varied]), all_kinds
+    own, varied, kinds, varied_kinds, unreadable = [], [], [], [], []
+    for i in range(0, len(negatives), chunk):
+        images, chunk_kinds, failed = read_negatives(negatives[i:i + chunk])
+        unreadable += failed
+        if images:
+            own.append(pooled_of(segmenter, images))
+            varied.append(augmented_pooled(segmenter, images, NEGATIVE_COPIES, rng))
+            kinds += chunk_kinds
+            varied_kinds += [k for k in chunk_kinds for _ in range(NEGATIVE_COPIES)]
+    if unreadable:
+        log(f"{len(unreadable)} negative image(s) could not be read and are left out, e.g. {unreadable[0]}")
+    if not kinds:
+        raise LungkitError("none of the --negatives images could be read")
+    return np.concatenate(copies), np.concatenate(own + varied), kinds + varied_kinds
 
 
 def fit_view_gate(frontal_train: np.ndarray, frontal_val: np.ndarray, negatives: np.ndarray,

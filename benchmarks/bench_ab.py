@@ -5,9 +5,10 @@ On a shared 2-core machine one bench_segment.py run of either can move by 10% fr
 (A, B, A, B, ...) on the same inputs and comparing each round's pair cancels most of that drift. Reports each
 round's images/s (pipeline time: model loading excluded) and the per-round ratio B/A with its median.
 
-Usage: python benchmarks/bench_ab.py --a-weights OLD [--b-weights NEW] [--rounds 8] [--n 48]
-       [--b-heart-png] [--precision auto]
-Example (issue 31: the heart's cost): --a-weights the model before the heart, B the bundled model.
+Usage: python benchmarks/bench_ab.py [--a-weights OLD] [--b-weights NEW] [--rounds 8] [--n 48]
+       [--b-heart-png] [--precision auto] [--a-precision P] [--b-precision P] [--a-runtime R] [--b-runtime R]
+Examples: the heart's cost (issue 31): --a-weights the model before the heart, B the bundled model;
+the runtimes (issue 32): --a-runtime torch --a-precision fp32 --b-runtime openvino.
 """
 
 from __future__ import annotations
@@ -29,19 +30,23 @@ from lungmask_kit.segment import SegmentOptions, run_segment  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--a-weights", required=True)
+    ap.add_argument("--a-weights", default=None, help="default: the bundled model")
     ap.add_argument("--b-weights", default=None, help="default: the bundled model")
     ap.add_argument("--b-heart-png", action="store_true", help="B also writes heart PNGs (segment --heart-png)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    for side in ("a", "b"):
+        ap.add_argument(f"--{side}-precision", default=None, choices=["auto", "fp32", "bf16"], help="default: --precision")
+        ap.add_argument(f"--{side}-runtime", default="auto", choices=["auto", "torch", "openvino"])
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lungkit-ab-"))
     try:
         src = make_inputs(root / "in", args.n, "example", 1024, "png")
-        configs = {"A": SegmentOptions(weights=args.a_weights, precision=args.precision, progress=False),
-                   "B": SegmentOptions(weights=args.b_weights, precision=args.precision, heart_png=args.b_heart_png,
-                                       progress=False)}
+        configs = {"A": SegmentOptions(weights=args.a_weights, precision=args.a_precision or args.precision,
+                                       runtime=args.a_runtime, progress=False),
+                   "B": SegmentOptions(weights=args.b_weights, precision=args.b_precision or args.precision,
+                                       runtime=args.b_runtime, heart_png=args.b_heart_png, progress=False)}
         rates: dict[str, list[float]] = {"A": [], "B": []}
         for k in range(args.rounds):
             for name, options in configs.items():

@@ -66,23 +66,21 @@ def torch_runner(segmenter: Segmenter, dtype: torch.dtype | None):
         x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x)
-        return torch.sigmoid(logits[:, segmenter.output].float()).numpy()
+        return torch.sigmoid(logits[:, segmenter.config.output_index(segmenter.convention)].float()).numpy()
 
     return run
 
 
 def openvino_runner(segmenter: Segmenter, precision: str, threads: int, example: np.ndarray):
-    import openvino as ov
+    """lungkit's own OpenVINO runtime (converted through OpenVINO's PyTorch frontend, telemetry off, cached)."""
+    from lungmask_kit.runtimes.openvino import OpenVinoRuntime
 
-    core = ov.Core()
-    converted = ov.convert_model(segmenter.model.eval().float(), example_input=torch.from_numpy(example))
-    compiled = core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
-                                                     "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
+    c = segmenter.config
+    runtime = OpenVinoRuntime(segmenter.model.eval().float(), c.in_channels, c.input_size, segmenter.weights_sha256,
+                              [c.output_index(segmenter.convention)], {"f32": "fp32", "bf16": "bf16"}[precision], threads)
 
     def run(batch: np.ndarray) -> np.ndarray:
-        logits = request.infer({0: batch})[compiled.output(0)]
-        return 1 / (1 + np.exp(-logits[:, segmenter.output].astype(np.float32)))
+        return runtime.launch(list(batch), None, False)().channels[:, 0]
 
     return run
 
@@ -99,7 +97,7 @@ def onnxruntime_runner(segmenter: Segmenter, threads: int, example: np.ndarray):
 
     def run(batch: np.ndarray) -> np.ndarray:
         logits = session.run(None, {"x": batch})[0]
-        return 1 / (1 + np.exp(-logits[:, segmenter.output].astype(np.float32)))
+        return 1 / (1 + np.exp(-logits[:, segmenter.config.output_index(segmenter.convention)].astype(np.float32)))
 
     return run
 

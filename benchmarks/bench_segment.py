@@ -16,8 +16,11 @@ Targets (issue 6): CPU e2e >= 85% of 1/(1/a + 1/b) and >= 1.5x naive; GPU e2e >=
 naive; RSS(10N) <= 1.1 x RSS(N) and < 3 GB.
 
 Usage: python benchmarks/bench_segment.py [--n 48] [--source example|synthetic] [--size 1024]
-       [--format png|jpg] [--batch-size 16] [--device auto] [--precision auto|fp32|bf16] [--weights PATH]
-       [--out benchmarks/results]
+       [--format png|jpg] [--batch-size 16] [--device auto] [--precision auto|fp32|bf16]
+       [--runtime auto|torch|openvino] [--weights PATH] [--out benchmarks/results]
+
+A run that is not torch fp32 (bf16, fp16, OpenVINO) is also run end to end as `--runtime torch --precision fp32`
+in the same process: the speed-up over it and how far its masks move (Dice mean and min).
 """
 
 from __future__ import annotations
@@ -80,14 +83,15 @@ def model_only(seg: Segmenter, n: int, batch: int) -> float:
     return done / (time.perf_counter() - t)
 
 
-def pipeline(src: Path, out: Path, args, fixed_probability: bool, precision: str | None = None) -> float:
+def pipeline(src: Path, out: Path, args, fixed_probability: bool, precision: str | None = None,
+             runtime: str | None = None) -> float:
     import lungmask_kit.segment as seg_mod
     from lungmask_kit.inference import Segmenter as RealSegmenter
 
     shutil.rmtree(out, ignore_errors=True)
     opts = seg_mod.SegmentOptions(weights=args.weights, device=args.device, batch_size=args.batch_size,
                                   workers=args.workers, progress=False, min_lung_fraction=0.0,
-                                  precision=precision or args.precision)
+                                  precision=precision or args.precision, runtime=runtime or args.runtime)
     if fixed_probability:
         size = 256
         yy, xx = np.mgrid[0:size, 0:size]
@@ -131,6 +135,18 @@ def nvjpeg_difference(src: Path, device: torch.device) -> int:
         if t is not None:
             worst = max(worst, int(np.abs(t.cpu().numpy().astype(int) - decode_image(data).pixels).max()))
     return worst
+
+
+def cpu_kind() -> str:
+    """The CPU's model name and the units that decide the runtime (bf16: AVX512-BF16, AMX; else AVX2/AVX512)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
+    return f"{name}: {' '.join(units) or 'no AVX2'}"
 
 
 def git_commit() -> str:
@@ -186,7 +202,7 @@ def peak_rss(src: Path, out: Path, args) -> tuple[float, float]:
     )
     cmd = [sys.executable, "-c", code, "segment", str(src), "-o", str(out), "-b", str(args.batch_size),
            "--device", args.device, "-j", str(args.workers), "-q", "--min-lung-fraction", "0",
-           "--precision", args.precision]
+           "--precision", args.precision, "--runtime", args.runtime]
     if args.weights:
         cmd += ["-w", str(args.weights)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -208,6 +224,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"])
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -219,8 +236,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lungkit-bench-"))
     try:
         src = make_inputs(work / "in", args.n, args.source, args.size, args.format)
-        seg = Segmenter(args.weights, device, precision=args.precision)
-        r = {"device": str(device), "precision": seg.precision, "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        seg = Segmenter(args.weights, device, precision=args.precision, runtime=args.runtime)
+        r = {"device": str(device), "precision": seg.precision, "runtime": seg.runtime.name, "cpu_flags": cpu_kind(), "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
              "cores": os.cpu_count(), "torch_threads": threads, "n": args.n, "source": args.source, "format": args.format,
              "batch_size": args.batch_size, "workers": args.workers, "torch": torch.__version__, "commit": git_commit()}
         r["model_only"] = model_only(seg, max(args.n, 4 * args.batch_size), args.batch_size)
@@ -232,8 +249,9 @@ def main() -> None:
             r["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             if args.format == "jpg":
                 r["nvjpeg_max_abs_diff"] = nvjpeg_difference(src, device)
-        if seg.precision != "fp32":  # the same run at fp32: the speed-up and how far the masks move
-            r["end_to_end_fp32"] = pipeline(src, work / "e2e-fp32", args, fixed_probability=False, precision="fp32")
+        if (seg.runtime.name, seg.precision) != ("torch", "fp32"):  # torch fp32: the speed-up, how far masks move
+            r["end_to_end_fp32"] = pipeline(src, work / "e2e-fp32", args, fixed_probability=False, precision="fp32",
+                                            runtime="torch")
             r["mask_dice_vs_fp32_mean"], r["mask_dice_vs_fp32_min"] = mask_agreement(work / "e2e", work / "e2e-fp32")
         r["naive"] = naive_loop(src, work / "naive", seg)
         r["bound_cpu"] = 1 / (1 / r["model_only"] + 1 / r["io_only"])
@@ -252,18 +270,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"bench-{device.type}-{stamp}.json").write_text(json.dumps(r, indent=2))
-    rows = [("device", f"{r['device']} ({r['card']}, {r['cores']} cores, {threads} torch threads)"),
+    rows = [("device", f"{r['device']} ({r['card']}, {r['cpu_flags']}, {r['cores']} cores, {threads} torch threads)"),
             ("images", f"{args.n} x {args.source} {args.format} (10N = {10 * args.n})"),
             ("(a) model-only", f"{r['model_only']:.2f} img/s (batch {args.batch_size})"),
             ("(b) I/O-only", f"{r['io_only']:.2f} img/s"),
-            ("(c) end-to-end", f"{r['end_to_end']:.2f} img/s at {r['precision']}"),
+            ("(c) end-to-end", f"{r['end_to_end']:.2f} img/s, {r['runtime']} {r['precision']}"),
             ("(d) naive loop", f"{r['naive']:.2f} img/s"),
             ("bound", f"{bound:.2f} img/s ({'min(a, b)' if device.type == 'cuda' else '1/(1/a + 1/b)'})"),
             ("e2e / bound", f"{r['e2e_vs_bound']:.1%} (target {'80' if device.type == 'cuda' else '85'}%)"),
             ("e2e / naive", f"{r['e2e_vs_naive']:.2f}x (target {'10' if device.type == 'cuda' else '1.5'}x)")]
     if "end_to_end_fp32" in r:
-        rows += [("end-to-end fp32", f"{r['end_to_end_fp32']:.2f} img/s ({r['end_to_end'] / r['end_to_end_fp32']:.2f}x at "
-                  f"{r['precision']}; masks vs fp32 Dice mean {r['mask_dice_vs_fp32_mean']:.5f}, "
+        rows += [("e2e torch fp32", f"{r['end_to_end_fp32']:.2f} img/s ({r['end_to_end'] / r['end_to_end_fp32']:.2f}x with "
+                  f"{r['runtime']} {r['precision']}; masks vs torch fp32 Dice mean {r['mask_dice_vs_fp32_mean']:.5f}, "
                   f"min {r['mask_dice_vs_fp32_min']:.5f})")]
     if "peak_gpu_mib" in r:
         rows += [("peak GPU memory", f"{r['peak_gpu_mib']:.0f} MiB (end-to-end run)")]

@@ -61,3 +61,10 @@ class Precision(str, Enum):
     auto = "auto"  # bf16 where the device computes it in hardware, fp32 elsewhere
     fp32 = "fp32"
     bf16 = "bf16"
+
+
+class Runtime(str, Enum):
+    """What runs the network (`lungmask_kit.runtimes`)."""
+    auto = "auto"  # torch on a GPU and on CPUs with bf16 units; OpenVINO f32 on other CPUs
+    torch = "torch"
+    openvino = "openvino"  # CPU only; fp32 (or bf16 on a CPU with bf16 units)

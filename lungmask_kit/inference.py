@@ -10,12 +10,14 @@ import numpy as np
 import torch
 
 from lungmask_kit import defaults
-from lungmask_kit.accel import prepare_on_device
 from lungmask_kit.errors import WeightsError
 from lungmask_kit.imaging import prepare_input
 from lungmask_kit.models.modeling import load_bundle
 from lungmask_kit.quality import QualityModel, calibrated_for
-from lungmask_kit.runtime import autocast_dtype, precision_name, tune_malloc
+from lungmask_kit.runtime import autocast_dtype, tune_malloc
+from lungmask_kit.runtimes import RuntimeOutput, choose_runtime, runtime_precision
+from lungmask_kit.runtimes.openvino import OpenVinoRuntime  # openvino: optional
+from lungmask_kit.runtimes.torch import TorchRuntime
 
 
 @dataclass
@@ -28,34 +30,24 @@ class BatchPrediction:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def pooled_features(deepest: torch.Tensor) -> torch.Tensor:
-    """(N, C, h, w) deepest encoder map -> (N, 4C): 2x2 average pooling keeps the coarse layout (left/right,
-    top/bottom) that tells a frontal CXR from a lateral one; the square root evens out activation scales."""
-    pooled = torch.nn.functional.adaptive_avg_pool2d(deepest.float(), 2)
-    return pooled.clamp_min(0).sqrt().flatten(1)
-
-
 class Segmenter:
-    """Loads weights once; `prepare` maps (H, W) images to model inputs, `predict` runs a batch.
+    """Loads weights once; `prepare` maps (H, W) images to model inputs, `predict` runs a batch on the runtime.
 
     Pre-processing (input size, mean/std, channels) comes only from the model's config; the quality model
     (input gate and est_dice) from the same config and weights file, when the model was calibrated for the
-    `convention` (the output channel) asked for.
+    `convention` (the output channel) asked for. `runtime`: "torch", "openvino" or "auto" (`runtimes.choose_runtime`).
     """
 
     def __init__(self, weights: str | Path | None, device: torch.device, convention: str = defaults.CONVENTION,
-                 precision: str = "auto", prepare_on_device: bool | None = None, decode_jpeg_on_device: bool | None = None):
+                 precision: str = "auto", prepare_on_device: bool | None = None, decode_jpeg_on_device: bool | None = None,
+                 runtime: str = "torch"):
         if device.type == "cpu":
             tune_malloc()
         self.device = device
-        self.autocast = autocast_dtype(precision, device)  # None: fp32
-        self.precision = precision_name(self.autocast)
         loaded = load_bundle(weights, device)
         self.config, self.weights_sha256 = loaded.config, loaded.sha256
         self.convention = convention
-        self.output = self.config.output_index(convention)  # the output channel that draws this convention
         self.extra_outputs = _extra_outputs(self.config, convention)
-        self.model = loaded.model.to(memory_format=torch.channels_last)
         self.weights_path = str(weights) if weights else "bundled default"
         self.quality = None
         if self.config.quality and calibrated_for(self.config.quality, convention):
@@ -68,13 +60,14 @@ class Segmenter:
         on_cuda = device.type == "cuda"
         self.prepares_on_device = on_cuda if prepare_on_device is None else prepare_on_device and on_cuda
         self.decodes_jpeg_on_device = on_cuda if decode_jpeg_on_device is None else decode_jpeg_on_device and on_cuda
+        # the run's lungs first, then `extra_outputs`
+        channels = [self.config.output_index(convention), *self.extra_outputs.values()]
+        self.runtime = _make_runtime(choose_runtime(runtime, device.type, precision), loaded, device, precision,
+                                     channels, self.prepares_on_device)
+        self.precision = self.runtime.precision
+        self.model = loaded.model  # the torch network itself (benchmarks time it without the runtime)
         self.max_batch: int | None = None  # set when CUDA ran out of memory
         self.oom_batches: list[int] = []  # the batch sizes that ran out of memory
-        self._deepest: torch.Tensor | None = None
-        self.model.encoder.register_forward_hook(self._keep_deepest)
-
-    def _keep_deepest(self, module, inputs, outputs) -> None:
-        self._deepest = outputs[-1]
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W) -> (C, S, S) float32 on the host (the CPU path; `prepare_on_device` does it on a GPU)."""
@@ -103,61 +96,30 @@ class Segmenter:
             size = min(len(inputs) - i, self.max_batch or len(inputs))
             pad = min(pad_to, self.max_batch or pad_to) if pad_to else None
             try:
-                launched.append(self._launch(inputs[i:i + size], pad, tta))
-            except torch.OutOfMemoryError:
+                launched.append(self.runtime.launch(inputs[i:i + size], pad, tta))
+            except self.runtime.out_of_memory:
                 if size == 1:
                     raise
-                self._shrink(size)
+                self.max_batch = max(1, size // 2)
+                self.oom_batches.append(size)
+                self.runtime.release_memory()
                 continue
             i += size
-        return lambda: _concatenate([wait() for wait in launched])
+        return lambda: _concatenate([self._named(wait()) for wait in launched])
 
-    def _shrink(self, size: int) -> None:
-        self.max_batch = max(1, size // 2)
-        self.oom_batches.append(size)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def _named(self, out: RuntimeOutput) -> BatchPrediction:
+        return BatchPrediction(out.channels[:, 0], out.pooled, out.flipped,
+                               {name: out.channels[:, 1 + i] for i, name in enumerate(self.extra_outputs)})
 
-    @torch.inference_mode()
-    def _launch(self, inputs, pad_to: int | None, tta: bool) -> Callable[[], BatchPrediction]:
-        n = len(inputs)
-        x = self._device_batch(inputs)
-        if pad_to and n < pad_to:
-            x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
-        x = x.contiguous(memory_format=torch.channels_last)
-        channels = self._forward(x)[:n]
-        probs, extra = channels[:, 0], channels[:, 1:]
-        pooled = pooled_features(self._deepest[:n])
-        flipped = self._forward(x.flip(-1))[:, 0].flip(-1)[:n] if tta else None
-        host = [t if t is None else t.to("cpu", non_blocking=True) for t in (probs, pooled, flipped, extra)]
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
 
-        def wait() -> BatchPrediction:
-            if done is not None:
-                done.synchronize()
-            probs, pooled, flipped, extra = (t if t is None else t.numpy() for t in host)
-            return BatchPrediction(probs, pooled, flipped,
-                                   {name: extra[:, i] for i, name in enumerate(self.extra_outputs)})
+def _make_runtime(name: str, loaded, device: torch.device, precision: str, channels: list[int], on_device: bool):
+    c = loaded.config
+    if name == "openvino":
 
-        return wait
-
-    def _device_batch(self, inputs) -> torch.Tensor:
-        if self.prepares_on_device:
-            c = self.config
-            return prepare_on_device(list(inputs), c.input_size, c.mean, c.std, c.in_channels, self.device)
-        batch = torch.from_numpy(np.stack(inputs))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) -> (N, 1 + E, S, S) probabilities: the run's lungs, then `extra_outputs`."""
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            logits = self.model(x)
-        return torch.sigmoid(logits[:, [self.output, *self.extra_outputs.values()]].float())
+        return OpenVinoRuntime(loaded.model, c.in_channels, c.input_size, loaded.sha256, channels,
+                               runtime_precision(name, precision, device.type))
+    prepare = (c.input_size, c.mean, c.std, c.in_channels) if on_device else None
+    return TorchRuntime(loaded.model, device, autocast_dtype(precision, device), channels, prepare)
 
 
 def _extra_outputs(config, convention: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Trust in each mask: an input gate (`ood_score`) and a quality estimate (`est_dice`), from one forward pass.
 
 Shape contract: probabilities are (S, S) float in [0, 1] at model resolution; masks are (S, S) bool, the
-cleaned mask at model resolution; `pooled` is the 1-D encoder summary `inference.pooled_features` returns.
+cleaned mask at model resolution; `pooled` is the 1-D encoder summary `runtimes.torch.pooled_features` returns.
 Functions are pure; inputs are never mutated.
 
 - Image part of the gate, one of two kinds (the model's config says which; a manifest's metadata too):

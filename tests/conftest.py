@@ -21,6 +21,13 @@ def shared(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The runs' caches (OpenVINO's converted models) in the session's temporary folder, not the user's home;
+    subprocesses inherit it."""
+    os.environ["LUNGKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("lungkit-cache"))
+
+
 @pytest.fixture(scope="session")
 def example_images() -> Path:
     return EXAMPLE / "images"

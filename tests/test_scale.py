@@ -160,12 +160,12 @@ def test_two_unsharded_processes_one_is_refused(tmp_path, random_weights, corpus
 
 
 def test_cuda_out_of_memory_halves_the_batch_and_loses_no_image(tmp_path, random_weights, monkeypatch):
-    from lungmask_kit.inference import Segmenter
+    from lungmask_kit.runtimes.torch import TorchRuntime
 
     src = tmp_path / "in"
     for i in range(9):
         write_png(src / f"x{i}.png", cxr_like(280 + 9 * i, 260, seed=i))
-    real = Segmenter._forward
+    real = TorchRuntime._forward
     seen = []
 
     def small_memory(self, x):
@@ -174,14 +174,16 @@ def test_cuda_out_of_memory_halves_the_batch_and_loses_no_image(tmp_path, random
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(self, x)
 
-    monkeypatch.setattr(Segmenter, "_forward", small_memory)
-    s = run_segment(src, tmp_path / "oom", SegmentOptions(weights=random_weights, batch_size=8, progress=False))
+    monkeypatch.setattr(TorchRuntime, "_forward", small_memory)
+    s = run_segment(src, tmp_path / "oom", SegmentOptions(weights=random_weights, batch_size=8, progress=False,
+                                                          runtime="torch"))
     assert s.ok == 9 and s.failed == 0
     notes = [w for w in s.warnings if "out of memory" in w]
     assert len(notes) == 1 and "batch of 8" in notes[0] and "batches of 2" in notes[0]
     assert seen.count(8) == 1 and seen.count(4) == 1  # halved once to 4, once to 2, then stays at 2
-    monkeypatch.setattr(Segmenter, "_forward", real)
-    run_segment(src, tmp_path / "b2", SegmentOptions(weights=random_weights, batch_size=2, progress=False))
+    monkeypatch.setattr(TorchRuntime, "_forward", real)
+    run_segment(src, tmp_path / "b2", SegmentOptions(weights=random_weights, batch_size=2, progress=False,
+                                                     runtime="torch"))
     _same_outputs(tmp_path / "oom", tmp_path / "b2")  # the images went through in batches of 2
 
 
@@ -238,16 +240,20 @@ def test_the_device_path_on_the_cpu_gives_the_host_paths_masks(tmp_path, random_
     write_png(src / "p.png", cxr_like(390, 340, seed=7).astype(np.uint16) * 200)  # 16-bit, prepared on the device
     good = cv2.imencode(".jpg", cxr_like(300, 300, seed=8))[1].tobytes()
     (src / "cut.jpg").write_bytes(good[: len(good) // 2])  # truncated: refused before the device sees it
-    host = run_segment(src, tmp_path / "host", SegmentOptions(weights=random_weights, batch_size=4, progress=False))
+    host = run_segment(src, tmp_path / "host", SegmentOptions(weights=random_weights, batch_size=4, progress=False,
+                                                              runtime="torch"))
 
     real_init = Segmenter.__init__
 
     def device_path(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         self.prepares_on_device = self.decodes_jpeg_on_device = True
+        c = self.config
+        self.runtime.prepare = (c.input_size, c.mean, c.std, c.in_channels)  # the torch runtime's CUDA input path
 
     monkeypatch.setattr(Segmenter, "__init__", device_path)
-    dev = run_segment(src, tmp_path / "dev", SegmentOptions(weights=random_weights, batch_size=4, progress=False))
+    dev = run_segment(src, tmp_path / "dev", SegmentOptions(weights=random_weights, batch_size=4, progress=False,
+                                                            runtime="torch"))
     assert (dev.ok, dev.failed) == (host.ok, host.failed) == (8, 1)
     a, b = _table(tmp_path / "host").to_pandas(), _table(tmp_path / "dev").to_pandas()
     for column in ("path", "status", "error", "width", "height", "bit_depth", "source_channels", "sha256"):

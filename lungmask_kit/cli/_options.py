@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lungmask_kit.choices import Convention, Precision
+from lungmask_kit.choices import Convention, Precision, Runtime
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
@@ -53,6 +53,11 @@ PrecisionOpt = Annotated[
     typer.Option("--precision", help="auto: fp16 autocast on CUDA, bf16 on a CPU with bf16 units (AVX512-BF16 or "
                  "AMX; masks agree with fp32 at Dice 0.9997 mean), fp32 elsewhere. The precision is a resume setting."),
 ]
+RuntimeOpt = Annotated[
+    Runtime,
+    typer.Option("--runtime", help="What runs the network. auto: torch on a GPU and on a CPU with bf16 units; "
+                 "OpenVINO f32 on other CPUs (faster than torch fp32, same masks). The runtime is a resume setting."),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo every image instead of resuming.")]
 LabelsOpt = Annotated[
     list[Path] | None,
@@ -84,7 +89,7 @@ HELP_PANELS = {
               "eval_only", "normalize", "channels"),
     "Quality control": ("min_lung_fraction", "max_ood_score", "min_est_dice", "include_flagged", "sample", "lowest",
                         "per_page", "min_rca"),
-    "Performance": ("device", "precision", "batch_size", "workers", "jobs", "max_decoded_mb", "gpu_decode", "cache"),
+    "Performance": ("device", "runtime", "precision", "batch_size", "workers", "jobs", "max_decoded_mb", "gpu_decode", "cache"),
     "Cluster": ("shard", "engine", "ray_address"),
 }
 _PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from lungmask_kit import defaults
-from lungmask_kit.choices import Convention, Engine, Precision
+from lungmask_kit.choices import Convention, Engine, Precision, Runtime
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.cli._options import (
     BatchSizeOpt,
@@ -21,6 +21,7 @@ from lungmask_kit.cli._options import (
     OutOpt,
     OverwriteOpt,
     PrecisionOpt,
+    RuntimeOpt,
     QuietOpt,
     ReportOpt,
     WeightsOpt,
@@ -35,6 +36,7 @@ def segment(
     convention: ConventionOpt = Convention.v7,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
+    runtime: RuntimeOpt = Runtime.auto,
     batch_size: BatchSizeOpt = defaults.BATCH_SIZE,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode threads and writer threads, each (0 = one per core).")] = 0,
     glob: Annotated[str | None, typer.Option("--glob", help="Only relative paths (or file names) matching this pattern, e.g. 'train/*.png'.")] = None,
@@ -86,7 +88,8 @@ def segment(
     if not quiet and (warning := cpu_load_warning()):
         typer.echo(f"lungkit: warning: {warning}", err=True)
     options = SegmentOptions(
-        weights=weights, convention=convention.value, device=device, precision=precision.value, batch_size=batch_size, workers=workers, glob=glob,
+        weights=weights, convention=convention.value, device=device, precision=precision.value,
+        runtime=runtime.value, batch_size=batch_size, workers=workers, glob=glob,
         labels=list(labels or []), min_lung_fraction=min_lung_fraction, threshold=threshold,
         min_object_fraction=min_object_fraction, max_hole_fraction=max_hole_fraction,
         keep_largest=keep_largest, max_ood_score=max_ood_score, min_est_dice=min_est_dice, flag_ctr_above=flag_ctr_above, tta=tta,

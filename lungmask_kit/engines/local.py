@@ -1,7 +1,7 @@
 """The local engine: decode pool -> model batches -> writer pool -> recorded rows, with bounded work in flight.
 
 It knows nothing of lungs or manifests. A job hands it `steps` (read one image, predict a batch, write one
-image) and a `record(rows)` callback; the Ray engine (`engines/ray.py`) drives the same steps on a cluster.
+image) and a `record(rows)` callback; the Ray engine (`engines/ray.py`) drives a job's stages on a cluster.
 Threads, not processes: OpenCV, the PNG codecs and torch release the GIL, forked DataLoader workers were
 slower here, and calling cv2.setNumThreads() in a forked worker hung.
 """

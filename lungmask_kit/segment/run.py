@@ -1,6 +1,6 @@
 """The segment job: find the images, hold the output folder (`runfolder`), load the model once, run every image
-through an engine (`engines.local` with the units of `segment.local`, or `engines.ray`), and merge the manifest;
-`merge_shards` makes the one manifest of a sharded run."""
+through an engine (`engines.local` with the units of `segment.local`, or `engines.ray` with those of `segment.ray`),
+and merge the manifest; `merge_shards` makes the one manifest of a sharded run."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 from tqdm.auto import tqdm
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.choices import Engine
 from lungmask_kit.decoder_warnings import WarningTally
-from lungmask_kit.dicom_seg import REFERENCED_UIDS
+from lungmask_kit.dicom_seg import (
+    REFERENCED_UIDS,
+    check_available,  # highdicom: optional
+)
 from lungmask_kit.discovery import Scan, output_names, scan_images, wants_dicom
 from lungmask_kit.engines.local import ByteBudget, EngineSettings, run_local
+from lungmask_kit.engines.ray import actor_device_type
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import inside, utc_stamp
 from lungmask_kit.inference import Segmenter, oom_note
@@ -27,8 +30,10 @@ from lungmask_kit.manifest import MANIFEST_NAME, SEGMENT_FIELDS, MissingRowsErro
 from lungmask_kit.postprocess import PostprocessSettings
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, Shard, keep_existing, running_holder, shard_records
-from lungmask_kit.runtime import autocast_dtype, available_cores, precision_name, prepare_device
+from lungmask_kit.runtime import available_cores, prepare_device
+from lungmask_kit.runtimes import choose_runtime, runtime_precision
 from lungmask_kit.segment.local import LocalSteps
+from lungmask_kit.segment.ray import RaySettings, run_ray
 from lungmask_kit.segment.steps import (
     DICOM_SEG_DIR,
     HEART_DIR,
@@ -48,6 +53,7 @@ class SegmentOptions:
     convention: str = defaults.CONVENTION  # which lung the masks outline (choices.Convention)
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 (runtime.autocast_dtype)
+    runtime: str = "auto"  # auto | torch | openvino (runtimes.choose_runtime)
     batch_size: int = defaults.BATCH_SIZE
     workers: int = 0  # decode threads and writer threads each; 0: one per usable core
     glob: str | None = None
@@ -99,7 +105,6 @@ def _discover(root: Path, out: Path, glob: str | None, dicom: bool = False) -> S
 
 def _check_options(options: SegmentOptions) -> Shard | None:
     if options.dicom_seg:
-        from lungmask_kit.dicom_seg import check_available  # highdicom: optional
 
         check_available()
     if options.shard is None:
@@ -175,17 +180,18 @@ class _SegmentRun:
         if not options.overwrite:
             _refuse_mixed_conventions(folder, root, self.paths, options.convention)
         if options.engine is Engine.ray:  # the model runs in Ray's actors; the driver's copy gives config and quality
-            from lungmask_kit.engines.ray import model_device_type  # ray: optional
-
-            model_device, self.device = model_device_type(options.ray_address, options.device), prepare_device("cpu")
+            model_device, self.device = actor_device_type(options.ray_address, options.device), prepare_device("cpu")
         else:
             self.device = prepare_device(options.device)
             model_device = self.device.type
         gpu_jpeg = self.device.type == "cuda" and options.gpu_decode and options.engine is Engine.local
+        # the runtime and precision the model runs at where it runs (Ray's actors may be on GPUs the driver lacks;
+        # the driver's copy only gives config and quality, so it runs torch)
+        self.runtime = choose_runtime(options.runtime, model_device, options.precision)
         self.segmenter = Segmenter(options.weights, self.device, options.convention, options.precision,
-                                   decode_jpeg_on_device=gpu_jpeg)
-        # the precision the model runs at where it runs (Ray's actors may be on GPUs the driver lacks)
-        self.precision = precision_name(autocast_dtype(options.precision, torch.device(model_device)))
+                                   decode_jpeg_on_device=gpu_jpeg,
+                                   runtime="torch" if options.engine is Engine.ray else self.runtime)
+        self.precision = runtime_precision(self.runtime, options.precision, model_device)
         folder.start()  # the weights loaded: from here on the folder holds this run
         self.post = PostprocessSettings(
             threshold=self.segmenter.config.threshold if options.threshold is None else options.threshold,
@@ -195,7 +201,7 @@ class _SegmentRun:
         )
         self.key = settings_key(self.segmenter.weights_sha256, self.segmenter.config, self.post, options.tta,
                                 options.batch_size, model_device, self.segmenter.decodes_jpeg_on_device,
-                                options.convention, self.precision, options.dicom_seg, options.heart_png)
+                                options.convention, self.precision, options.dicom_seg, options.heart_png, self.runtime)
         self.thresholds = quality_thresholds(self.segmenter.quality, options)
         done = folder.done(self.key, ("sha256",))
         names = output_names(rels)
@@ -211,11 +217,9 @@ class _SegmentRun:
         bar = tqdm(total=len(self.tasks), unit="img", disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
         try:
             if self.options.engine is Engine.ray:
-                from lungmask_kit.engines.ray import RaySettings, run_ray  # ray: optional
-
                 o = self.options
                 settings = RaySettings(o.ray_address, o.device, o.batch_size, o.tta, o.weights and os.path.abspath(o.weights),
-                                       o.convention, o.precision)
+                                       o.convention, o.precision, self.runtime)
                 run_ray(self.reader(on_host=True), self.writer(), self.segmenter.weights_sha256, self.tasks, settings,
                         self.pad_to, self.record, bar)
             else:
@@ -304,7 +308,7 @@ class _SegmentRun:
             "settings_key": self.key,
             "device": str(self.device),
             "precision": self.precision,
-            "backend": "torch",
+            "backend": self.runtime,
             "engine": options.engine,
             "batch_size": options.batch_size,
             "labels": [str(p) for p in options.labels],

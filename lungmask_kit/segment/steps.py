@@ -7,12 +7,14 @@ from __future__ import annotations
 import errno
 import hashlib
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 
-from lungmask_kit import defaults
+from lungmask_kit import defaults, dicom_seg
 from lungmask_kit.anatomy.heart import finish_heart, heart_at_native, heart_fields, native_columns, thorax_fields
 from lungmask_kit.derive import derive_variants, lung_fields
 from lungmask_kit.discovery import output_path_problem, wants_dicom
@@ -52,10 +54,11 @@ def manifest_path(rel: str) -> str:
 def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSettings, tta: bool = False,
                  batch_size: int = defaults.BATCH_SIZE, device_type: str = "cpu", gpu_decode: bool = False,
                  convention: str = defaults.CONVENTION, precision: str = "fp32", dicom_seg: bool = False,
-                 heart_png: bool = False) -> str:
+                 heart_png: bool = False, runtime: str = "torch") -> str:
     """Identifies everything that changes the written files and quality columns; resume redoes images whose
-    key differs. The batch size, the device and the precision are in it: a model batch of another size moves
-    probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask pixel. QC thresholds are not: they re-flag
+    key differs. The batch size, the device, the runtime and the precision are in it: a model batch of another
+    size or another runtime moves probabilities at the 1e-6 level, bf16 or fp16 more, and either can move a mask
+    pixel. QC thresholds are not: they re-flag
     at the end of every run without re-segmenting."""
     payload = {
         "weights": weights_sha256,
@@ -68,7 +71,7 @@ def settings_key(weights_sha256: str, config: ModelConfig, post: PostprocessSett
         "device": device_type + ("+nvjpeg" if gpu_decode else ""),
         "convention": convention,
         "precision": precision,
-        "backend": "torch",
+        "backend": runtime,
     }
     if dicom_seg:  # only when asked, so the keys of runs without it stay what they were
         payload["dicom_seg"] = True
@@ -287,12 +290,6 @@ class OutputWriter:
     def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> str | None:
         """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm); None where the source
         lacks a UID a SEG must reference (the run's summary counts them)."""
-        from io import BytesIO
-
-        import pydicom
-
-        from lungmask_kit import dicom_seg
-
         data = read_regular_file(self.dicom_seg.input_root / task.rel, defaults.MAX_FILE_BYTES)
         source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
         if dicom_seg.missing_uids(source):

@@ -9,6 +9,7 @@ the tests. Shape contract: inputs (H, W) uint8/uint16 arrays or tensors; outputs
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
 import torch
@@ -90,7 +91,6 @@ def gray_jpeg_size(data: bytes) -> tuple[int, int] | None:
 def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """Gray JPEG bytes -> (H, W) uint8 tensors on `device` (nvJPEG on a GPU, batched); None for each image that
     did not decode there (the caller decodes it on the host and reports what is wrong)."""
-    import warnings
 
     # torchvision 0.29 marks its codecs deprecated in favour of TorchCodec on every call; they work, and a
     # warning per batch would only be counted into the run's summary line

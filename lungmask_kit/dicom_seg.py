@@ -12,6 +12,8 @@ import io
 
 import numpy as np
 import pydicom
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
 
 from lungmask_kit import __version__
 from lungmask_kit.errors import LungkitError
@@ -77,8 +79,6 @@ def segmentation(source: pydicom.Dataset, right: np.ndarray, left: np.ndarray, m
                  convention: str, heart: np.ndarray | None = None) -> bytes:
     """The DICOM Segmentation (BINARY) of one image's two lungs (and heart), as Part 10 bytes."""
     hd = _highdicom()
-    from pydicom.sr.coding import Code
-    from pydicom.uid import generate_uid
 
     if right.shape != (source.Rows, source.Columns) or left.shape != right.shape or \
             (heart is not None and heart.shape != right.shape):

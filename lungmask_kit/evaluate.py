@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from lungmask_kit import chexmask, rle
 from lungmask_kit.derive import binarize_mask, not_a_mask
@@ -166,7 +168,6 @@ def est_dice_agreement(estimated: np.ndarray, measured: np.ndarray) -> dict | No
 def read_ctr_csv(path: str | Path, column: str = "ctr") -> dict[str, float]:
     """A CSV of cardiothoracic ratios -> {image key: ratio}: the image is named by its `path`, `name` or `image`
     column (the first there), the ratio by `column`; rows with an empty ratio are left out."""
-    import csv
 
     path = Path(path)
     try:
@@ -238,7 +239,6 @@ def evaluate_masks(pred: str | Path, truth: str | Path | None, out: str | Path, 
         truth_ctr: a CSV of cardiothoracic ratios (`read_ctr_csv`), against the run's `ctr`; images the run
             reports no ratio for are counted (`ctr_null`), not scored.
     At least one truth is needed; an image is scored on every truth it has."""
-    from tqdm.auto import tqdm
 
     found = _predictions(Path(pred))
     preds, estimated, paths = found.masks, found.est_dice, found.paths

@@ -8,6 +8,7 @@ file here, ~7 ms per image -- since a lost image after a power cut is simply red
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -201,7 +202,6 @@ def replace_folder(staging: Path, dest: Path) -> None:
 def try_flock(fd: int, flags: int) -> bool:
     """Take a lock without waiting; False when another process holds it. A filesystem without locks (some
     NFS or Lustre mounts) is an error, not a silent pass: concurrent writers would then be unsafe."""
-    import fcntl
 
     try:
         fcntl.flock(fd, flags | fcntl.LOCK_NB)
@@ -338,7 +338,6 @@ def _files_not_listed(folder: Path, marker: str) -> list[str]:
 def _take_build_lock(lock: Path, dest: Path) -> int:
     """An exclusive lock on `lock`, a file removed when the build ends (nothing is left beside `dest`). A lock
     taken on a file another build has just unlinked is not the lock: take it again on the file now there."""
-    import fcntl
 
     while True:
         fd = open_lock_file(lock)

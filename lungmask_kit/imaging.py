@@ -24,6 +24,8 @@ from lungmask_kit.fileio import InputReadError, read_regular_file
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(defaults.MAX_IMAGE_PIXELS))
 import cv2  # noqa: E402
 
+from lungmask_kit import dicom
+
 
 class ImageDecodeError(ValueError):
     """The file is not a usable image; the message says why. `header`: a DICOM's manifest columns, where the
@@ -169,7 +171,6 @@ def decode_image(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, dicom
 
 def decode_dicom(data: bytes, max_pixels: int = defaults.MAX_IMAGE_PIXELS, force: bool = False) -> DecodedImage:
     """A DICOM radiograph -> DecodedImage with its windowed view and header columns (see dicom.py)."""
-    from lungmask_kit import dicom
 
     header: dict = {}
     try:

@@ -9,8 +9,11 @@ name when the name is unique among the images (or unique within a folder named a
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
 
 from lungmask_kit.discovery import wants_dicom
 from lungmask_kit.errors import LungkitError
@@ -138,8 +141,6 @@ def match_labels(rel_paths: list[str], labels: list[LabelRow]) -> tuple[dict[str
 
 def write_label_report(out: Path, unmatched: list[LabelRow], conflicts: list[LabelRow]) -> None:
     """OUT/unmatched_labels.csv: label rows that match no image (`no image`) or disagree about one (`conflict`)."""
-    import csv
-    import io
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -160,7 +161,6 @@ def labels_update(matched: dict):
     patient_id is the label's, else a DICOM's PatientID; the files' other columns (source, licence, finding,
     ...) become string columns; a header column (view, modality, ...) is filled where the image had none; a
     name the manifest measures itself (width, ...) keeps the manifest's value."""
-    import pyarrow as pa
 
     def set_strings(table, name, values):
         array = pa.array(values, pa.string())

@@ -10,6 +10,7 @@ re-run) makes the one manifest. Another command's run (or a run of another input
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +29,15 @@ from lungmask_kit.fileio import lock_holder as _holder
 from lungmask_kit.fileio import open_lock_file as _open_lock
 from lungmask_kit.fileio import try_flock as _flock
 from lungmask_kit.fileio import write_lock_holder as _write_holder
-from lungmask_kit.manifest import MANIFEST_NAME, PARTS_DIR, PartWriter, finalize, previous_table, read_metadata, resolve_folder
+from lungmask_kit.manifest import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    PartWriter,
+    finalize,
+    previous_table,
+    read_metadata,
+    resolve_folder,
+)
 from lungmask_kit.qc import reason_counts
 
 RUN_FILE = defaults.RUN_FILE
@@ -92,15 +101,11 @@ class RunLock:
     kernel drops the locks when the process dies: a killed run's locks are taken over without a stale-lock dance."""
 
     def __init__(self, out: Path, shard: Shard | None = None):
-        import fcntl
-
         self.out, self.path, self.shard = out, out / LOCK_FILE, shard
         self.fds: list[int] = []
         self._mode = fcntl.LOCK_SH if shard else fcntl.LOCK_EX
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         me = f"pid {os.getpid()} on {socket.gethostname()}" + (f", shard {self.shard}" if self.shard else "")
         try:
             fd = self._take(self.path, self._mode)
@@ -128,7 +133,6 @@ class RunLock:
 
     def _refuse_other_splits(self) -> None:
         """Shards of another N would cover the same images twice at the same time."""
-        import fcntl
 
         for lock in self.out.glob(SHARD_LOCK.format(tag="*")):
             m = re.search(r"(\d{4})of(\d{4})\.lock$", lock.name)
@@ -303,7 +307,6 @@ def reading_run(run: str | Path, reader: str):
     it (which takes the lock exclusively) is refused meanwhile, and a run already writing refuses the reader, so
     no dataset or page mixes files of two runs. A folder the reader may not write to is read unlocked (no
     lungkit run can write there either), as is one no lungkit run ever locked (no lock file)."""
-    import fcntl
 
     run = Path(run)
     folder = run if run.is_dir() else run.parent
@@ -326,7 +329,6 @@ def reading_run(run: str | Path, reader: str):
 
 def running_holder(out: Path) -> str | None:
     """Who is writing into OUT now (the lock's holder), or None when no run holds its lock."""
-    import fcntl
 
     if not (out / LOCK_FILE).is_file():
         return None

@@ -6,13 +6,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
 from lungmask_kit import defaults
 from lungmask_kit.discovery import find_images, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import InputReadError, read_regular_file
-from lungmask_kit.imaging import decode_image, ImageDecodeError, to_unit_range
+from lungmask_kit.imaging import ImageDecodeError, decode_image, to_unit_range
 
 
 def pixel_mean_std(images: Iterable[np.ndarray]) -> tuple[float, float, int]:
@@ -48,8 +50,6 @@ def dataset_stats(input_dir: str | Path, size: int = defaults.INPUT_SIZE, glob: 
                   progress: bool = True) -> DatasetStats:
     """`lungkit stats`: pixel mean/std over a folder, each image resized to size x size and scaled to [0, 1]
     exactly as the segmenter prepares it (a DICOM's window applied). Unreadable images are skipped and listed."""
-    import cv2
-    from tqdm.auto import tqdm
 
     root = Path(input_dir)
     if not root.is_dir():

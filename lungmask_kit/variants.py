@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from lungmask_kit import __version__, chexmask, defaults, rle
 from lungmask_kit.anatomy.heart import heart_fields, thorax_fields
@@ -48,6 +50,7 @@ from lungmask_kit.manifest import (
 )
 from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
 from lungmask_kit.qc import QCThresholds, qc_update
+from lungmask_kit.quality import ShapeModel, convention_config
 from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, keep_existing
 from lungmask_kit.runtime import available_cores
 
@@ -174,7 +177,6 @@ def _tasks_from_dataset(dataset: Path, glob: str | None, input_root: Path | None
     """The rows of a dataset made by `lungkit publish --masks-only`: each mask from its RLE, each image from
     --input-root, checked against the sha256 it was published with. A dataset is untrusted input: its paths
     only name images under --input-root, and output names are lungkit's own, never the dataset's."""
-    import pyarrow.parquet as pq
 
     files = sorted((dataset / "data").glob("*.parquet"))
     if not files:
@@ -209,15 +211,12 @@ class _ShapeGate:
     digest: str  # identifies the statistics, so resume redoes rows scored with others
 
     def score(self, mask: np.ndarray) -> float:
-        import cv2
-
         small = cv2.resize(mask.astype(np.float32), (self.size, self.size), interpolation=cv2.INTER_AREA) >= 0.5
         return round(self.model.score(small), 4)
 
 
 def _shape_gate(weights, convention: str = defaults.CONVENTION) -> _ShapeGate | None:
     from lungmask_kit.models.modeling import load_config
-    from lungmask_kit.quality import ShapeModel, convention_config
 
     config, _ = load_config(weights)
     if not config.quality:
@@ -382,7 +381,6 @@ def _process_all(folder: RunFolder, options: VariantsOptions, tasks: list[_Task]
                  gate, summary: RunSummary, tally) -> None:
     """Every pair through `_process` in joblib workers; each chunk of rows becomes a manifest part."""
     from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
     out, jobs, buffer = str(folder.out), options.jobs or available_cores(), []
     results = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(

@@ -9,11 +9,12 @@ patient-bootstrap intervals, paired comparisons, Grad-CAM inside the lungs, and 
   `run`: the entry point; `report`: metrics.json, predictions.parquet, results.md, figures.
 """
 
+from lungmask_kit.choices import VariantChoice
 from lungmask_kit.classify.data import VARIANT_COLUMNS, ClassifySettings, Sample, load_samples, split_samples
 from lungmask_kit.classify.report import comparison_table
 from lungmask_kit.classify.run import run_classify
-from lungmask_kit.choices import VariantChoice
 from lungmask_kit.errors import LungkitError
+from lungmask_kit.models.modeling import load_config
 
 
 def variants_to_run(variant: str, checkpoint=None) -> tuple[str, ...]:
@@ -22,7 +23,6 @@ def variants_to_run(variant: str, checkpoint=None) -> tuple[str, ...]:
     if variant != "all":
         return (variant,)
     if checkpoint is not None:
-        from lungmask_kit.models.modeling import load_config
 
         trained_on = load_config(checkpoint)[0].provenance.get("variant")
         if trained_on:

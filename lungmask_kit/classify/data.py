@@ -9,17 +9,19 @@ numbers, and the disk one keeps memory flat for 100k+ images.
 from __future__ import annotations
 
 import random
+import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from lungmask_kit.derive import binarize_mask
 from lungmask_kit.choices import Channels, Normalization, Precision
-from lungmask_kit.errors import LungkitError
 from lungmask_kit.classify.grouping import SYNTHETIC, group_copies, patients_from_paths
+from lungmask_kit.derive import binarize_mask
+from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import OutsidePathError
 from lungmask_kit.imaging import ImageDecodeError, read_gray, to_unit_range
 from lungmask_kit.labels import match_labels, read_labels
@@ -250,8 +252,6 @@ class ImageCache:
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint16, shape=shape)
 
     def _load(self, path: Path) -> np.ndarray:
-        import cv2
-
         try:
             pixels = read_gray(path)
         except (OSError, ImageDecodeError) as err:
@@ -264,14 +264,12 @@ class ImageCache:
         self._arrays.clear()
         self._index.clear()
         if self.folder is not None and self.folder.is_dir():
-            import shutil
 
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def lung_masks(samples: list[Sample], size: int) -> np.ndarray | None:
     """(n, size, size) bool lung masks of the samples at model size; None when any sample has no mask file."""
-    import cv2
 
     if any(s.mask is None for s in samples):
         return None

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lungmask_kit import __version__, defaults
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.models.modeling import ModelConfig, build_model
+from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, ModelConfig, build_model, save_model
 from lungmask_kit.runtime import training_autocast
+from lungmask_kit.training.loop import fit
 
 IMAGENET_GRAY_MEAN = float(np.mean(defaults.IMAGENET_MEAN))  # ImageNet stats averaged for 1-channel input
 IMAGENET_GRAY_STD = float(np.mean(defaults.IMAGENET_STD))
@@ -85,8 +87,6 @@ def load_segmenter_encoder(model: torch.nn.Module, in_channels: int) -> int:
     Returns how many tensors were copied."""
     from safetensors.torch import load_file
 
-    from lungmask_kit.models.modeling import DEFAULT_WEIGHTS
-
     encoder = {k[len("encoder."):]: v for k, v in load_file(str(DEFAULT_WEIGHTS)).items() if k.startswith("encoder.")}
     own = model.state_dict()
     copied = {}
@@ -107,7 +107,6 @@ def load_segmenter_encoder(model: torch.nn.Module, in_channels: int) -> int:
 def train_model(model, train_ds: CachedImages, settings, seed: int, device, progress: bool, log, label: str):
     """Fit with AdamW + one-cycle; binary targets use BCE weighted by n_negative / n_positive, classes use
     cross-entropy weighted by inverse class frequency."""
-    from lungmask_kit.training.loop import fit
 
     targets = np.asarray(train_ds.targets)
     if train_ds.classes == 1:
@@ -146,7 +145,6 @@ def predict(model, ds: CachedImages, device, batch_size: int, precision: str = "
 def gradcam(model, x: torch.Tensor, target: int = 0) -> np.ndarray:
     """Grad-CAM (Selvaraju et al. 2017) of output `target` w.r.t. the last feature map: (N, H, W) float32, ReLU'd,
     upsampled to the input size. Needs timm's `forward_features` / `forward_head` split."""
-    import torch.nn.functional as F
 
     model.eval()
     with torch.enable_grad():
@@ -176,6 +174,4 @@ def cams_for(model, ds: CachedImages, device, batch_size: int) -> np.ndarray:
 
 
 def save_checkpoint(model, config: ModelConfig, path: Path) -> None:
-    from lungmask_kit.models.modeling import save_model
-
     save_model(model, config, path)

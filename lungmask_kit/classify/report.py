@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from lungmask_kit.classify.audit import METRICS, patient_draws
 from lungmask_kit.fileio import atomic_write_bytes
 from lungmask_kit.manifest import write_table
 from lungmask_kit.metrics import roc_auc, roc_curve
+from lungmask_kit.plots import metrics_png, roc_png, saliency_png
 
 METHOD = ("Each variant is trained once per seed on the same patient-level split. A metric is the mean over seeds "
           "on the test split; <metric>_ci95 is the 2.5-97.5 percentile range of a patient-level bootstrap (patients "
@@ -21,10 +23,6 @@ METHOD = ("Each variant is trained once per seed on the same patient-level split
 
 
 def write_outputs(out: Path, result: dict, predictions: list[dict], examples: dict, settings, checkpoint) -> None:
-    import pyarrow as pa
-
-    from lungmask_kit.plots import metrics_png, roc_png, saliency_png
-
     doc = {"variants": result["metrics"], "comparisons": result.get("comparisons", []),
            "source_prediction": result.get("source_prediction"), "leave_one_source_out": result.get("leave_one_source_out"),
            "method": METHOD, "settings": dataclasses.asdict(settings)}

@@ -3,8 +3,10 @@
 The import rule: a module imports what it depends on at its top, so its first screen says what it uses. Imports
 inside functions are kept for two reasons only: in `cli/` (the command's library is loaded when the command
 runs, so `lungkit --help` and every usage error stay fast and never load torch), and for heavy or optional
-packages (torch in modules that can work without it, ray, jinja2, matplotlib, joblib, pydicom, timm, openvino).
-`tests/test_cli_usage.py` checks that importing this module loads neither torch nor OpenCV nor pyarrow.
+packages (torch in modules that can work without it, ray, jinja2, matplotlib, joblib, pydicom, timm, openvino,
+and the others `tests/test_architecture.py` lists), and only where the module does not load that package anyway:
+that test checks it, with the layers' arrows and that every module imports alone. `tests/test_cli_usage.py` checks
+that importing this module loads neither torch nor OpenCV nor pyarrow.
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
+import pyarrow.compute as pc
 
 from lungmask_kit.manifest import RunManifest
+from lungmask_kit.plots import histogram_png
 from lungmask_kit.qc import reason_counts
 from lungmask_kit.report.options import GROUP_COLUMNS, ReportOptions
 from lungmask_kit.report.select import Selection
@@ -189,7 +192,6 @@ def _tables(data: RunManifest) -> list[dict]:
 
 def _group_table(data: RunManifest, column: str) -> dict:
     """Images, ok, flagged, failed and the flag rate per value of a column (counted with numpy, not per row)."""
-    import pyarrow.compute as pc
 
     encoded = pc.dictionary_encode(data.table.column(column).cast("string")).combine_chunks()
     codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1  # 0: null
@@ -204,10 +206,6 @@ def _group_table(data: RunManifest, column: str) -> dict:
 
 
 def _figures(data: RunManifest, folder: Path) -> list[dict]:
-    import cv2
-
-    from lungmask_kit.plots import histogram_png
-
     thresholds = data.meta.get("qc") or {}
     passed_rows, flagged_rows = data.equals("qc_pass", True), data.equals("qc_pass", False)
     (folder / "fig").mkdir(exist_ok=True)

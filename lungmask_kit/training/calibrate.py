@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lungmask_kit import defaults
 from lungmask_kit.derive import binarize_mask
@@ -23,11 +24,19 @@ from lungmask_kit.fileio import inside, staged_folder
 from lungmask_kit.imaging import ImageDecodeError, read_gray, read_model_view
 from lungmask_kit.inference import Segmenter
 from lungmask_kit.metrics import dice
-from lungmask_kit.models.modeling import DEFAULT_WEIGHTS, _config_path, attach_quality, load_bundle, load_config, resolve_weights
+from lungmask_kit.models.modeling import (
+    DEFAULT_WEIGHTS,
+    _config_path,
+    attach_quality,
+    load_bundle,
+    load_config,
+    resolve_weights,
+)
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask, resize_mask
 from lungmask_kit.quality import (
     EST_DICE_FEATURES,
     EST_DICE_TTA_FEATURES,
+    PER_CONVENTION,
     SHAPE_FEATURES,
     DiceRegressor,
     ImageDensity,
@@ -39,10 +48,16 @@ from lungmask_kit.quality import (
     shape_descriptors,
     uncertainty_descriptors,
 )
-from lungmask_kit.quality import PER_CONVENTION
 from lungmask_kit.runtime import prepare_device
-from lungmask_kit.training.data import data_sources, Pair, split_sources
-from lungmask_kit.training.view_gate import NEGATIVE_COPIES, Negative, fit_view_gate, negatives_in, package_negatives, view_features
+from lungmask_kit.training.data import Pair, data_sources, split_sources
+from lungmask_kit.training.view_gate import (
+    NEGATIVE_COPIES,
+    Negative,
+    fit_view_gate,
+    negatives_in,
+    package_negatives,
+    view_features,
+)
 
 N_COMPONENTS = 128  # PCA dimensions of the image density (fewer with fewer training images)
 IMAGE_MARGIN = 1.05  # image gate at 1.05 x the 99th percentile of validation scores
@@ -65,7 +80,6 @@ class Observation:
 def observe(segmenter, pairs: Sequence[Pair], with_truth: bool, post: PostprocessSettings,
             batch_size: int = 16, progress: bool = False) -> list[Observation]:
     """Run the segmenter (with a mirrored pass) over pairs; Dice at native size after post-processing."""
-    from tqdm.auto import tqdm
 
     out: list[Observation] = []
     for start in tqdm(range(0, len(pairs), batch_size), disable=not progress, unit="batch", leave=False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 
 def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: str = "", progress: bool = True,
@@ -14,7 +15,6 @@ def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: 
     """One pass over `loader`; `compute_loss(logits, targets)`; `before_step(i)` / `after_step(i)` around each
     optimiser step (a learning-rate schedule); `autocast`: the forward pass's dtype (None: fp32; the default
     "device": bf16 on CUDA only). Returns the mean loss per sample."""
-    from tqdm.auto import tqdm
 
     if autocast == "device":
         autocast = torch.bfloat16 if device.type == "cuda" else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import random
@@ -17,13 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from lungmask_kit import __version__, defaults
+from lungmask_kit.choices import CONVENTIONS
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import atomic_write_bytes
-from lungmask_kit.choices import CONVENTIONS
 from lungmask_kit.models.modeling import LoadedModel, ModelConfig, build_model, initialise_from, load_bundle, save_model
 from lungmask_kit.runtime import prepare_device, training_autocast
 from lungmask_kit.stats import pixel_mean_std
 from lungmask_kit.training.augment import eval_transform, train_transform
+from lungmask_kit.training.calibrate import calibrate
 from lungmask_kit.training.data import Pair, PairDataset, data_sources, load_pair, split_sources
 from lungmask_kit.training.loop import train_epoch
 from lungmask_kit.training.losses import ComboLoss, per_output_loss, supervised
@@ -194,7 +196,6 @@ def train(
             f"epoch {epoch + 1}/{settings.epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
             f"val Dice {row['val_dice_mean']:.4f}{each} (min {row['val_dice_min']:.4f})  {row['epoch_seconds']}s"
         )
-    from lungmask_kit.training.calibrate import calibrate
 
     # the input gate and est_dice of this model, fitted on its own split and stored with best.safetensors
     quality = calibrate(out / "best.safetensors", train_pairs, val_pairs, device, progress=progress, log=log)
@@ -255,8 +256,6 @@ def _validate(model, ds: PairDataset, loss_fn, device, batch_size: int, autocast
 
 
 def _write_log(out: Path, history: list[dict]) -> None:
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()

@@ -21,6 +21,15 @@ def shared(name: str) -> Path:
     return path
 
 
+def pytest_configure(config):
+    """LUNGKIT_TEST_CPU_WITHOUT_BF16=1 runs the suite as on a CPU without bf16 units (where `--runtime auto` picks
+    OpenVINO), in this process; CLI subprocesses still see the real CPU."""
+    if os.environ.get("LUNGKIT_TEST_CPU_WITHOUT_BF16") == "1":
+        import lungmask_kit.runtime
+
+        lungmask_kit.runtime.cpu_has_bf16 = lambda: False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """The runs' caches (OpenVINO's converted models) in the session's temporary folder, not the user's home;

@@ -290,7 +290,9 @@ def test_variants_applies_the_shape_gate_to_masks_from_elsewhere(tmp_path, examp
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_tiny_data_carries_its_own_statistics(tmp_path):
+def test_a_model_trained_on_tiny_data_carries_its_own_statistics(tmp_path, capsys, caplog):
+    import logging
+
     import torch
 
     from lungmask_kit.inference import Segmenter
@@ -301,7 +303,11 @@ def test_a_model_trained_on_tiny_data_carries_its_own_statistics(tmp_path):
     data = _synthetic_pairs(tmp_path / "data", n=16)
     settings = TrainSettings(data=str(data), out=str(tmp_path / "run"), encoder="resnet18", input_size=64,
                              epochs=1, batch_size=4, val_fraction=0.25)
-    summary = train(settings, torch.device("cpu"), progress=False)
+    with caplog.at_level(logging.INFO, logger="lungmask_kit"):
+        summary = train(settings, torch.device("cpu"), progress=False)
+    # a library call prints nothing unless given `log`; its progress lines go to the module loggers
+    assert capsys.readouterr().out == ""
+    assert any(r.name.startswith("lungmask_kit.training") for r in caplog.records)
     assert summary["quality"]["v7"]["n_train_images"] == 12 and summary["quality"]["v7"]["n_val_images"] == 4
     cfg = json.loads((tmp_path / "run" / "best.json").read_text())
     assert cfg["quality"]["image"]["n_components"] == 11  # fewer training images than the default 64

@@ -5,6 +5,7 @@ fares on a source it never saw (leave-one-source-out)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +18,24 @@ from lungmask_kit.classify.audit import mean_ci, summarize
 from lungmask_kit.classify.data import ClassifySettings, ImageCache, Sample, load_samples, lung_masks, split_samples
 from lungmask_kit.classify.leakage import leave_one_source_out, source_prediction
 from lungmask_kit.classify.model import (
-    CachedImages, build_classifier, cams_for, classifier_config, normalisation, predict, saliency_in_lungs,
-    save_checkpoint, train_model,
+    CachedImages,
+    build_classifier,
+    cams_for,
+    classifier_config,
+    normalisation,
+    predict,
+    saliency_in_lungs,
+    save_checkpoint,
+    train_model,
 )
 from lungmask_kit.classify.report import write_outputs
 from lungmask_kit.errors import LungkitError
 from lungmask_kit.fileio import check_replaceable, make_dirs, output_errors
 from lungmask_kit.models.modeling import load_model
 from lungmask_kit.runtime import prepare_device
+
+# progress lines go here unless the caller passes `log` (the CLI passes typer.echo); silent by default
+logger = logging.getLogger(__name__)
 
 
 MARKER = ".lungkit-classify"  # an output folder holding it is ours to write into again
@@ -66,7 +77,7 @@ class _Run:
 
 
 def run_classify(manifest, out, settings: ClassifySettings, device: str | torch.device = "auto", labels_files=None,
-                 checkpoint=None, progress=True, log: Callable[[str], None] = print) -> dict:
+                 checkpoint=None, progress=True, log: Callable[[str], None] = logger.info) -> dict:
     """Train (or with `checkpoint`, only score) the audit's classifiers; write every output to `out`."""
     t0 = time.perf_counter()
     manifest, out = Path(manifest), Path(out)

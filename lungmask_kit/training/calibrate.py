@@ -8,6 +8,7 @@ split; `lungkit calibrate` refits an existing model (the bundled default include
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ from lungmask_kit.training.view_gate import (
     package_negatives,
     view_features,
 )
+
+# progress lines go here unless the caller passes `log` (the CLI passes typer.echo); silent by default
+logger = logging.getLogger(__name__)
 
 N_COMPONENTS = 128  # PCA dimensions of the image density (fewer with fewer training images)
 IMAGE_MARGIN = 1.05  # image gate at 1.05 x the 99th percentile of validation scores
@@ -223,7 +227,7 @@ def fit_quality(train: list[Observation], val: list[Observation], image: ImageDe
 
 def calibrate(weights: str | Path | None, train_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
               device: torch.device, post: PostprocessSettings | None = None, progress: bool = False,
-              log: Callable[[str], None] = print, refit_gate: bool = False,
+              log: Callable[[str], None] = logger.info, refit_gate: bool = False,
               negatives: Sequence[Negative] = ()) -> dict[str, QualityModel]:
     """Fit the quality model of `weights` for each convention it draws and store them with the weights (in
     place). The image density comes from every training image (all collections: a frontal CXR is a frontal
@@ -323,7 +327,7 @@ MODEL_MARKER = ".lungkit-model"
 
 
 def calibrate_model(data: str | Path | list, weights: str | Path | None, out: str | Path | None, val_fraction: float,
-                    seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
+                    seed: int, device: str = "auto", progress: bool = True, log: Callable[[str], None] = logger.info,
                     conventions: list[str] | None = None, refit_gate: bool = False,
                     negatives: Sequence[str | Path] = ()) -> dict:
     """`lungkit calibrate`: split DATA as `lungkit train` does (each data argument alone, in its convention),

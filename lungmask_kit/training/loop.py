@@ -3,10 +3,14 @@ through `train_epoch` (channels_last batches, bf16 autocast on CUDA, a progress 
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+
+# progress lines go here unless the caller passes `log` (the CLI passes typer.echo); silent by default
+logger = logging.getLogger(__name__)
 
 
 def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: str = "", progress: bool = True,
@@ -40,7 +44,7 @@ def train_epoch(model, loader, compute_loss: Callable, optimizer, device, desc: 
 
 
 def fit(model, loader, compute_loss: Callable, optimizer, device, epochs: int, scheduler=None, progress: bool = True,
-        log: Callable[[str], None] = print, label: str = "", autocast: torch.dtype | None | str = "device") -> list[float]:
+        log: Callable[[str], None] = logger.info, label: str = "", autocast: torch.dtype | None | str = "device") -> list[float]:
     """`epochs` passes with a per-step scheduler; returns the mean loss of each epoch. `autocast` as in
     `train_epoch`."""
     model.to(device).to(memory_format=torch.channels_last)

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import random
 import time
@@ -29,6 +30,9 @@ from lungmask_kit.training.calibrate import calibrate
 from lungmask_kit.training.data import Pair, PairDataset, data_sources, load_pair, split_sources
 from lungmask_kit.training.loop import train_epoch
 from lungmask_kit.training.losses import ComboLoss, per_output_loss, supervised
+
+# progress lines go here unless the caller passes `log` (the CLI passes typer.echo); silent by default
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,7 +112,7 @@ def train(
     device: str | torch.device = "auto",
     resume: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> dict:
     """Train a segmenter; writes best.safetensors/.json, last training state and a per-epoch log. Returns a summary."""
     out = Path(settings.out)

@@ -41,13 +41,14 @@ class DicomError(ValueError):
     """The file is not a usable DICOM radiograph; the message says why."""
 
 
-def read_dataset(data: bytes, force: bool = False):
-    """Parse DICOM bytes (pixel data still encoded). `force` reads files without the Part 10 preamble."""
+def read_dataset(data: bytes, force: bool = False, header_only: bool = False):
+    """Parse DICOM bytes (pixel data still encoded; `header_only`: not read at all). `force` reads files without
+    the Part 10 preamble."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=force)
+        return pydicom.dcmread(io.BytesIO(data), force=force, stop_before_pixels=header_only)
     except InvalidDicomError as err:
         raise DicomError("not a DICOM file (no 'DICM' preamble)") from err
     except Exception as err:  # pydicom raises many types for a truncated or malformed header

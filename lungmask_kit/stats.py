@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from lungmask_kit import defaults
 from lungmask_kit.discovery import find_images, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
-from lungmask_kit.fileio import InputReadError, read_regular_file
-from lungmask_kit.imaging import ImageDecodeError, decode_image, to_unit_range
+from lungmask_kit.fileio import InputReadError
+from lungmask_kit.imaging import ImageDecodeError, read_input, to_unit_range
 
 
 def pixel_mean_std(images: Iterable[np.ndarray]) -> tuple[float, float, int]:
@@ -62,8 +62,7 @@ def dataset_stats(input_dir: str | Path, size: int = defaults.INPUT_SIZE, glob: 
     def images():
         for rel in tqdm(rels, disable=not progress, unit="img"):
             try:
-                data = read_regular_file(root / rel, defaults.MAX_FILE_BYTES)
-                view = decode_image(data, dicom=wants_dicom(rel, dicom)).model_view
+                view = read_input(root / rel, dicom=wants_dicom(rel, dicom))[1].model_view
             except (InputReadError, ImageDecodeError) as err:
                 skipped.append(f"{rel}: {err}")
                 continue

@@ -34,10 +34,9 @@ from lungmask_kit.fileio import (
     confined,
     digest,
     inside,
-    read_regular_file,
     utc_stamp,
 )
-from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png
+from lungmask_kit.imaging import ImageDecodeError, decode_image, encode_png, read_checked
 from lungmask_kit.manifest import (
     MANIFEST_NAME,
     SEGMENT_FIELDS,
@@ -252,7 +251,7 @@ def _mask_data(task: _Task) -> tuple[str, object]:
         return hashlib.sha256(json.dumps([c.right, c.left, c.height, c.width, c.heart]).encode()).hexdigest(), c
     if task.mask is None:
         raise LookupError("no mask for this image")
-    data = read_regular_file(task.mask, defaults.MAX_FILE_BYTES)
+    data = read_checked(task.mask)
     return hashlib.sha256(data).hexdigest(), data
 
 
@@ -297,7 +296,7 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         row["error"] = problem
         return row
     try:
-        data = read_regular_file(task.image, defaults.MAX_FILE_BYTES)
+        data = read_checked(task.image)
     except InputReadError as err:
         row["error"] = f"image: {err}"
         return row

@@ -148,3 +148,18 @@ def test_imports_inside_functions_defer_something():
                     if not defers:
                         idle.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {name}")
     assert not idle, "\n".join(idle)
+
+
+def test_one_image_reader():
+    """Files are read one way (`imaging.read_checked`: a regular file only, bounded, checked against the run's
+    sha256 where it has one) and DICOM parsed one way (`dicom.read_dataset`)."""
+    owners = {"read_regular_file": ("lungmask_kit.fileio", "lungmask_kit.imaging"), "dcmread": ("lungmask_kit.dicom",)}
+    wrong = []
+    for module in _modules():
+        path = PACKAGE.parent / (module.replace(".", "/") + ("/__init__.py" if (PACKAGE.parent / module.replace(".", "/")).is_dir() else ".py"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in owners and module not in owners[name]:
+                    wrong.append(f"{module}:{node.lineno} {name}")
+    assert not wrong

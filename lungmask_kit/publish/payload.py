@@ -9,11 +9,11 @@ from pathlib import PurePosixPath
 import cv2
 import numpy as np
 
-from lungmask_kit import defaults, rle
+from lungmask_kit import rle
 from lungmask_kit.derive import binarize_mask
 from lungmask_kit.discovery import wants_dicom
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import InputReadError, OutsidePathError, read_regular_file
+from lungmask_kit.fileio import InputReadError, OutsidePathError
 from lungmask_kit.imaging import ImageDecodeError, InputChangedError, decode_image, encode_png, read_checked, read_input
 from lungmask_kit.manifest import RunManifest
 
@@ -70,7 +70,7 @@ def _png_name(rel: str) -> str:
 
 def _read_output(source: RunManifest, rel: str, what: str) -> bytes:
     try:
-        return read_regular_file(source.output_file(rel), defaults.MAX_FILE_BYTES)
+        return read_checked(source.output_file(rel))
     except InputReadError as err:
         raise LungkitError(f"cannot read the run's {what} {rel}: {err}") from err
 

@@ -7,21 +7,27 @@ from __future__ import annotations
 import errno
 import hashlib
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
 
-from lungmask_kit import defaults, dicom_seg
+from lungmask_kit import defaults, dicom, dicom_seg
 from lungmask_kit.anatomy.heart import finish_heart, heart_at_native, heart_fields, native_columns, thorax_fields
 from lungmask_kit.derive import derive_variants, lung_fields
 from lungmask_kit.discovery import output_path_problem, wants_dicom
 from lungmask_kit.engines.local import Item
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.fileio import InputReadError, atomic_write_bytes, digest, read_regular_file
-from lungmask_kit.imaging import ImageDecodeError, check_encoded, decode_image, encode_png, prepare_input
+from lungmask_kit.fileio import InputReadError, atomic_write_bytes, digest
+from lungmask_kit.imaging import (
+    ImageDecodeError,
+    check_encoded,
+    decode_image,
+    encode_png,
+    prepare_input,
+    read_checked,
+    read_input,
+)
 from lungmask_kit.manifest import SegmentRow
 from lungmask_kit.postprocess import (
     PostprocessSettings,
@@ -153,7 +159,7 @@ class ImageReader:
             row["error"] = problem
             return item
         try:
-            data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
+            data = read_checked(self.root / task.rel)
         except InputReadError as err:
             row["error"] = str(err)
             return item
@@ -192,10 +198,7 @@ class ImageReader:
     def pixels(self, task: Task, sha256: str) -> np.ndarray:
         """The kept pixels of an image read before, which must still have the content it had then (the Ray
         engine's write tasks decode it again rather than ship it between machines)."""
-        data = read_regular_file(self.root / task.rel, defaults.MAX_FILE_BYTES)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise ValueError("the image changed while the run read it")
-        return decode_image(data, dicom=wants_dicom(task.rel, self.dicom)).pixels
+        return read_input(self.root / task.rel, wants_dicom(task.rel, self.dicom), expect_sha256=sha256)[1].pixels
 
 
 def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -290,8 +293,7 @@ class OutputWriter:
     def _write_dicom_seg(self, task: Task, right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> str | None:
         """The image's DICOM Segmentation under OUT/dicom-seg/ (same name as its PNGs, .dcm); None where the source
         lacks a UID a SEG must reference (the run's summary counts them)."""
-        data = read_regular_file(self.dicom_seg.input_root / task.rel, defaults.MAX_FILE_BYTES)
-        source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+        source = dicom.read_dataset(read_checked(self.dicom_seg.input_root / task.rel), force=True, header_only=True)
         if dicom_seg.missing_uids(source):
             return None
         payload = dicom_seg.segmentation(source, right, left, self.dicom_seg.model_name, self.dicom_seg.model_version,

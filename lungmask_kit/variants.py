@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from lungmask_kit import __version__, chexmask, defaults, rle
 from lungmask_kit.anatomy.heart import heart_fields, thorax_fields
+from lungmask_kit.anatomy.lungs import lung_columns, lungs_from_mask
 from lungmask_kit.decoder_warnings import WarningTally
-from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants, lung_fields
+from lungmask_kit.derive import VARIANTS, binarize_mask, bounding_box, derive_variants
 from lungmask_kit.discovery import find_images, output_names, output_path_problem, stem_key, wants_dicom
 from lungmask_kit.errors import LungkitError, NoImagesError
 from lungmask_kit.fileio import (
@@ -47,7 +48,6 @@ from lungmask_kit.manifest import (
     open_run,
     read_metadata,
 )
-from lungmask_kit.postprocess import LEFT_LUNG, RIGHT_LUNG, count_components, lung_area_fraction, lung_sides
 from lungmask_kit.qc import QCThresholds, qc_update
 from lungmask_kit.quality import ShapeModel, convention_config
 from lungmask_kit.runfolder import RunFolder, RunKind, RunSummary, keep_existing
@@ -348,11 +348,11 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
         mask_pixels = cv2.resize(mask_pixels, (w, h), interpolation=cv2.INTER_NEAREST)
     mask = binarize_mask(mask_pixels)
 
-    sides = lung_sides(mask)
-    row.update(lung_fields(sides == RIGHT_LUNG, sides == LEFT_LUNG, row.get("pixel_spacing")))
+    lungs = lungs_from_mask(mask)
+    row.update(lung_columns(lungs, row.get("pixel_spacing")))
     if task.chexmask is not None:
         try:
-            row.update(_chexmask_heart(task.chexmask, mask, sides, row.get("pixel_spacing")))
+            row.update(_chexmask_heart(task.chexmask, mask, lungs.sides(), row.get("pixel_spacing")))
         except ValueError as err:  # a damaged Heart costs the heart fields, not the lungs
             row["ctr_null_reason"] = f"CheXmask's heart is unreadable: {err}"
     box = bounding_box(mask, options.margin) if options.crop else None
@@ -370,7 +370,6 @@ def _process_pair(task: _Task, out: str, options: VariantsOptions, key: str, don
             raise LungkitError(f"cannot write outputs to {out}: {err.strerror or err}") from err
     row.update(
         lungs_path=paths.get("lungs"), nolungs_path=paths.get("nolungs"), crop_box=list(box) if box else None,
-        lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(mask),
         status="ok", error=None, ood_shape_score=gate.score(mask) if gate is not None else None,
     )
     return row

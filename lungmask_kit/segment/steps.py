@@ -14,7 +14,8 @@ import numpy as np
 
 from lungmask_kit import defaults, dicom, dicom_seg
 from lungmask_kit.anatomy.heart import finish_heart, heart_at_native, heart_fields, native_columns, thorax_fields
-from lungmask_kit.derive import derive_variants, lung_fields
+from lungmask_kit.anatomy.lungs import lung_columns, lungs_from_probability
+from lungmask_kit.derive import derive_variants
 from lungmask_kit.discovery import output_path_problem, wants_dicom
 from lungmask_kit.engines.local import Item
 from lungmask_kit.errors import LungkitError
@@ -29,16 +30,7 @@ from lungmask_kit.imaging import (
     read_input,
 )
 from lungmask_kit.manifest import SegmentRow
-from lungmask_kit.postprocess import (
-    PostprocessSettings,
-    clean_mask,
-    count_components,
-    lung_area_fraction,
-    lung_sides,
-    resize_mask,
-    right_lung_region,
-    split_by_region,
-)
+from lungmask_kit.postprocess import PostprocessSettings, clean_mask, lung_sides
 
 if TYPE_CHECKING:
     from lungmask_kit.models.modeling import ModelConfig
@@ -239,15 +231,12 @@ class OutputWriter:
 
     def write(self, task: Task, row: SegmentRow, pixels: np.ndarray, prediction: ImagePrediction) -> SegmentRow:
         probability, pooled, flipped = prediction.probability, prediction.pooled, prediction.flipped
-        small = clean_mask(probability, self.post)
+        small, lungs = lungs_from_probability(probability, self.post, pixels.shape)
         if self.quality is not None:
             flipped_mask = None if flipped is None else clean_mask(flipped, self.post)
             row.update(self.quality.assess(probability, small, pooled, flipped_mask, self.post).as_row())
-        mask = resize_mask(small, pixels.shape)
-        # the lungs are told apart at model resolution; every native mask pixel takes the side of its region
-        right, left = split_by_region(mask, right_lung_region(lung_sides(small)))
-        row.update(lung_fields(right, left, row.get("pixel_spacing")), convention=self.convention)
-        images = {"mask": mask.view(np.uint8) * 255, **derive_variants(pixels, mask)}
+        row.update(lung_columns(lungs, row.get("pixel_spacing")), convention=self.convention)
+        images = {"mask": lungs.mask.view(np.uint8) * 255, **derive_variants(pixels, lungs.mask)}
         heart = None
         if "heart" in prediction.extra:
             heart = self._finish_heart(row, small, prediction, pixels.shape)
@@ -261,13 +250,10 @@ class OutputWriter:
         except OSError as err:
             raise OutputWriteError(f"cannot write outputs to {self.out}: {err.strerror or err}"
                                     + (" (disk full)" if err.errno == errno.ENOSPC else "")) from err
-        row.update(
-            mask_path=paths["mask"], lungs_path=paths["lungs"], nolungs_path=paths["nolungs"],
-            lung_area_fraction=round(lung_area_fraction(mask), 6), n_components=count_components(small),
-            status="ok", error=None,
-        )
+        row.update(mask_path=paths["mask"], lungs_path=paths["lungs"], nolungs_path=paths["nolungs"], status="ok",
+                   error=None)
         if self.dicom_seg is not None and wants_dicom(task.rel, self.dicom_seg.dicom):
-            row["dicom_seg_path"] = self._write_dicom_seg(task, right, left, heart)
+            row["dicom_seg_path"] = self._write_dicom_seg(task, lungs.right, lungs.left, heart)
         return row
 
     def _finish_heart(self, row: SegmentRow, lungs_small: np.ndarray, prediction: ImagePrediction,

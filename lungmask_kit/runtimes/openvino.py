@@ -36,11 +36,16 @@ def import_openvino():
     return openvino
 
 
-def cache_root() -> Path:
-    """LUNGKIT_CACHE_DIR, else $XDG_CACHE_HOME/lungkit, else ~/.cache/lungkit."""
+def cache_root() -> Path | None:
+    """LUNGKIT_CACHE_DIR, else $XDG_CACHE_HOME/lungkit, else ~/.cache/lungkit; None where there is no home."""
     if os.environ.get("LUNGKIT_CACHE_DIR"):
         return Path(os.environ["LUNGKIT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lungkit"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "lungkit"
+    try:
+        return Path.home() / ".cache" / "lungkit"
+    except RuntimeError:  # no HOME and no passwd entry (some containers): convert on every run
+        return None
 
 
 class _Network(torch.nn.Module):
@@ -80,12 +85,15 @@ def cached_model(model: torch.nn.Module, in_channels: int, size: int, weights_sh
     """The converted model from the cache, converting (and storing) it the first time. A damaged cache entry is
     converted again; an unwritable cache folder only costs the conversion on every run."""
     ov = import_openvino()
-    core = ov.Core()
-    entry = cache_root() / "openvino" / f"{weights_sha256[:32]}-{in_channels}x{size}-{CACHE_FORMAT.replace('/', '')}-{ov.get_version().split('-')[0]}"
+    root = cache_root()
+    if root is None:
+        return convert(model, in_channels, size)
+    version = ov.get_version().split("-")[0]
+    entry = root / "openvino" / f"{weights_sha256[:32]}-{in_channels}x{size}-{CACHE_FORMAT.replace('/', '')}-{version}"
     xml = entry / "model.xml"
     if xml.is_file():
         try:
-            return core.read_model(str(xml))
+            return ov.Core().read_model(str(xml))
         except RuntimeError:
             shutil.rmtree(entry, ignore_errors=True)
     converted = convert(model, in_channels, size)

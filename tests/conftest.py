@@ -23,11 +23,13 @@ def shared(name: str) -> Path:
 
 def pytest_configure(config):
     """LUNGKIT_TEST_CPU_WITHOUT_BF16=1 runs the suite as on a CPU without bf16 units (where `--runtime auto` picks
-    OpenVINO), in this process; CLI subprocesses still see the real CPU."""
+    OpenVINO): in this process, and through cpu_without_bf16/sitecustomize.py in the CLI subprocesses."""
     if os.environ.get("LUNGKIT_TEST_CPU_WITHOUT_BF16") == "1":
         import lungmask_kit.runtime
 
         lungmask_kit.runtime.cpu_has_bf16 = lambda: False
+        here = str(Path(__file__).parent / "cpu_without_bf16")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session", autouse=True)

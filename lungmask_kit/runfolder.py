@@ -376,6 +376,7 @@ class RunSummary:
     next_step: str = ""  # what the user does next (a shard: merge once every shard has finished)
     uncalibrated: bool = False  # the model had no quality statistics
     ignored: str = ""  # files under the input folder that are not images lungkit reads ("2 .webp, 1 .gif")
+    model: str = ""  # what drew the masks and how it ran (segment): name, convention, device, runtime, precision
 
     @property
     def images_per_second(self) -> float:

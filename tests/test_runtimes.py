@@ -52,6 +52,7 @@ def test_the_runtime_is_a_resume_setting(tmp_path, small_corpus):
     assert _run(small_corpus, out, runtime="torch", precision="fp32").processed == 3
     switched = _run(small_corpus, out, runtime="openvino")
     assert switched.processed == 3 and switched.skipped == 0
+    assert switched.model.endswith("CPU: openvino fp32")  # the summary says what drew the masks
     assert _run(small_corpus, out, runtime="openvino").skipped == 3
 
 

@@ -30,6 +30,7 @@ def echo_run_summary(s, title: str) -> None:
         ("flagged by QC", f"{s.flagged}" + (f" ({reasons})" if reasons else "")),
         ("failed", s.failed),
         ("removed (input gone)", s.removed_stale),
+        *([("model", s.model)] if getattr(s, "model", "") else []),
         ("time", _time_line(s)),
         ("outputs", ", ".join(s.output_folders) or "-"),
         ("manifest", s.manifest or "-"),

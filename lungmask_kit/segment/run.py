@@ -188,6 +188,7 @@ class _SegmentRun:
         # the runtime and precision the model runs at where it runs (Ray's actors may be on GPUs the driver lacks;
         # the driver's copy only gives config and quality, so it runs torch)
         self.runtime = choose_runtime(options.runtime, model_device, options.precision)
+        self.model_device = "GPU" if model_device == "cuda" else "CPU"
         self.segmenter = Segmenter(options.weights, self.device, options.convention, options.precision,
                                    decode_jpeg_on_device=gpu_jpeg,
                                    runtime="torch" if options.engine is Engine.ray else self.runtime)
@@ -268,6 +269,8 @@ class _SegmentRun:
     def finish(self, t_start: float) -> RunSummary:
         s = self.summary
         s.uncalibrated = self.segmenter.quality is None
+        s.model = (f"{self.segmenter.config.name} ({self.options.convention} lungs), {self.model_device}: "
+                   f"{self.runtime} {self.precision}")
         note = oom_note(self.segmenter)
         if note:
             s.warnings.append(note)

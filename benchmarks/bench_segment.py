@@ -15,6 +15,9 @@ Reports (JSON + table):
 Targets (issue 6): CPU e2e >= 85% of 1/(1/a + 1/b) and >= 1.5x naive; GPU e2e >= 80% of min(a, b) and >= 10x
 naive; RSS(10N) <= 1.1 x RSS(N) and < 3 GB.
 
+Runs as `lungkit segment` does, OpenMP threads passive (OMP_WAIT_POLICY=PASSIVE unless set: the model alone is
+5-8% slower, the run faster); OMP_WAIT_POLICY=ACTIVE measures the other way.
+
 Usage: python benchmarks/bench_segment.py [--n 48] [--source example|synthetic] [--size 1024]
        [--format png|jpg] [--batch-size 16] [--device auto] [--precision auto|fp32|bf16]
        [--runtime auto|torch|openvino] [--weights PATH] [--out benchmarks/results]
@@ -36,12 +39,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from lungmask_kit.runtime import passive_openmp_threads  # noqa: E402
+
+passive_openmp_threads()  # as `lungkit segment` runs (before torch loads); the model-only figure is under it too
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from lungmask_kit.imaging import read_gray  # noqa: E402
 from lungmask_kit.inference import Segmenter  # noqa: E402

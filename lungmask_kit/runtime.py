@@ -35,6 +35,19 @@ def tune_malloc() -> bool:
     return ok
 
 
+def passive_openmp_threads() -> bool:
+    """Let torch's OpenMP threads sleep, not spin, between operators (OMP_WAIT_POLICY=PASSIVE) unless the user
+    chose a policy; returns whether it applies. Only before torch is imported: libgomp reads it when it loads.
+
+    For `segment`, where decode and writer threads share the cores with the model: measured on 2 Zen 4 cores,
+    end to end 10.16 against 8.99 img/s in bf16 (5 alternated process pairs), 7.39 against 6.94 in fp32; the
+    model alone is 5-8% slower, so training and calibration keep the default."""
+    if "torch" in sys.modules or os.environ.get("OMP_WAIT_POLICY"):
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, with a clear error when CUDA is absent."""
     import torch  # here, not at the top: report, publish and the CLI use this module without torch

@@ -76,3 +76,20 @@ def test_bf16_masks_agree_with_fp32_on_the_bundled_examples(tmp_path, example_im
         assert a[path]["qc_pass"] == b[path]["qc_pass"], path
     assert np.mean([dice(read_gray(tmp_path / "fp32" / a[p]["mask_path"]) > 0,
                          read_gray(tmp_path / "bf16" / b[p]["mask_path"]) > 0) for p in a]) >= 0.998
+
+
+def test_segment_lets_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    """OMP_WAIT_POLICY=PASSIVE for segment (its decode and writer threads share the cores with the model), set
+    before torch loads; a policy the user set stands, and once torch is loaded nothing changes."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from lungmask_kit.runtime import passive_openmp_threads as p; a = p(); "
+            "import torch; b = p(); print(a, b, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False", "PASSIVE"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == ["False", "False", "ACTIVE"]

@@ -82,7 +82,9 @@ def segment(
       lungkit segment mimic/ -o /shared/out \\
           --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT
     """
-    from lungmask_kit.runtime import cpu_load_warning
+    from lungmask_kit.runtime import cpu_load_warning, passive_openmp_threads
+
+    passive_openmp_threads()  # before the job imports torch
     from lungmask_kit.segment import SegmentOptions, run_segment
 
     if not quiet and (warning := cpu_load_warning()):

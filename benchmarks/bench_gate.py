@@ -51,13 +51,18 @@ def collections(shared: Path) -> dict[str, tuple[list[Pair], list[Pair]]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def gate_arguments(doc: str) -> argparse.Namespace:
+    """The options every gate benchmark takes: the model, the convention, the shared data and where results go."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--convention", default="v7")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = gate_arguments(__doc__)
 
     from lungmask_kit.inference import Segmenter
 

@@ -19,7 +19,6 @@ Usage: python benchmarks/bench_view_gate.py [--weights PATH] [--convention v7] [
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -31,6 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_gate import gate_arguments  # noqa: E402
 
 from lungmask_kit.imaging import read_model_view  # noqa: E402
 from lungmask_kit.postprocess import PostprocessSettings, clean_mask  # noqa: E402
@@ -94,12 +96,7 @@ def observe(seg, rows: list[dict], convention: str, rng) -> tuple[np.ndarray, li
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--convention", default="v7")
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = ap.parse_args()
+    args = gate_arguments(__doc__)
 
     from lungmask_kit.inference import Segmenter
 

@@ -16,7 +16,7 @@ from lungmask_kit.models.modeling import load_bundle
 from lungmask_kit.quality import QualityModel, calibrated_for
 from lungmask_kit.runtime import autocast_dtype, tune_malloc
 from lungmask_kit.runtimes import RuntimeOutput, choose_runtime, runtime_precision
-from lungmask_kit.runtimes.openvino import OpenVinoRuntime  # openvino: optional
+from lungmask_kit.runtimes.openvino import OpenVinoRuntime  # imports openvino only when one is built
 from lungmask_kit.runtimes.torch import TorchRuntime
 
 

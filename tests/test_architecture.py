@@ -21,11 +21,20 @@ def _modules() -> list[str]:
     return names
 
 
-def _imports(module: str) -> set[str]:
-    """Every module `module` imports, at its top or inside functions (relative imports resolved)."""
-    path = PACKAGE.parent / (module.replace(".", "/") + ("/__init__.py" if (PACKAGE.parent / module.replace(".", "/")).is_dir() else ".py"))
+def _path(module: str) -> Path:
+    """The source file of a lungkit module (a package's __init__.py), or a path that does not exist."""
+    base = PACKAGE.parent / module.replace(".", "/")
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def _imports(module: str, top_only: bool = False) -> set[str]:
+    """Every module `module` imports, inside functions too unless `top_only` (relative imports resolved)."""
+    path = _path(module)
+    if not path.is_file():
+        return set()
+    tree = ast.parse(path.read_text())
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in tree.body if top_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -94,21 +103,6 @@ HEAVY = {"torch", "torchvision", "segmentation_models_pytorch", "timm", "openvin
          "pycocotools", "threadpoolctl", "PIL"}
 
 
-def _top_imports(module: str) -> set[str]:
-    path = PACKAGE.parent / module.replace(".", "/")
-    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-    if not path.is_file():
-        return set()
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return found
-
-
 def _loads(module: str, seen: set[str] | None = None) -> set[str]:
     """The heavy packages importing `module` loads (its top-level imports, followed through lungkit's own)."""
     seen = set() if seen is None else seen
@@ -116,7 +110,7 @@ def _loads(module: str, seen: set[str] | None = None) -> set[str]:
         return set()
     seen.add(module)
     heavy = set()
-    for name in _top_imports(module):
+    for name in _imports(module, top_only=True):
         root = name.split(".")[0]
         if root in HEAVY:
             heavy.add(root)
@@ -132,7 +126,7 @@ def test_imports_inside_functions_defer_something():
     for module in _modules():
         if module.startswith("lungmask_kit.cli"):
             continue
-        path = PACKAGE.parent / (module.replace(".", "/") + ("/__init__.py" if (PACKAGE.parent / module.replace(".", "/")).is_dir() else ".py"))
+        path = _path(module)
         loaded = _loads(module)
         for function in [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
             for node in ast.walk(function):
@@ -156,7 +150,7 @@ def test_one_image_reader():
     owners = {"read_regular_file": ("lungmask_kit.fileio", "lungmask_kit.imaging"), "dcmread": ("lungmask_kit.dicom",)}
     wrong = []
     for module in _modules():
-        path = PACKAGE.parent / (module.replace(".", "/") + ("/__init__.py" if (PACKAGE.parent / module.replace(".", "/")).is_dir() else ".py"))
+        path = _path(module)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)

@@ -18,7 +18,6 @@ import numpy as np
 
 from lungmask_kit import runtime as host
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.runtime import autocast_dtype, precision_name
 
 RUNTIMES = ("torch", "openvino")
 
@@ -69,4 +68,4 @@ def runtime_precision(runtime: str, precision: str, device_type: str) -> str:
         return "bf16" if precision == "bf16" else "fp32"  # auto: f32, the masks torch fp32 draws
     import torch
 
-    return precision_name(autocast_dtype(precision, torch.device(device_type)))
+    return host.precision_name(host.autocast_dtype(precision, torch.device(device_type)))

@@ -188,7 +188,7 @@ class _SegmentRun:
         # the runtime and precision the model runs at where it runs (Ray's actors may be on GPUs the driver lacks;
         # the driver's copy only gives config and quality, so it runs torch)
         self.runtime = choose_runtime(options.runtime, model_device, options.precision)
-        self.model_device = "GPU" if model_device == "cuda" else "CPU"
+        self.model_runs_on = "GPU" if model_device == "cuda" else "CPU"  # for the summary
         self.segmenter = Segmenter(options.weights, self.device, options.convention, options.precision,
                                    decode_jpeg_on_device=gpu_jpeg,
                                    runtime="torch" if options.engine is Engine.ray else self.runtime)
@@ -269,7 +269,7 @@ class _SegmentRun:
     def finish(self, t_start: float) -> RunSummary:
         s = self.summary
         s.uncalibrated = self.segmenter.quality is None
-        s.model = (f"{self.segmenter.config.name} ({self.options.convention} lungs), {self.model_device}: "
+        s.model = (f"{self.segmenter.config.name} ({self.options.convention} lungs), {self.model_runs_on}: "
                    f"{self.runtime} {self.precision}")
         note = oom_note(self.segmenter)
         if note:

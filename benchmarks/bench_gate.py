@@ -51,13 +51,16 @@ def collections(shared: Path) -> dict[str, tuple[list[Pair], list[Pair]]]:
     return out
 
 
-def gate_arguments(doc: str) -> argparse.Namespace:
-    """The options every gate benchmark takes: the model, the convention, the shared data and where results go."""
+def gate_arguments(doc: str, seed: bool = False) -> argparse.Namespace:
+    """The options every gate benchmark takes: the model, the convention, the shared data and where results go;
+    `seed`: also the seed of the acquisition augmentations (a view gate's fit depends on its draw)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--convention", default="v7")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    if seed:
+        ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
 

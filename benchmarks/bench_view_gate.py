@@ -14,7 +14,7 @@ The network is the bundled one (or --weights): its encoder saw cxr-seg, cxr-seg-
 so this measures the gate's fit, not the segmenter's; the cxr-cls sources are unseen by both.
 
 Usage: python benchmarks/bench_view_gate.py [--weights PATH] [--convention v7] [--shared ../shared/data]
-       [--out benchmarks/results]
+       [--seed 0] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -40,7 +40,14 @@ from lungmask_kit.quality import shape_descriptors  # noqa: E402
 from lungmask_kit.runtime import prepare_device  # noqa: E402
 from lungmask_kit.training.calibrate import fit_image_density, fit_shape  # noqa: E402
 from lungmask_kit.training.view_gate import (  # noqa: E402
-    FRONTAL_COPIES, NEGATIVE_COPIES, MIN_SIDE, acquisition_augment, fit_view_gate, package_negatives)
+    FRONTAL_COPIES,
+    MIN_SIDE,
+    NEGATIVE_COPIES,
+    acquisition_augment,
+    fit_view_gate,
+    package_negatives,
+    read_negative,
+)
 
 
 def images(shared: Path) -> list[dict]:
@@ -60,7 +67,11 @@ def images(shared: Path) -> list[dict]:
                         path=shared / "cxr-ood/images" / r["name"]))
     for n in package_negatives():
         package = n.path.parts[n.path.parts.index("site-packages") + 1] if "site-packages" in n.path.parts else "package"
-        out.append(dict(collection="package pictures", unit="pkg:" + package, kind=n.kind, path=n.path))
+        try:
+            kind = read_negative(n)[1]
+        except Exception:  # noqa: BLE001 -- pydicom's deliberately broken test files
+            continue
+        out.append(dict(collection="package pictures", unit="pkg:" + package, kind=kind, path=n.path))
     return out
 
 
@@ -96,13 +107,13 @@ def observe(seg, rows: list[dict], convention: str, rng) -> tuple[np.ndarray, li
 
 
 def main() -> None:
-    args = gate_arguments(__doc__)
+    args = gate_arguments(__doc__, seed=True)
 
     from lungmask_kit.inference import Segmenter
 
     t0 = time.perf_counter()
     seg = Segmenter(args.weights, prepare_device("cpu"), args.convention)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     x, shapes, meta = observe(seg, images(args.shared), args.convention, rng)
     print(f"{len(meta)} images and copies observed ({time.perf_counter() - t0:.0f} s)", flush=True)
     frontal = np.array([m["kind"] == "frontal" for m in meta])
@@ -141,11 +152,15 @@ def main() -> None:
         results["frontal (left out)"][left] = rates(*score(idx))
         print(f"  left out {left}: {results['frontal (left out)'][left]}", flush=True)
     scored = defaultdict(lambda: ([], [], []))
+    missed = []  # non-frontal images the view gate lets through: (name, image score, shape score)
     for held in dict.fromkeys(unit[~frontal]):
         score = gates(fit_frontal, val, ~frontal & (unit != held))
         idx = np.where(~frontal & original & (unit == held))[0]
-        for part, values in zip(scored[collection[idx[0]]], score(idx)):
+        v, d, s = score(idx)
+        for part, values in zip(scored[collection[idx[0]]], (v, d, s)):
             part.extend(values)
+        missed += [(Path(meta[i]["path"]).name, round(float(a), 3), round(float(b), 3))
+                   for i, a, b in zip(idx, v, s) if max(a, b) <= 1]
     for name, (v, d, s) in scored.items():
         results["non-frontal (left out)"][name] = rates(np.array(v), np.array(d), np.array(s))
     print(f"\nshare flagged, {args.convention} masks ({time.perf_counter() - t0:.0f} s); gate = image part or mask-shape part")
@@ -155,11 +170,14 @@ def main() -> None:
         for name, r in rows.items():
             print(f"  {name:32}{r['n']:>5}{r['view_gate']:>11.1%}{r['view_image']:>9.1%}{r['density_gate']:>14.1%}"
                   f"{r['density_image']:>9.1%}")
+    if missed:
+        print("non-frontal images the view gate lets through (image score, shape score): "
+              + ", ".join(f"{name} ({a}, {b})" for name, a, b in missed))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"view-gate-{args.convention}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"weights": args.weights or "bundled", "convention": args.convention,
-                                "frontal_copies": FRONTAL_COPIES, "negative_copies": NEGATIVE_COPIES,
-                                "results": results}, indent=1))
+                                "seed": args.seed, "frontal_copies": FRONTAL_COPIES, "negative_copies": NEGATIVE_COPIES,
+                                "results": results, "missed": missed}, indent=1))
     print(f"written {path}")
 
 

@@ -40,6 +40,31 @@ def test_acquisition_augment_changes_the_look_never_the_input():
     assert wide.dtype == np.uint8 and 20 < wide.mean() < 235
 
 
+def test_a_negatives_kind_comes_from_its_folder_else_its_dicom_header(tmp_path):
+    """--negatives FOLDER: a CT or MR slice outside a kind folder is cross-sectional by its header, a DICOM
+    radiograph whose ViewPosition is lateral is lateral, a PNG is other; a kind folder overrides the header."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from lungmask_kit.training.view_gate import negatives_in, read_negatives
+
+    folder = tmp_path / "negatives"
+    (folder / "other").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), folder / "mr.dcm")
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "other" / "ct-said-other.dcm")
+    lateral = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    lateral.Modality, lateral.ViewPosition = "CR", "LL"
+    lateral.save_as(folder / "cr-lateral.dcm")
+    shutil.copy(_skimage_picture("camera.png"), folder / "camera.png")
+    negatives = sorted(negatives_in(folder), key=lambda n: n.path.name)
+    images, kinds, unreadable = read_negatives(negatives)
+    assert unreadable == [] and len(images) == 5
+    assert dict(zip([n.path.name for n in negatives], kinds)) == {
+        "camera.png": "other", "cr-lateral.dcm": "lateral", "ct-said-other.dcm": "other", "ct.dcm": "cross-sectional",
+        "mr.dcm": "cross-sectional"}
+
+
 def test_a_flagged_rows_reason_says_what_the_image_looks_like():
     row = {"lung_area_fraction": 0.3, "ood_image_score": 4.2, "view_guess": "lateral", "ood_shape_score": 0.4}
     (reason,) = qc_reasons(row, QCThresholds(max_ood_score=1.0))

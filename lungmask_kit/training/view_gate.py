@@ -19,10 +19,11 @@ import cv2
 import numpy as np
 
 from lungmask_kit.decoder_warnings import WarningTally
+from lungmask_kit.dicom import is_lateral
 from lungmask_kit.discovery import find_images
 from lungmask_kit.errors import LungkitError
-from lungmask_kit.imaging import ImageDecodeError, read_model_view, to_unit_range
 from lungmask_kit.fileio import InputReadError
+from lungmask_kit.imaging import ImageDecodeError, read_decoded, to_unit_range
 from lungmask_kit.quality import FRONTAL, VIEW_CLASSES, ViewGate
 
 C = 0.01  # inverse L2 strength of the logistic head; chosen leave-one-collection-out (bench_view_gate.py)
@@ -32,30 +33,42 @@ NEGATIVE_COPIES = 7  # ... and of each other image (there are few of them)
 MIN_SIDE = 32  # smaller pictures (pydicom's 3x3 test files) say nothing about a view
 
 
+CROSS_SECTIONAL_MODALITIES = {"CT", "MR", "PT"}
+
+
 @dataclass(frozen=True)
 class Negative:
-    """An image that is not a frontal chest radiograph, and which kind it is (VIEW_CLASSES after frontal)."""
+    """An image that is not a frontal chest radiograph, and which kind it is (VIEW_CLASSES after frontal); None:
+    its DICOM header says (`kind_from_header`)."""
 
     path: Path
-    kind: str
+    kind: str | None = None
     packaged: bool = False  # one of package_negatives() (pydicom ships unreadable test files on purpose)
+
+
+def kind_from_header(header: dict) -> str:
+    """A non-frontal image's kind from its DICOM header columns (imaging.DecodedImage.header): a CT, MR or PET
+    modality is cross-sectional, a lateral ViewPosition lateral; anything else, or no header, other."""
+    if header.get("modality") in CROSS_SECTIONAL_MODALITIES:
+        return "cross-sectional"
+    return "lateral" if is_lateral(header.get("view")) else "other"
 
 
 def negatives_in(folder: str | Path) -> list[Negative]:
     """Every image under `folder`; its kind is the first folder on its path named after one (lateral/,
-    cross-sectional/, other/), else "other"."""
+    cross-sectional/, other/), else what its DICOM header says, else "other"."""
     folder = Path(folder)
     kinds = set(VIEW_CLASSES[1:])
     found = []
     for relative in find_images(folder, dicom=True):
-        kind = next((part for part in Path(relative).parts[:-1] if part in kinds), "other")
+        kind = next((part for part in Path(relative).parts[:-1] if part in kinds), None)
         found.append(Negative(folder / relative, kind))
     return found
 
 
 def package_negatives() -> list[Negative]:
-    """The sample pictures installed with scikit-image, pydicom, matplotlib and scikit-learn (base dependencies),
-    pydicom's CT and MR slices as cross-sectional, the rest as other."""
+    """The sample pictures installed with scikit-image, pydicom, matplotlib and scikit-learn (base dependencies):
+    pydicom's test files of the kind their headers give (its CT and MR slices cross-sectional), the rest other."""
     import matplotlib
     import pydicom
     import skimage
@@ -63,8 +76,7 @@ def package_negatives() -> list[Negative]:
 
     found = [Negative(p, "other") for p in sorted(Path(skimage.__file__).parent.glob("data/*"))
              if p.suffix in (".png", ".jpg")]
-    found += [Negative(p, "cross-sectional" if p.name.startswith(("CT_", "MR_", "liver")) else "other")
-              for p in sorted(Path(pydicom.__file__).parent.glob("data/test_files/*.dcm"))]
+    found += [Negative(p) for p in sorted(Path(pydicom.__file__).parent.glob("data/test_files/*.dcm"))]
     found += [Negative(p, "other") for p in [Path(matplotlib.__file__).parent / "mpl-data/sample_data/grace_hopper.jpg",
                                              *sorted(Path(sklearn.__file__).parent.glob("datasets/images/*.jpg"))]]
     return [Negative(n.path, n.kind, True) for n in found if n.path.is_file()]
@@ -83,7 +95,8 @@ def acquisition_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarr
     h, w = x.shape
     turn = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-10, 10), rng.uniform(0.9, 1.1))
     x = cv2.warpAffine(x, turn, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=float(rng.choice([0, 1, x.mean()])))
-    low, high = rng.uniform(0, 0.15), rng.uniform(0.8, 1.0)
+    low = rng.uniform(0, 0.45)
+    high = rng.uniform(max(0.6, low + 0.4), 1.0)
     x = low + (high - low) * np.clip(x, 0, 1) ** rng.uniform(0.6, 1.7)
     if rng.random() < 0.3:
         x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 2.0))
@@ -114,6 +127,12 @@ def augmented_pooled(segmenter, images: Sequence[np.ndarray], copies: int, rng: 
     return pooled_of(segmenter, [acquisition_augment(im, rng) for im in images for _ in range(copies)])
 
 
+def read_negative(negative: Negative) -> tuple[np.ndarray, str]:
+    """(the image as the segmenter sees it, its kind). Raises as imaging.read_decoded does."""
+    decoded = read_decoded(negative.path)
+    return decoded.model_view, negative.kind or kind_from_header(decoded.header)
+
+
 def read_negatives(negatives: Sequence[Negative]) -> tuple[list[np.ndarray], list[str], list[str]]:
     """The negatives' images and kinds, and what could not be read: a user's file is named there, a package's
     small or unreadable test file (pydicom ships broken ones on purpose) skipped."""
@@ -121,14 +140,14 @@ def read_negatives(negatives: Sequence[Negative]) -> tuple[list[np.ndarray], lis
     with WarningTally(c_stderr=False):  # counted, not printed: pydicom's odd test files warn by design
         for n in negatives:
             try:
-                image = read_model_view(n.path)
+                image, kind = read_negative(n)
             except (OSError, InputReadError, ImageDecodeError, ValueError) as err:
                 if not n.packaged:
                     unreadable.append(f"{n.path.name} ({err})")
                 continue
             if min(image.shape) >= MIN_SIDE:
                 images.append(image)
-                kinds.append(n.kind)
+                kinds.append(kind)
     return images, kinds, unreadable
 
 
